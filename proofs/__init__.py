@@ -1,0 +1,1 @@
+"""veritrain proofs package."""

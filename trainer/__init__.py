@@ -1,0 +1,1 @@
+"""veritrain trainer package."""
