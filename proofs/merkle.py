@@ -1,0 +1,407 @@
+"""RFC 6962 Merkle trees over byte leaves (sha256), with inclusion proofs and multiproofs.
+
+Hashing follows RFC 6962 section 2.1: leaf = sha256(0x00 || data), node = sha256(0x01 || l || r),
+empty tree = sha256(b""). A tree of n leaves splits at the largest power of two k < n; built level
+by level this is the same as carrying a lone last node up unchanged, which is what we do. Nothing
+is ever duplicated, so the CVE-2012-2459 ambiguity (a list and the list with its last leaf
+repeated sharing a root) cannot arise.
+
+``verify_*`` return False on any bad input and never raise; tree construction and proof
+generation raise MalformedProofError. See docs/merkle.md for formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from proofs.errors import MalformedProofError
+from proofs.hashing import LEAF_PREFIX, NODE_PREFIX, Hash32, Root
+
+PROOF_VERSION = 1
+EMPTY_ROOT = Root(hashlib.sha256(b"").digest())
+
+# Below this many leaf bytes in total, threads cost more than they save: hash inline.
+PARALLEL_MIN_BYTES = 4 << 20
+# hashlib drops the GIL only for buffers of >= 2 KiB; smaller leaves gain nothing from threads.
+_GIL_RELEASE_BYTES = 2048
+
+# CPython's built-in sha256 has a cheaper constructor than OpenSSL's, which matters for the
+# millions of 65-byte node hashes of a big tree (it is slower per byte, so leaves use hashlib).
+_small_sha256: Callable[[bytes], Any]
+try:
+    _small_sha256 = importlib.import_module("_sha256").sha256
+except ImportError:  # pragma: no cover - interpreters without the built-in module
+    _small_sha256 = hashlib.sha256
+
+
+def _hash_leaf_range(leaves: Sequence[bytes | memoryview], start: int, stop: int) -> bytes:
+    seed = hashlib.sha256(LEAF_PREFIX)
+    out = []
+    for i in range(start, stop):
+        h = seed.copy()
+        h.update(leaves[i])
+        out.append(h.digest())
+    return b"".join(out)
+
+
+def _hash_leaves(leaves: Sequence[bytes | memoryview], workers: int | None) -> bytes:
+    """Concatenated leaf hashes; big leaves are hashed in threads (hashlib releases the GIL)."""
+    n = len(leaves)
+    total = 0
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, bytes | bytearray | memoryview):
+            raise MalformedProofError(f"leaf {i}: expected bytes or memoryview, got {type(leaf)!r}")
+        total += memoryview(leaf).nbytes
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers < 1:
+        raise MalformedProofError(f"workers must be >= 1, got {workers}")
+    if workers == 1 or n < 2 or total < PARALLEL_MIN_BYTES or total < n * _GIL_RELEASE_BYTES:
+        return _hash_leaf_range(leaves, 0, n)
+    # Several batches per worker balance uneven leaves (header leaves are tiny).
+    batches = min(n, workers * 4)
+    bounds = [n * b // batches for b in range(batches + 1)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        parts = pool.map(_hash_leaf_range, [leaves] * batches, bounds[:-1], bounds[1:])
+        return b"".join(parts)
+
+
+def _parent_level(level: bytes) -> bytes:
+    """Hashes of the next level up; a lone last node is carried up unchanged (RFC 6962)."""
+    n = len(level) // 32
+    pairs = n // 2
+    buf = memoryview(level)
+    sha = _small_sha256
+    out = [sha(NODE_PREFIX + buf[i : i + 64]).digest() for i in range(0, 64 * pairs, 64)]
+    if n % 2:
+        out.append(level[-32:])
+    return b"".join(out)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InclusionProof:
+    """RFC 6962 audit path of leaf ``index`` in a tree of ``leaf_count`` leaves, bottom-up."""
+
+    index: int
+    leaf_count: int
+    siblings: tuple[Hash32, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """Versioned JSON object, hashes as 0x-hex."""
+        return {
+            "version": PROOF_VERSION,
+            "kind": "inclusion",
+            "index": self.index,
+            "leaf_count": self.leaf_count,
+            "siblings": ["0x" + h.hex() for h in self.siblings],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | str) -> InclusionProof:
+        """Parse :meth:`to_json` output (object or string); MalformedProofError if malformed."""
+        obj = _load_json(data, "inclusion", {"index", "leaf_count", "siblings"})
+        return cls(
+            index=_json_int(obj, "index"),
+            leaf_count=_json_int(obj, "leaf_count"),
+            siblings=_json_hashes(obj, "siblings"),
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MultiProof:
+    """Proof for several leaves at once: ``indices`` ascending, ``hashes`` the minimal sibling set.
+
+    ``hashes`` are ordered level by level from the leaves up, and by position within a level.
+    """
+
+    indices: tuple[int, ...]
+    leaf_count: int
+    hashes: tuple[Hash32, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """Versioned JSON object, hashes as 0x-hex."""
+        return {
+            "version": PROOF_VERSION,
+            "kind": "multiproof",
+            "indices": list(self.indices),
+            "leaf_count": self.leaf_count,
+            "hashes": ["0x" + h.hex() for h in self.hashes],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | str) -> MultiProof:
+        """Parse :meth:`to_json` output (object or string); MalformedProofError if malformed."""
+        obj = _load_json(data, "multiproof", {"indices", "leaf_count", "hashes"})
+        raw = obj["indices"]
+        if not isinstance(raw, list):
+            raise MalformedProofError(f"indices: expected a list, got {type(raw).__name__}")
+        indices = tuple(_json_int({"i": v}, "i") for v in raw)
+        return cls(
+            indices=indices,
+            leaf_count=_json_int(obj, "leaf_count"),
+            hashes=_json_hashes(obj, "hashes"),
+        )
+
+
+def _load_json(data: Mapping[str, Any] | str, kind: str, fields: set[str]) -> Mapping[str, Any]:
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise MalformedProofError(f"proof is not valid JSON: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise MalformedProofError(f"proof JSON must be an object, got {type(data).__name__}")
+    expected = fields | {"version", "kind"}
+    if set(data) != expected:
+        raise MalformedProofError(f"proof JSON keys {sorted(data)}, expected {sorted(expected)}")
+    if data["version"] != PROOF_VERSION or data["kind"] != kind:
+        raise MalformedProofError(
+            f"proof version/kind {data['version']!r}/{data['kind']!r}, "
+            f"expected {PROOF_VERSION}/{kind!r}"
+        )
+    return data
+
+
+def _json_int(obj: Mapping[str, Any], key: str) -> int:
+    value = obj[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MalformedProofError(f"{key}: expected an int >= 0, got {value!r}")
+    return value
+
+
+def _json_hashes(obj: Mapping[str, Any], key: str) -> tuple[Hash32, ...]:
+    values = obj[key]
+    if not isinstance(values, list):
+        raise MalformedProofError(f"{key}: expected a list of 0x-hex hashes")
+    out = []
+    for v in values:
+        if not isinstance(v, str) or not v.startswith("0x") or len(v) != 66:
+            raise MalformedProofError(f"{key}: expected 0x + 64 hex digits, got {v!r}")
+        try:
+            out.append(Hash32(bytes.fromhex(v[2:])))
+        except ValueError:
+            raise MalformedProofError(f"{key}: not hex: {v!r}") from None
+    return tuple(out)
+
+
+def _level_sizes(leaf_count: int) -> list[int]:
+    """Node counts of each level, leaves first, root level (1) last."""
+    sizes = [leaf_count]
+    while sizes[-1] > 1:
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+class MerkleTree:
+    """An RFC 6962 tree with every level kept, so proofs are lookups."""
+
+    __slots__ = ("_levels",)
+
+    def __init__(self, levels: list[bytes]) -> None:
+        """Internal: use :meth:`build` or :meth:`from_leaf_hashes`."""
+        self._levels = levels
+
+    @classmethod
+    def build(
+        cls, leaves: Sequence[bytes | memoryview], *, workers: int | None = None
+    ) -> MerkleTree:
+        """Hash ``leaves`` (in parallel threads when large) and build the tree.
+
+        ``workers`` defaults to the CPU count. Raises MalformedProofError on a non-bytes leaf.
+        """
+        return cls._from_level0(_hash_leaves(leaves, workers))
+
+    @classmethod
+    def from_leaf_hashes(cls, hashes: Sequence[Hash32]) -> MerkleTree:
+        """A tree whose level 0 is ``hashes`` (already RFC 6962 leaf hashes)."""
+        for i, h in enumerate(hashes):
+            if not isinstance(h, bytes) or len(h) != 32:
+                raise MalformedProofError(f"leaf hash {i}: expected 32 bytes, got {h!r:.80}")
+        return cls._from_level0(b"".join(hashes))
+
+    @classmethod
+    def _from_level0(cls, level0: bytes) -> MerkleTree:
+        levels = [level0]
+        while len(levels[-1]) > 32:
+            levels.append(_parent_level(levels[-1]))
+        return cls(levels)
+
+    @property
+    def leaf_count(self) -> int:
+        """Number of leaves."""
+        return len(self._levels[0]) // 32
+
+    @property
+    def root(self) -> Root:
+        """The tree head; sha256(b"") for an empty tree."""
+        top = self._levels[-1]
+        return EMPTY_ROOT if not top else Root(top)
+
+    @property
+    def leaf_hashes(self) -> tuple[Hash32, ...]:
+        """The leaf hashes sha256(0x00 || leaf), in leaf order."""
+        level = self._levels[0]
+        return tuple(Hash32(level[i : i + 32]) for i in range(0, len(level), 32))
+
+    def _node(self, level: int, index: int) -> Hash32:
+        return Hash32(self._levels[level][32 * index : 32 * index + 32])
+
+    def _check_index(self, index: object) -> int:
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise MalformedProofError(f"leaf index must be an int, got {index!r}")
+        if not 0 <= index < self.leaf_count:
+            raise MalformedProofError(
+                f"leaf index {index} out of range: tree has {self.leaf_count} leaves"
+            )
+        return index
+
+    def proof(self, index: int) -> InclusionProof:
+        """RFC 6962 audit path for leaf ``index``; MalformedProofError if out of range."""
+        i = self._check_index(index)
+        siblings = []
+        for level, size in enumerate(_level_sizes(self.leaf_count)[:-1]):
+            if not (i == size - 1 and size % 2):  # a lone last node has no sibling
+                siblings.append(self._node(level, i ^ 1))
+            i //= 2
+        return InclusionProof(index=index, leaf_count=self.leaf_count, siblings=tuple(siblings))
+
+    def multiproof(self, indices: Iterable[int]) -> MultiProof:
+        """Minimal proof for the leaves at ``indices`` (any order, duplicates merged).
+
+        Raises MalformedProofError if ``indices`` is empty or any index is out of range.
+        """
+        known = sorted({self._check_index(i) for i in indices})
+        if not known:
+            raise MalformedProofError("multiproof needs at least one leaf index, got none")
+        proven = tuple(known)
+        hashes: list[Hash32] = []
+        for level, size in enumerate(_level_sizes(self.leaf_count)[:-1]):
+            have = set(known)
+            for i in known:
+                sibling = i ^ 1
+                if sibling < size and sibling not in have:
+                    hashes.append(self._node(level, sibling))
+            known = sorted({i // 2 for i in known})
+        return MultiProof(indices=proven, leaf_count=self.leaf_count, hashes=tuple(hashes))
+
+
+def merkle_root(leaves: Sequence[bytes | memoryview], *, workers: int | None = None) -> Root:
+    """Root of the RFC 6962 tree over ``leaves``."""
+    return MerkleTree.build(leaves, workers=workers).root
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_hash(value: object) -> bool:
+    return isinstance(value, bytes) and len(value) == 32
+
+
+def _leaf_digest(leaf: object) -> bytes | None:
+    if not isinstance(leaf, bytes | bytearray | memoryview):
+        return None
+    h = hashlib.sha256(LEAF_PREFIX)
+    h.update(leaf)
+    return h.digest()
+
+
+def verify_inclusion(root: bytes, leaf: bytes, proof: InclusionProof) -> bool:
+    """True iff ``leaf`` sits at ``proof.index`` of a ``proof.leaf_count``-leaf tree with ``root``.
+
+    RFC 9162 section 2.1.3.2 verification; returns False (never raises) on any malformed input.
+    """
+    if not isinstance(proof, InclusionProof) or not _is_hash(root):
+        return False
+    fn, sn = proof.index, proof.leaf_count - 1 if _is_count(proof.leaf_count) else -1
+    if not _is_count(fn) or not 0 <= fn <= sn or not isinstance(proof.siblings, tuple):
+        return False
+    r = _leaf_digest(leaf)
+    if r is None:
+        return False
+    for p in proof.siblings:
+        if not _is_hash(p) or sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            r = hashlib.sha256(NODE_PREFIX + p + r).digest()
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = hashlib.sha256(NODE_PREFIX + r + p).digest()
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and r == root
+
+
+def verify_multiproof(root: bytes, leaves: Mapping[int, bytes], proof: MultiProof) -> bool:
+    """True iff ``leaves`` (index -> leaf bytes) are in the tree with ``root``.
+
+    ``leaves`` must have exactly ``proof.indices`` as keys. False (never raises) on bad input.
+    """
+    if not isinstance(proof, MultiProof) or not _is_hash(root) or not isinstance(leaves, Mapping):
+        return False
+    n, indices, hashes = proof.leaf_count, proof.indices, proof.hashes
+    if not _is_count(n) or n < 1 or not isinstance(indices, tuple) or not indices:
+        return False
+    if not isinstance(hashes, tuple) or not all(_is_hash(h) for h in hashes):
+        return False
+    if not all(_is_count(i) for i in indices) or list(indices) != sorted(set(indices)):
+        return False
+    if indices[0] < 0 or indices[-1] >= n or set(leaves) != set(indices):
+        return False
+    nodes: dict[int, bytes] = {}
+    for i in indices:
+        digest = _leaf_digest(leaves[i])
+        if digest is None:
+            return False
+        nodes[i] = digest
+    feed = iter(hashes)
+    for size in _level_sizes(n)[:-1]:
+        parents: dict[int, bytes] = {}
+        for i in sorted(nodes):
+            if i // 2 in parents:
+                continue  # already combined with its left sibling
+            sibling = i ^ 1
+            if sibling >= size:
+                parents[i // 2] = nodes[i]
+                continue
+            other = nodes.get(sibling)
+            if other is None:
+                other = next(feed, None)
+                if other is None:
+                    return False
+            left, right = (nodes[i], other) if i % 2 == 0 else (other, nodes[i])
+            parents[i // 2] = hashlib.sha256(NODE_PREFIX + left + right).digest()
+        nodes = parents
+    return next(feed, None) is None and nodes.get(0) == root and len(nodes) == 1
+
+
+def legacy_root(leaves: Sequence[bytes]) -> Root:
+    """The root merkletools.MerkleTools(hash_type="sha256") gives for ``leaves``.
+
+    Reproduces ``add_leaf(leaf.hex(), do_hash=True)`` per leaf, then ``make_tree()``: leaf hash =
+    sha256 of the leaf's lowercase hex *text*, node = sha256(left || right) with no domain
+    separation, a lone last node carried up. Not for new commitments (see docs/merkle.md).
+    Raises MalformedProofError on an empty list (merkletools has no root for it).
+    """
+    if not leaves:
+        raise MalformedProofError("merkletools defines no root for an empty tree (got 0 leaves)")
+    level = []
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, bytes | bytearray | memoryview):
+            raise MalformedProofError(f"leaf {i}: expected bytes, got {type(leaf)!r}")
+        level.append(_small_sha256(bytes(leaf).hex().encode("ascii")).digest())
+    while len(level) > 1:
+        nxt = [_small_sha256(level[j] + level[j + 1]).digest() for j in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return Root(level[0])
