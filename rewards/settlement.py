@@ -1,0 +1,379 @@
+"""On-chain settlement: deploy, fund, record commitments, post payout roots, claim, read state.
+
+Wraps the ``VeritrainSettlement`` contract (``rewards/contracts/``) with web3.py. Every write is a
+locally signed transaction (the key never leaves this process), estimated first so a revert is
+reported before anything is sent, and followed to its receipt. Reverts come back as
+:class:`RevertError` carrying the contract's custom error decoded (``InvalidProof(account=...)``).
+
+Posting is idempotent: posting an epoch's root again is a no-op; a different live root for an
+already posted epoch is a :class:`RootConflictError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NewType
+
+from web3 import Web3
+
+from proofs.errors import VeritrainError
+from proofs.hashing import keccak256
+from rewards.chain import TxResult, artifact, call_view, send
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+    from web3.contract import Contract
+
+log = logging.getLogger(__name__)
+
+Wei = NewType("Wei", int)
+DEPLOYMENT_VERSION = 1
+
+
+class SettlementError(VeritrainError, RuntimeError):
+    """A settlement operation failed (bad deployment file, unexpected chain state)."""
+
+
+class RootConflictError(SettlementError, ValueError):
+    """A different live root is already posted for this epoch."""
+
+
+# ---------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RootRecord:
+    """One entry of the contract's payout-root history."""
+
+    index: int
+    epoch: int
+    root: bytes
+    cumulative_total: int
+    inputs_hash: bytes
+    activated_at: int
+    revoked: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PostResult:
+    """Outcome of :meth:`Settlement.post_root`; ``tx`` is None when the root was already posted."""
+
+    index: int
+    tx: TxResult | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CommitmentRecord:
+    """A run's commitment as the registry holds it: the block is the auditors' beacon anchor."""
+
+    committer: str
+    run_id: bytes
+    root: bytes
+    block_number: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClaimRequest:
+    """One claim: ``account``'s cumulative amount in the active root and its proof."""
+
+    account: str
+    cumulative_amount: int
+    proof: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Deployment:
+    """Where the contracts live; saved as JSON so separate commands find them."""
+
+    chain_id: int
+    settlement: str
+    token: str
+    block_number: int
+
+    def to_json(self) -> str:
+        body: dict[str, object] = {
+            "version": DEPLOYMENT_VERSION,
+            "chain_id": self.chain_id,
+            "settlement": self.settlement,
+            "token": self.token,
+            "block_number": self.block_number,
+        }
+        return json.dumps(body, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Deployment:
+        try:
+            body = json.loads(text)
+            if body.get("version") != DEPLOYMENT_VERSION:
+                raise SettlementError(f"deployment file version {body.get('version')!r} unknown")
+            return cls(
+                chain_id=int(body["chain_id"]),
+                settlement=Web3.to_checksum_address(body["settlement"]),
+                token=Web3.to_checksum_address(body["token"]),
+                block_number=int(body["block_number"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SettlementError(f"malformed deployment file: {exc}") from exc
+
+
+def run_id_bytes(run_id: str) -> bytes:
+    """The registry key of a run: keccak256 of its UTF-8 id, whatever the id looks like."""
+    return bytes(keccak256(run_id.encode("utf-8")))
+
+
+def deploy_token(
+    w3: Web3,
+    sender: LocalAccount,
+    *,
+    supply: int,
+    holder: str,
+    name: str = "Veritrain Reward",
+    symbol: str = "VTR",
+) -> str:
+    """Deploy the test ERC-20 (``RewardToken``) with ``supply`` minted to ``holder``; returns its
+    address. For local chains and tests: production settles in an existing token."""
+    art = artifact("RewardToken")
+    factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+    result = send(w3, sender, factory.constructor(name, symbol, supply, holder))
+    return _created_address(w3, result)
+
+
+def _created_address(w3: Web3, result: TxResult) -> str:
+    address = w3.eth.get_transaction_receipt(result.tx_hash)["contractAddress"]  # type: ignore[arg-type]
+    if address is None:
+        raise SettlementError(f"transaction {result.tx_hash} created no contract")
+    return Web3.to_checksum_address(address)
+
+
+class Settlement:
+    """A handle on one deployed ``VeritrainSettlement``: writes take the signing account."""
+
+    def __init__(self, w3: Web3, address: str) -> None:
+        self.w3 = w3
+        self.address = Web3.to_checksum_address(address)
+        self.contract: Contract = w3.eth.contract(
+            address=self.address, abi=artifact("VeritrainSettlement")["abi"]
+        )
+        self.token_address = Web3.to_checksum_address(call_view(self.contract.functions.token()))
+        self.token: Contract = w3.eth.contract(
+            address=self.token_address, abi=artifact("RewardToken")["abi"]
+        )
+
+    @classmethod
+    def deploy(
+        cls,
+        w3: Web3,
+        sender: LocalAccount,
+        *,
+        token: str,
+        activation_delay: int,
+        admin: str | None = None,
+        poster: str | None = None,
+        guardian: str | None = None,
+    ) -> tuple[Settlement, TxResult]:
+        """Deploy a settlement contract paying in ``token``; roles default to ``sender``."""
+        if not 0 <= activation_delay < 2**48:
+            raise SettlementError(
+                f"activation delay must be in [0, 2**48) s, got {activation_delay}"
+            )
+        art = artifact("VeritrainSettlement")
+        factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+        me = sender.address
+        ctor = factory.constructor(
+            Web3.to_checksum_address(token),
+            activation_delay,
+            admin or me,
+            poster or me,
+            guardian or me,
+        )
+        result = send(w3, sender, ctor)
+        return cls(w3, _created_address(w3, result)), result
+
+    def deployment(self, block_number: int) -> Deployment:
+        return Deployment(
+            chain_id=int(self.w3.eth.chain_id),
+            settlement=self.address,
+            token=self.token_address,
+            block_number=block_number,
+        )
+
+    # -------------------------------------------------------------- writes
+
+    def fund(self, sender: LocalAccount, amount: int) -> TxResult:
+        """Transfer ``amount`` reward tokens from ``sender`` to the contract."""
+        return send(self.w3, sender, self.token.functions.transfer(self.address, amount))
+
+    def record_commitment(self, sender: LocalAccount, run_id: str, root: bytes) -> TxResult:
+        """Record ``root`` for ``run_id`` under ``sender``'s address (immutable once recorded)."""
+        return send(
+            self.w3, sender, self.contract.functions.recordCommitment(run_id_bytes(run_id), root)
+        )
+
+    def post_root(
+        self,
+        sender: LocalAccount,
+        *,
+        epoch: int,
+        root: bytes,
+        cumulative_total: int,
+        inputs_hash: bytes,
+    ) -> PostResult:
+        """Post ``root`` for ``epoch``. Idempotent: if the same live root, total and inputs hash
+        are already posted for ``epoch`` nothing is sent (``tx`` None). Raises
+        :class:`RootConflictError` if a different live root holds the epoch, :class:`RevertError`
+        if the contract refuses (e.g. ``InsufficientFunding``, ``EpochNotIncreasing``)."""
+        existing = self.root_for_epoch(epoch)
+        if existing is not None and not existing.revoked:
+            same = (existing.root, existing.cumulative_total, existing.inputs_hash) == (
+                bytes(root),
+                cumulative_total,
+                bytes(inputs_hash),
+            )
+            if same:
+                log.info("epoch %d root already posted at index %d", epoch, existing.index)
+                return PostResult(index=existing.index, tx=None)
+            raise RootConflictError(
+                f"epoch {epoch} already has root 0x{existing.root.hex()} "
+                f"(total {existing.cumulative_total}) at index {existing.index}; "
+                "a guardian must revoke it during its activation delay before a new one"
+            )
+        call = self.contract.functions.postRoot(epoch, root, cumulative_total, inputs_hash)
+        tx = send(self.w3, sender, call)
+        posted = self.root_for_epoch(epoch)
+        if posted is None:
+            raise SettlementError(f"root for epoch {epoch} not readable after {tx.tx_hash}")
+        log.info("posted epoch %d root at index %d in %s", epoch, posted.index, tx.tx_hash)
+        return PostResult(index=posted.index, tx=tx)
+
+    def revoke_root(self, sender: LocalAccount, index: int) -> TxResult:
+        return send(self.w3, sender, self.contract.functions.revokeRoot(index))
+
+    def claim(self, sender: LocalAccount, request: ClaimRequest) -> TxResult:
+        """Submit ``request`` (any sender; tokens go to ``request.account``)."""
+        call = self.contract.functions.claim(
+            Web3.to_checksum_address(request.account),
+            request.cumulative_amount,
+            [bytes(p) for p in request.proof],
+        )
+        return send(self.w3, sender, call)
+
+    def claim_batch(self, sender: LocalAccount, requests: Sequence[ClaimRequest]) -> TxResult:
+        """Submit several claims in one transaction; any bad entry reverts them all."""
+        call = self.contract.functions.claimBatch(
+            [Web3.to_checksum_address(r.account) for r in requests],
+            [r.cumulative_amount for r in requests],
+            [[bytes(p) for p in r.proof] for r in requests],
+        )
+        return send(self.w3, sender, call)
+
+    def pause(self, sender: LocalAccount) -> TxResult:
+        return send(self.w3, sender, self.contract.functions.pause())
+
+    def unpause(self, sender: LocalAccount) -> TxResult:
+        return send(self.w3, sender, self.contract.functions.unpause())
+
+    # -------------------------------------------------------------- reads
+
+    def root_at(self, index: int) -> RootRecord:
+        r = call_view(self.contract.functions.rootAt(index))
+        return RootRecord(
+            index=index,
+            root=bytes(r[0]),
+            cumulative_total=int(r[1]),
+            activated_at=int(r[2]),
+            epoch=int(r[3]),
+            revoked=bool(r[4]),
+            inputs_hash=bytes(r[5]),
+        )
+
+    def roots(self) -> list[RootRecord]:
+        """The whole root history, oldest first."""
+        count = int(call_view(self.contract.functions.rootCount()))
+        return [self.root_at(i) for i in range(count)]
+
+    def root_for_epoch(self, epoch: int) -> RootRecord | None:
+        found, index = call_view(self.contract.functions.rootIndexForEpoch(epoch))
+        return self.root_at(int(index)) if found else None
+
+    def active_root(self) -> RootRecord | None:
+        """The newest root past its activation delay and not revoked; None if there is none."""
+        for record in reversed(self.roots()):
+            if not record.revoked and record.activated_at <= self._now():
+                return record
+        return None
+
+    def _now(self) -> int:
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def claimed(self, account: str) -> int:
+        """Cumulative amount already paid to ``account``."""
+        return int(
+            call_view(self.contract.functions.cumulativeClaimed(Web3.to_checksum_address(account)))
+        )
+
+    def token_balance(self, account: str) -> int:
+        return int(call_view(self.token.functions.balanceOf(Web3.to_checksum_address(account))))
+
+    def total_claimed(self) -> int:
+        return int(call_view(self.contract.functions.totalClaimed()))
+
+    def paused(self) -> bool:
+        return bool(call_view(self.contract.functions.paused()))
+
+    def commitment(self, committer: str, run_id: str) -> CommitmentRecord | None:
+        """The commitment ``committer`` recorded for ``run_id``, or None."""
+        key = run_id_bytes(run_id)
+        root, block = call_view(
+            self.contract.functions.commitment(Web3.to_checksum_address(committer), key)
+        )
+        if int(block) == 0:
+            return None
+        return CommitmentRecord(
+            committer=Web3.to_checksum_address(committer),
+            run_id=key,
+            root=bytes(root),
+            block_number=int(block),
+        )
+
+    def find_commitment(self, run_id: str, *, from_block: int = 0) -> CommitmentRecord | None:
+        """The earliest commitment recorded for ``run_id`` by anyone (from the event log), or
+        None. Use :meth:`commitment` when the committer is known: a log scan trusts no one's
+        address, so a caller must still check that the committer is the run's peer."""
+        event = self.contract.events.CommitmentRecorded()
+        logs = event.get_logs(
+            from_block=from_block, argument_filters={"runId": run_id_bytes(run_id)}
+        )
+        if not logs:
+            return None
+        first = min(logs, key=lambda e: (e["blockNumber"], e["logIndex"]))
+        return CommitmentRecord(
+            committer=Web3.to_checksum_address(first["args"]["committer"]),
+            run_id=bytes(first["args"]["runId"]),
+            root=bytes(first["args"]["root"]),
+            block_number=int(first["args"]["blockNumber"]),
+        )
+
+
+class RegistryCommitmentLocator:
+    """The auditor's ``CommitmentLocator`` (audit/beacon.py) backed by the on-chain registry:
+    ``commitment_block(run_id)`` is the block in which ``committer`` recorded the run."""
+
+    def __init__(self, settlement: Settlement, *, committer: str | None = None) -> None:
+        self._settlement = settlement
+        self._committer = committer
+
+    def commitment_block(self, run_id: str) -> int:
+        from audit.beacon import BeaconError  # audit depends on rewards' registry, not the reverse
+
+        if self._committer is not None:
+            record = self._settlement.commitment(self._committer, run_id)
+        else:
+            record = self._settlement.find_commitment(run_id)
+        if record is None:
+            raise BeaconError(
+                f"run {run_id!r} has no commitment in the registry at {self._settlement.address}"
+            )
+        return record.block_number
