@@ -1,0 +1,165 @@
+"""Beacons: randomness the peer could not know when it committed.
+
+A beacon source yields a :class:`Beacon` (value plus a description anyone can use to look the value
+up again). Two sources:
+
+- :class:`StaticBeacon`: a value given on the command line (e.g. a drand round or a published
+  lottery result the auditors agreed on). Trust rests on how that value was chosen.
+- :class:`ChainBeacon`: the hash of a block mined *after* the block that recorded the run's
+  commitment. The peer cannot predict it when it commits; a miner/validator could bias one block
+  hash, hence ``delay`` (use a block several blocks later to raise the cost of grinding).
+
+Where the commitment block comes from is a :class:`CommitmentLocator`: the settlement component
+(issue 6) looks it up in its on-chain registry; :class:`FixedCommitmentBlock` takes it as given.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from proofs.errors import VeritrainError
+
+if TYPE_CHECKING:
+    from web3 import Web3
+
+log = logging.getLogger(__name__)
+
+MIN_BEACON_BYTES = 16
+MAX_BEACON_BYTES = 1024
+
+
+class BeaconError(VeritrainError, ValueError):
+    """A beacon value is malformed or cannot be read."""
+
+
+class BeaconNotReadyError(BeaconError):
+    """The block that gives the beacon has not been mined yet: try again later."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Beacon:
+    """A beacon value and its origin (``source``: ``cli`` or ``chain:<chain id>:<block>``)."""
+
+    value: bytes
+    source: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, bytes):
+            raise BeaconError("beacon value must be bytes")
+        if not MIN_BEACON_BYTES <= len(self.value) <= MAX_BEACON_BYTES:
+            raise BeaconError(
+                f"beacon must hold {MIN_BEACON_BYTES}..{MAX_BEACON_BYTES} bytes "
+                f"(too short is guessable), got {len(self.value)}"
+            )
+
+
+@runtime_checkable
+class BeaconSource(Protocol):
+    """Anything that produces the beacon for one run."""
+
+    def fetch(self) -> Beacon:
+        """Return the beacon; raise :class:`BeaconNotReadyError` if it does not exist yet."""
+        ...
+
+
+@runtime_checkable
+class CommitmentLocator(Protocol):
+    """Finds the block in which a run's commitment was recorded on chain (issue 6 supplies one)."""
+
+    def commitment_block(self, run_id: str) -> int:
+        """Block number of the record of ``run_id``; raise :class:`BeaconError` if unrecorded."""
+        ...
+
+
+def parse_beacon_hex(text: str) -> bytes:
+    """Parse a 0x-prefixed (or bare) hex beacon given by a user; raise :class:`BeaconError`."""
+    body = text[2:] if text.startswith(("0x", "0X")) else text
+    try:
+        value = bytes.fromhex(body)
+    except ValueError as exc:
+        raise BeaconError(f"beacon is not hex: {text[:40]!r}") from exc
+    if not MIN_BEACON_BYTES <= len(value) <= MAX_BEACON_BYTES:
+        raise BeaconError(f"beacon must hold {MIN_BEACON_BYTES}..{MAX_BEACON_BYTES} bytes")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StaticBeacon:
+    """A beacon value supplied directly (command line, config)."""
+
+    value: bytes
+
+    def fetch(self) -> Beacon:
+        return Beacon(value=self.value, source="cli")
+
+    @classmethod
+    def from_hex(cls, text: str) -> StaticBeacon:
+        return cls(value=parse_beacon_hex(text))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FixedCommitmentBlock:
+    """A locator that already knows the commitment block (tests, or a block given by hand)."""
+
+    block: int
+
+    def commitment_block(self, run_id: str) -> int:
+        return self.block
+
+
+class ChainBeacon:
+    """The hash of block ``commitment_block(run_id) + delay``, read through web3.
+
+    ``delay`` >= 1: the commitment block's own hash is fixed by the very transaction the peer
+    chose, so it must never serve as its beacon. ``confirmations`` asks for that many blocks on
+    top of the beacon block before it is used, so a shallow reorg cannot swap it.
+    """
+
+    def __init__(
+        self,
+        web3: Web3,
+        *,
+        run_id: str,
+        locator: CommitmentLocator,
+        delay: int = 1,
+        confirmations: int = 0,
+    ) -> None:
+        if delay < 1:
+            raise BeaconError(f"delay must be >= 1 block after the commitment, got {delay}")
+        if confirmations < 0:
+            raise BeaconError(f"confirmations must be >= 0, got {confirmations}")
+        self._web3 = web3
+        self._run_id = run_id
+        self._locator = locator
+        self._delay = delay
+        self._confirmations = confirmations
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> ChainBeacon:
+        """Connect to a JSON-RPC endpoint (``http(s)://``) and read the beacon from it."""
+        from web3 import Web3
+
+        return cls(Web3(Web3.HTTPProvider(url)), **kwargs)
+
+    def beacon_block(self) -> int:
+        """The number of the block whose hash is the beacon."""
+        start = self._locator.commitment_block(self._run_id)
+        if start < 0:
+            raise BeaconError(f"commitment block must be >= 0, got {start}")
+        return start + self._delay
+
+    def fetch(self) -> Beacon:
+        number = self.beacon_block()
+        head = int(self._web3.eth.block_number)
+        if head < number + self._confirmations:
+            raise BeaconNotReadyError(
+                f"beacon block {number} (+{self._confirmations} confirmations) not reached; "
+                f"chain head is {head}"
+            )
+        block = self._web3.eth.get_block(number)
+        block_hash = bytes(block["hash"])
+        chain_id = int(self._web3.eth.chain_id)
+        log.info("beacon for run %s: block %d on chain %d", self._run_id, number, chain_id)
+        return Beacon(value=block_hash, source=f"chain:{chain_id}:{number}")
