@@ -40,14 +40,18 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
     IERC20 public immutable token;
     uint48 public immutable activationDelay;
 
-    /// @notice Sum of every payment ever made; with the balance it bounds what a root may promise.
-    uint256 public totalClaimed;
+    /// @dev Declared first so that they share Pausable's `_paused` slot: a claim reads the pause
+    /// flag, the paid-out sum and the root count with one storage read and writes back the same
+    /// slot. _totalClaimed is the sum of every payment ever made; with the balance it bounds what
+    /// a root may promise (cumulative totals are capped at uint128, so it cannot overflow).
+    uint128 private _totalClaimed;
+    uint64 private _rootCount;
     /// @notice Largest cumulative total any root ever promised (revoked ones included, which only
     /// makes recoverExcess more conservative).
     uint256 public maxPostedTotal;
     mapping(address account => uint256 amount) public cumulativeClaimed;
 
-    PayoutRoot[] private _roots;
+    mapping(uint256 index => PayoutRoot) private _roots;
     mapping(uint64 epoch => uint256 indexPlusOne) private _epochRoot;
     mapping(address committer => mapping(bytes32 runId => Commitment)) private _commitments;
 
@@ -64,11 +68,7 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
     );
     event RootRevoked(uint256 indexed index, uint64 indexed epoch, address guardian);
     event Claimed(
-        address indexed account,
-        uint256 indexed rootIndex,
-        uint256 amount,
-        uint256 cumulativeAmount,
-        address submitter
+        address indexed account, uint256 indexed rootIndex, uint256 amount, uint256 cumulativeAmount
     );
     event ExcessRecovered(address indexed to, uint256 amount);
 
@@ -133,26 +133,25 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
     {
         if (root == bytes32(0)) revert ZeroRoot();
         if (cumulativeTotal > type(uint128).max) revert TotalTooLarge(cumulativeTotal);
-        index = _roots.length;
+        index = _rootCount;
         if (index > 0) {
             PayoutRoot storage last = _roots[index - 1];
             if (epoch < last.epoch || (epoch == last.epoch && !last.revoked)) {
                 revert EpochNotIncreasing(epoch, last.epoch);
             }
         }
-        uint256 available = token.balanceOf(address(this)) + totalClaimed;
+        uint256 available = token.balanceOf(address(this)) + _totalClaimed;
         if (cumulativeTotal > available) revert InsufficientFunding(cumulativeTotal, available);
         uint48 activatedAt = uint48(block.timestamp) + activationDelay;
-        _roots.push(
-            PayoutRoot({
-                root: root,
-                cumulativeTotal: uint128(cumulativeTotal),
-                activatedAt: activatedAt,
-                epoch: epoch,
-                revoked: false,
-                inputsHash: inputsHash
-            })
-        );
+        _roots[index] = PayoutRoot({
+            root: root,
+            cumulativeTotal: uint128(cumulativeTotal),
+            activatedAt: activatedAt,
+            epoch: epoch,
+            revoked: false,
+            inputsHash: inputsHash
+        });
+        _rootCount = uint64(index + 1);
         _epochRoot[epoch] = index + 1;
         if (cumulativeTotal > maxPostedTotal) maxPostedTotal = cumulativeTotal;
         emit RootPosted(index, epoch, root, cumulativeTotal, inputsHash, activatedAt);
@@ -161,7 +160,7 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
     /// @notice Revoke a root that is not active yet. Works while paused, so a guardian can pause
     /// first and then take a bad root out.
     function revokeRoot(uint256 index) external onlyRole(GUARDIAN_ROLE) {
-        if (index >= _roots.length) revert UnknownRoot(index);
+        if (index >= _rootCount) revert UnknownRoot(index);
         PayoutRoot storage r = _roots[index];
         if (r.revoked) revert RootAlreadyRevoked(index);
         if (r.activatedAt <= block.timestamp) revert RootAlreadyActive(index, r.activatedAt);
@@ -170,11 +169,15 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
     }
 
     function rootCount() external view returns (uint256) {
-        return _roots.length;
+        return _rootCount;
+    }
+
+    function totalClaimed() external view returns (uint256) {
+        return _totalClaimed;
     }
 
     function rootAt(uint256 index) external view returns (PayoutRoot memory) {
-        if (index >= _roots.length) revert UnknownRoot(index);
+        if (index >= _rootCount) revert UnknownRoot(index);
         return _roots[index];
     }
 
@@ -188,7 +191,7 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
     function activeRootIndex() public view returns (uint256) {
         // Roots activate in posting order (same delay), so the newest active one is the first
         // non-revoked, past-delay root walking back; the walk only passes pending or revoked roots.
-        for (uint256 i = _roots.length; i > 0; --i) {
+        for (uint256 i = _rootCount; i > 0; --i) {
             PayoutRoot storage r = _roots[i - 1];
             if (!r.revoked && r.activatedAt <= block.timestamp) return i - 1;
         }
@@ -207,9 +210,9 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
         uint256 index = activeRootIndex();
         PayoutRoot storage r = _roots[index];
         uint256 amount = _settle(r.root, index, account, cumulativeAmount, proof);
-        uint256 newTotal = totalClaimed + amount;
+        uint256 newTotal = _totalClaimed + amount;
         if (newTotal > r.cumulativeTotal) revert ClaimExceedsRootTotal(index, r.cumulativeTotal);
-        totalClaimed = newTotal;
+        _totalClaimed = uint128(newTotal); // <= cumulativeTotal <= uint128 max
         token.safeTransfer(account, amount);
     }
 
@@ -231,9 +234,9 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
             amounts[i] = _settle(root, index, accounts[i], cumulativeAmounts[i], proofs[i]);
             sum += amounts[i];
         }
-        uint256 newTotal = totalClaimed + sum;
+        uint256 newTotal = _totalClaimed + sum;
         if (newTotal > r.cumulativeTotal) revert ClaimExceedsRootTotal(index, r.cumulativeTotal);
-        totalClaimed = newTotal;
+        _totalClaimed = uint128(newTotal); // <= cumulativeTotal <= uint128 max
         // Interactions last, after every effect of the batch is written.
         for (uint256 i; i < n; ++i) {
             token.safeTransfer(accounts[i], amounts[i]);
@@ -256,7 +259,7 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
         if (cumulativeAmount <= already) revert NothingToClaim(account, cumulativeAmount, already);
         amount = cumulativeAmount - already;
         cumulativeClaimed[account] = cumulativeAmount;
-        emit Claimed(account, index, amount, cumulativeAmount, msg.sender);
+        emit Claimed(account, index, amount, cumulativeAmount);
     }
 
     // ------------------------------------------------------------------ administration
@@ -274,7 +277,7 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
     /// so funds do not stay stuck after a distribution ends.
     function recoverExcess(address to, uint256 amount) external onlyRole(DEFAULT_ADMIN_ROLE) {
         if (to == address(0)) revert ZeroAddress();
-        uint256 backing = token.balanceOf(address(this)) + totalClaimed;
+        uint256 backing = token.balanceOf(address(this)) + _totalClaimed;
         uint256 excess = backing > maxPostedTotal ? backing - maxPostedTotal : 0;
         if (amount > excess) revert ExcessTooSmall(amount, excess);
         emit ExcessRecovered(to, amount);
