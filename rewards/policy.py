@@ -1,0 +1,188 @@
+"""Runs the payout policy (rewards/policy.sql) and checks its invariants.
+
+The money is computed by the SQL, statement by statement, with its named parameters taken from the
+``policy_params`` table (or given explicitly, for a what-if run that is rolled back). Python only
+runs it, in one transaction, and refuses the result when an invariant fails: an epoch's rewards
+must sum exactly to its payable pool, no amount may be negative, cumulative amounts must never
+decrease, and an epoch already posted on chain must recompute to the total it was posted with.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import math
+from dataclasses import asdict, dataclass
+from importlib import resources
+
+import duckdb
+
+from proofs.errors import VeritrainError
+from rewards.warehouse import (
+    Connection,
+    WarehouseValueError,
+    check_amount,
+    query,
+    transaction,
+)
+
+log = logging.getLogger(__name__)
+
+POLICY_VERSION = 1
+
+
+class PolicyError(VeritrainError, RuntimeError):
+    """The policy could not run, or its result broke an invariant; nothing was written."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PolicyParams:
+    """The policy's parameters (see docs/payout-policy.md).
+
+    cheat_fraction: fraction of steps a cheater is assumed to fake (0 < f <= 1).
+    confidence: detection probability a run's audit must reach before its work is paid (0 <= c < 1).
+    slash_bps: stake share lost in an epoch with a failed run, in basis points (0..10000).
+    usefulness_ppm: weight of usefulness in the score, in millionths (0 = verified tokens only).
+    """
+
+    cheat_fraction: float = 0.1
+    confidence: float = 0.9
+    slash_bps: int = 1000
+    usefulness_ppm: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.cheat_fraction) and 0 < self.cheat_fraction <= 1):
+            raise WarehouseValueError(
+                f"cheat_fraction must be in (0, 1], got {self.cheat_fraction}"
+            )
+        if not (math.isfinite(self.confidence) and 0 <= self.confidence < 1):
+            raise WarehouseValueError(f"confidence must be in [0, 1), got {self.confidence}")
+        if isinstance(self.slash_bps, bool) or not 0 <= self.slash_bps <= 10_000:
+            raise WarehouseValueError(
+                f"slash_bps must be an integer 0..10000, got {self.slash_bps}"
+            )
+        if isinstance(self.usefulness_ppm, bool) or not 0 <= self.usefulness_ppm <= 1_000_000:
+            raise WarehouseValueError(
+                f"usefulness_ppm must be an integer 0..1000000, got {self.usefulness_ppm}"
+            )
+
+    def to_sql_params(self) -> dict[str, object]:
+        """The named parameters of policy.sql."""
+        return asdict(self)
+
+
+def policy_sql() -> str:
+    """The text of rewards/policy.sql."""
+    return (resources.files("rewards") / "policy.sql").read_text(encoding="utf-8")
+
+
+def policy_sql_hash() -> str:
+    """sha256 of policy.sql, part of every epoch's inputs hash."""
+    return hashlib.sha256(policy_sql().encode()).hexdigest()
+
+
+def stored_params(con: Connection) -> PolicyParams:
+    """The parameters recorded in the warehouse (the defaults when none were set)."""
+    rows = query(
+        con,
+        "SELECT cheat_fraction, confidence, slash_bps, usefulness_ppm FROM policy_params",
+    )
+    if not rows:
+        return PolicyParams()
+    f, c, s, u = rows[0]
+    return PolicyParams(cheat_fraction=f, confidence=c, slash_bps=s, usefulness_ppm=u)
+
+
+def set_params(con: Connection, params: PolicyParams) -> None:
+    """Record ``params`` as the warehouse's policy parameters (replacing the previous ones)."""
+    with transaction(con):
+        query(con, "DELETE FROM policy_params")
+        query(
+            con,
+            "INSERT INTO policy_params VALUES (1, $cheat_fraction, $confidence, $slash_bps,"
+            " $usefulness_ppm, $at)",
+            {**params.to_sql_params(), "at": _now()},
+        )
+
+
+def open_epoch(con: Connection, epoch: int, pool: int) -> None:
+    """Create epoch ``epoch`` with a reward pool of ``pool`` base units (must be > 0).
+
+    Re-opening an epoch with the same pool does nothing; with another pool it is an error.
+    """
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise WarehouseValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+    check_amount("pool", pool)
+    if pool == 0:
+        raise WarehouseValueError(
+            "pool must be positive: an epoch with nothing to pay is not opened"
+        )
+    existing = query(con, "SELECT pool FROM epochs WHERE epoch = $e", {"e": epoch})
+    if existing:
+        if int(existing[0][0]) != pool:
+            raise WarehouseValueError(
+                f"epoch {epoch} is already open with pool {int(existing[0][0])}, not {pool}"
+            )
+        return
+    query(con, "INSERT INTO epochs VALUES ($e, $p, $at)", {"e": epoch, "p": pool, "at": _now()})
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC).replace(tzinfo=None)
+
+
+def run_statements(con: Connection, params: PolicyParams) -> None:
+    """Run policy.sql on ``con`` (inside the caller's transaction); PolicyError if it fails."""
+    values = params.to_sql_params()
+    for statement in con.extract_statements(policy_sql()):
+        named = {name: values[name] for name in statement.named_parameters}
+        try:
+            con.execute(statement, named).fetchall()
+        except duckdb.Error as exc:
+            raise PolicyError(f"policy.sql failed: {exc}") from exc
+
+
+def check_invariants(con: Connection) -> None:
+    """Raise PolicyError when the computed tables break an invariant of the policy."""
+    checks = {
+        "an epoch's rewards do not sum to its payable pool": """
+            SELECT s.epoch FROM epoch_summaries AS s
+            WHERE s.paid + s.carry_out <> s.pool + s.carry_in
+               OR s.paid <> coalesce((SELECT sum(amount) FROM rewards AS w
+                                      WHERE w.epoch = s.epoch), 0)""",
+        "an amount is negative": "SELECT epoch FROM rewards WHERE amount < 0 OR score < 0",
+        "a cumulative amount decreased": """
+            SELECT epoch FROM (SELECT epoch, cumulative - lag(cumulative, 1, 0) OVER (
+                PARTITION BY account ORDER BY epoch) AS delta, amount FROM payouts)
+            WHERE delta <> amount""",
+        "the grand total paid differs from the pools minus what is carried": """
+            SELECT 1 FROM (SELECT sum(pool) AS pools FROM epochs) AS a,
+                          (SELECT sum(amount) AS paid FROM rewards) AS b,
+                          (SELECT carry_out FROM epoch_summaries ORDER BY epoch DESC LIMIT 1) AS c
+            WHERE a.pools <> coalesce(b.paid, 0) + c.carry_out""",
+        "an epoch posted on chain now gives another cumulative total": """
+            SELECT p.epoch FROM settlement_posts AS p
+            WHERE p.cumulative_total <> coalesce((SELECT sum(cumulative) FROM payouts AS o
+                                                  WHERE o.epoch = p.epoch), 0)""",
+    }
+    for message, sql in checks.items():
+        bad = query(con, sql)
+        if bad:
+            raise PolicyError(f"invariant broken: {message} (epoch {bad[0][0]})")
+
+
+def compute(con: Connection, params: PolicyParams | None = None) -> PolicyParams:
+    """Recompute every computed table from the inputs, in one transaction; returns the params used.
+
+    ``params`` defaults to the stored parameters. A broken invariant raises PolicyError and
+    leaves the previous results in place.
+    """
+    used = params if params is not None else stored_params(con)
+    with transaction(con):
+        run_statements(con, used)
+        check_invariants(con)
+        # A recomputation invalidates the cached roots; rewards.payouts rebuilds them on demand.
+        query(con, "DELETE FROM payout_roots")
+    log.info("payout policy v%s computed with %s", POLICY_VERSION, used)
+    return used

@@ -1,0 +1,199 @@
+-- veritrain payout policy, version 1. Read by rewards/policy.py, run by DuckDB statement by
+-- statement inside one transaction, with these named parameters (from the policy_params table):
+--   $cheat_fraction  fraction f of steps a cheating peer is assumed to fake (0 < f <= 1)
+--   $confidence      probability of catching such a peer a run's audit must reach (0 <= c < 1)
+--   $slash_bps       share of its stake a peer loses in an epoch with a failed run, in 1/10000
+--   $usefulness_ppm  weight W of usefulness in the score, in millionths (0: tokens only)
+-- It rewrites run_outcomes, slashes, epoch_summaries, rewards and payouts whole. Every result for
+-- epoch E depends only on inputs recorded with an epoch <= E, so later data never changes an epoch
+-- that was already paid. Money is HUGEINT / DECIMAL(38,0) integer arithmetic throughout; the only
+-- floating point is the audit confidence, which decides eligibility and never touches an amount.
+-- See docs/payout-policy.md for the rules in prose and worked examples.
+
+DELETE FROM run_outcomes;
+DELETE FROM slashes;
+DELETE FROM epoch_summaries;
+DELETE FROM rewards;
+DELETE FROM payouts;
+
+-- 1. Quorum, per audited step. Each auditor has one verdict per step (ingest enforces it). A step
+--    passes when strictly more auditors say pass than fail/invalid, fails when strictly more say
+--    fail or invalid, and is disputed on a tie. Evaluated at every epoch in which a verdict on the
+--    run arrived, counting the verdicts received up to that epoch.
+CREATE OR REPLACE TEMP TABLE _step_votes AS
+SELECT c.run_id, c.at_epoch, v.step,
+       count(*) FILTER (WHERE v.outcome = 'pass') AS passes,
+       count(*) FILTER (WHERE v.outcome <> 'pass') AS fails
+FROM (SELECT DISTINCT run_id, epoch AS at_epoch FROM verdicts) AS c
+JOIN verdicts AS v ON v.run_id = c.run_id AND v.epoch <= c.at_epoch
+GROUP BY c.run_id, c.at_epoch, v.step;
+
+-- 2. The run at each such epoch: failed steps, disputed steps, passed steps, and the probability
+--    that the passed sample would have caught a peer faking ceil(f * N) of its N steps
+--    (hypergeometric: 1 - C(N-k, n) / C(N, n), through lgamma).
+CREATE OR REPLACE TEMP TABLE _run_checks AS
+WITH counted AS (
+    SELECT s.run_id, greatest(s.at_epoch, r.epoch) AS at_epoch, r.peer_id,
+           count(*) FILTER (WHERE s.fails > s.passes) AS failed_steps,
+           count(*) FILTER (WHERE s.fails = s.passes) AS disputed_steps,
+           count(*) FILTER (WHERE s.passes > s.fails) AS passed_steps,
+           any_value(r.step_count) AS n_steps,
+           greatest(1, ceil($cheat_fraction * any_value(r.step_count)))::BIGINT AS n_cheat
+    FROM _step_votes AS s JOIN runs AS r USING (run_id)
+    GROUP BY s.run_id, s.at_epoch, r.epoch, r.peer_id
+)
+SELECT *,
+       CASE WHEN passed_steps > n_steps - n_cheat THEN 1.0
+            ELSE 1.0 - exp(lgamma(n_steps - n_cheat + 1) - lgamma(n_steps - n_cheat - passed_steps + 1)
+                           - lgamma(n_steps + 1) + lgamma(n_steps - passed_steps + 1))
+       END AS confidence
+FROM counted;
+
+CREATE OR REPLACE TEMP TABLE _run_decisions AS
+WITH decided AS (
+    SELECT *,
+           CASE WHEN failed_steps > 0 THEN 'failed'
+                -- 1e-12 absorbs the rounding of lgamma/exp, so 9 of 10 steps meets confidence 0.9.
+                WHEN disputed_steps = 0 AND confidence + 1e-12 >= $confidence THEN 'verified'
+           END AS state
+    FROM _run_checks
+)
+-- A run's first decision is final: a later verdict cannot un-slash a peer or take back a payment.
+SELECT run_id, peer_id, at_epoch AS decided_epoch, state, passed_steps, confidence
+FROM decided WHERE state IS NOT NULL
+QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY at_epoch) = 1;
+
+-- 3. Usefulness of a run: the mean drop of held-out loss over its passing verdicts received up to
+--    its decision, in micro-units of loss (an integer), never below zero.
+INSERT INTO run_outcomes
+SELECT r.run_id, r.peer_id,
+       coalesce(d.state, 'pending') AS state,
+       d.decided_epoch,
+       coalesce(d.passed_steps, latest.passed_steps, 0) AS audited_steps,
+       coalesce(d.confidence, latest.confidence, 0.0) AS confidence,
+       CASE WHEN d.state = 'verified' THEN r.step_count * r.tokens_per_step ELSE 0 END,
+       CASE WHEN d.state = 'verified' THEN greatest(0, coalesce(round(1e6 * (
+                SELECT avg(v.loss_before - v.loss_after) FROM verdicts AS v
+                WHERE v.run_id = r.run_id AND v.outcome = 'pass' AND v.epoch <= d.decided_epoch
+           )), 0))::BIGINT ELSE 0 END
+FROM runs AS r
+LEFT JOIN _run_decisions AS d USING (run_id)
+LEFT JOIN (SELECT run_id, arg_max(passed_steps, at_epoch) AS passed_steps,
+                  arg_max(confidence, at_epoch) AS confidence
+           FROM _run_checks GROUP BY run_id) AS latest USING (run_id)
+ORDER BY r.run_id;
+
+-- 4. Slashing: in each epoch where a peer has a failed run, it loses floor(stake * slash_bps /
+--    10000) of the stake it holds then (deposits up to that epoch minus earlier slashes).
+INSERT INTO slashes
+WITH RECURSIVE failures AS (
+    SELECT f.decided_epoch AS epoch, f.peer_id, count(*) AS failed_runs,
+           coalesce((SELECT sum(s.amount) FROM stakes AS s
+                     WHERE s.peer_id = f.peer_id AND s.epoch <= f.decided_epoch), 0)::HUGEINT
+               AS deposited,
+           row_number() OVER (PARTITION BY f.peer_id ORDER BY f.decided_epoch) AS k
+    FROM run_outcomes AS f WHERE f.state = 'failed'
+    GROUP BY f.decided_epoch, f.peer_id
+), chain AS (
+    SELECT epoch, peer_id, failed_runs, k, deposited AS stake_before,
+           deposited * $slash_bps // 10000 AS amount, deposited * $slash_bps // 10000 AS slashed
+    FROM failures WHERE k = 1
+    UNION ALL
+    SELECT f.epoch, f.peer_id, f.failed_runs, f.k, f.deposited - c.slashed,
+           (f.deposited - c.slashed) * $slash_bps // 10000,
+           c.slashed + (f.deposited - c.slashed) * $slash_bps // 10000
+    FROM chain AS c JOIN failures AS f ON f.peer_id = c.peer_id AND f.k = c.k + 1
+)
+SELECT epoch, peer_id, stake_before, amount, failed_runs FROM chain ORDER BY epoch, peer_id;
+
+-- 5. Scores. A run verified in epoch E scores in E, unless its peer has a failed run decided in E:
+--    then all of that peer's runs verified in E are forfeited (zero reward that epoch).
+--    weight = (1e6 - W) + W * usefulness / max usefulness of the epoch (1e6 when that max is 0);
+--    score = floor(verified tokens * weight / 1e6): whole weighted tokens, an integer.
+CREATE OR REPLACE TEMP TABLE _run_scores AS
+WITH eligible AS (
+    SELECT o.*, p.payout_address AS account,
+           max(o.usefulness_micro) OVER (PARTITION BY o.decided_epoch) AS max_usefulness
+    FROM run_outcomes AS o JOIN peers AS p USING (peer_id)
+    WHERE o.state = 'verified'
+      AND NOT EXISTS (SELECT 1 FROM slashes AS s
+                      WHERE s.peer_id = o.peer_id AND s.epoch = o.decided_epoch)
+)
+SELECT decided_epoch AS epoch, run_id, account,
+       (verified_tokens::HUGEINT * CASE WHEN max_usefulness = 0 THEN 1000000
+            ELSE (1000000 - $usefulness_ppm) + $usefulness_ppm::HUGEINT * usefulness_micro // max_usefulness
+        END) // 1000000 AS score
+FROM eligible;
+
+-- 6. Pools. An epoch whose total score is zero pays nothing and its whole pool rolls over to the
+--    next epoch that has a positive score; carry_out of the last epoch is what waits for future work.
+CREATE OR REPLACE TEMP TABLE _pools AS
+WITH totals AS (
+    SELECT e.epoch, e.pool::HUGEINT AS pool, coalesce(sum(s.score), 0)::HUGEINT AS total_score
+    FROM epochs AS e LEFT JOIN _run_scores AS s USING (epoch)
+    GROUP BY e.epoch, e.pool
+), segments AS (
+    SELECT *, coalesce(sum(CASE WHEN total_score > 0 THEN 1 ELSE 0 END) OVER (
+               ORDER BY epoch ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS segment
+    FROM totals
+)
+SELECT epoch, pool, total_score,
+       coalesce(sum(pool) OVER (PARTITION BY segment ORDER BY epoch
+                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)::HUGEINT AS carry_in
+FROM segments;
+
+-- Exact floor(P * s / T) needs P * s below 2**127; splitting P = q*T + r keeps every product
+-- below T**2, so we require T < 2**63 and say so instead of overflowing.
+SELECT CASE WHEN max(total_score) >= 9223372036854775808
+            THEN error('policy: total score of an epoch reaches 2**63 weighted tokens') END
+FROM _pools;
+
+-- 7. Largest remainder: each account gets floor(P * s / T), then the P - sum(floors) leftover
+--    units go one each to the largest remainders; ties broken by sha256(epoch || ':' || account),
+--    then by account. The amounts of an epoch sum exactly to its pool plus carry_in.
+INSERT INTO rewards
+WITH accounts AS (
+    SELECT s.epoch, s.account, sum(s.score)::HUGEINT AS score,
+           p.pool + p.carry_in AS payable, p.total_score AS total
+    FROM _run_scores AS s JOIN _pools AS p USING (epoch)
+    WHERE p.total_score > 0
+    GROUP BY s.epoch, s.account, p.pool, p.carry_in, p.total_score
+), floors AS (
+    SELECT *, (payable // total) * score + ((payable % total) * score) // total AS base,
+           ((payable % total) * score) % total AS remainder
+    FROM accounts
+), ranked AS (
+    SELECT *, payable - sum(base) OVER (PARTITION BY epoch) AS leftover,
+           row_number() OVER (PARTITION BY epoch ORDER BY remainder DESC,
+                              sha256(epoch::VARCHAR || ':' || account), account) AS place
+    FROM floors
+)
+SELECT epoch, account, score, base + CASE WHEN place <= leftover THEN 1 ELSE 0 END
+FROM ranked ORDER BY epoch, account;
+
+INSERT INTO epoch_summaries
+SELECT p.epoch, p.pool, p.carry_in,
+       coalesce((SELECT sum(amount) FROM rewards AS w WHERE w.epoch = p.epoch), 0),
+       CASE WHEN p.total_score > 0 THEN 0 ELSE p.pool + p.carry_in END,
+       p.total_score,
+       (SELECT count(*) FROM _run_scores AS s WHERE s.epoch = p.epoch),
+       (SELECT count(*) FROM run_outcomes AS o
+        WHERE o.state = 'verified' AND o.decided_epoch = p.epoch) -
+       (SELECT count(*) FROM _run_scores AS s WHERE s.epoch = p.epoch),
+       (SELECT count(*) FROM run_outcomes AS o
+        WHERE o.state = 'failed' AND o.decided_epoch = p.epoch),
+       (SELECT count(*) FROM runs AS r LEFT JOIN run_outcomes AS o USING (run_id)
+        WHERE r.epoch <= p.epoch AND (o.decided_epoch IS NULL OR o.decided_epoch > p.epoch))
+FROM _pools AS p ORDER BY p.epoch;
+
+-- 8. Cumulative payouts: for every epoch, every account paid anything so far, with its amount in
+--    that epoch and its cumulative amount (what the on-chain cumulative claim checks).
+INSERT INTO payouts
+WITH paid AS (SELECT account, min(epoch) AS first_epoch FROM rewards WHERE amount > 0
+              GROUP BY account)
+SELECT e.epoch, a.account, coalesce(w.amount, 0),
+       sum(coalesce(w.amount, 0)) OVER (PARTITION BY a.account ORDER BY e.epoch)
+FROM epochs AS e
+JOIN paid AS a ON a.first_epoch <= e.epoch
+LEFT JOIN rewards AS w ON w.epoch = e.epoch AND w.account = a.account
+ORDER BY e.epoch, a.account;

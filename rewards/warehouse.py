@@ -1,0 +1,252 @@
+"""The DuckDB warehouse: opening it, transactions, read-only access, settlement write-back.
+
+One DuckDB file is the source of truth. A read-write connection applies pending migrations when
+it opens; a read-only connection refuses every write and every file system access, so an analyst's
+query can never change the database or write elsewhere through it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import duckdb
+
+from proofs.errors import VeritrainError
+from rewards import schema
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB = "veritrain.duckdb"
+DB_ENV = "VERITRAIN_DB"
+
+Connection: TypeAlias = duckdb.DuckDBPyConnection
+PathOrConnection: TypeAlias = "str | os.PathLike[str] | duckdb.DuckDBPyConnection"
+
+_HEX32 = re.compile(r"0x[0-9a-f]{64}")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+MAX_AMOUNT = 10**38 - 1
+"""The largest amount a DECIMAL(38,0) column holds (about 2**126, well inside uint256)."""
+
+
+class WarehouseError(VeritrainError, RuntimeError):
+    """The warehouse could not be opened or a record could not be written."""
+
+
+class ReadOnlyViolation(VeritrainError, PermissionError):
+    """A statement tried to write through a read-only connection; nothing was changed."""
+
+
+class WarehouseValueError(VeritrainError, ValueError):
+    """A value given to the warehouse is malformed (bad address, hash, negative amount...)."""
+
+
+def default_path() -> str:
+    """The warehouse path from $VERITRAIN_DB, else ``veritrain.duckdb`` in the working directory."""
+    return os.environ.get(DB_ENV, DEFAULT_DB)
+
+
+def connect(path: str | os.PathLike[str]) -> Connection:
+    """Open (creating if needed) the warehouse read-write and apply pending migrations.
+
+    Raises WarehouseError when the file cannot be opened (e.g. locked by another writer) and
+    SchemaError when its schema is newer than this code or was altered.
+    """
+    try:
+        con = duckdb.connect(str(path))
+    except duckdb.Error as exc:
+        raise WarehouseError(f"cannot open warehouse {path!s}: {exc}") from exc
+    try:
+        applied = schema.migrate(con)
+    except BaseException:
+        con.close()
+        raise
+    if applied:
+        log.info("warehouse %s migrated to version %s", path, applied[-1])
+    return con
+
+
+def connect_read_only(path: str | os.PathLike[str]) -> Connection:
+    """Open an existing warehouse for queries only.
+
+    Writes to the database are refused by DuckDB's read-only mode, and file system access
+    (COPY TO, ATTACH, read_csv...) is disabled and locked, so a query cannot write anywhere.
+    """
+    if not Path(path).is_file():
+        raise WarehouseError(f"no warehouse at {path!s}")
+    try:
+        con = duckdb.connect(
+            str(path),
+            read_only=True,
+            config={"enable_external_access": False, "lock_configuration": True},
+        )
+    except duckdb.Error as exc:
+        raise WarehouseError(f"cannot open warehouse {path!s} read-only: {exc}") from exc
+    try:
+        schema.check_applied(con)
+        if schema.current_version(con) != schema.LATEST_VERSION:
+            raise schema.SchemaError(
+                f"warehouse {path!s} is at schema version {schema.current_version(con)}, this"
+                f" code expects {schema.LATEST_VERSION}: open it read-write once to migrate"
+            )
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+@contextmanager
+def opened(target: PathOrConnection) -> Iterator[Connection]:
+    """Yield a read-write connection: ``target`` itself, or a new one (closed after) for a path."""
+    if isinstance(target, duckdb.DuckDBPyConnection):
+        yield target
+        return
+    con = connect(target)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+@contextmanager
+def transaction(con: Connection) -> Iterator[Connection]:
+    """Run the block in one transaction: committed if it returns, rolled back if it raises."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def query(con: Connection, sql: str, params: Mapping[str, object] | None = None) -> list[Any]:
+    """Run one statement and fetch every row (DuckDB 2 refuses new work on a half-read result)."""
+    rows: list[Any] = con.execute(sql, dict(params) if params else None).fetchall()
+    return rows
+
+
+def _hex32(name: str, value: str | bytes) -> str:
+    text = "0x" + value.hex() if isinstance(value, bytes) else value.lower()
+    if not _HEX32.fullmatch(text):
+        raise WarehouseValueError(f"{name} must be 32 bytes (0x + 64 hex digits), got {value!r}")
+    return text
+
+
+def normalize_address(value: str) -> str:
+    """An EVM address as lowercase 0x-hex; WarehouseValueError when malformed."""
+    if not isinstance(value, str) or not _ADDRESS.fullmatch(value):
+        raise WarehouseValueError(f"not an EVM address (0x + 40 hex digits): {value!r}")
+    return value.lower()
+
+
+def check_amount(name: str, value: int) -> int:
+    """``value`` as a non-negative int that fits DECIMAL(38,0); WarehouseValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WarehouseValueError(f"{name} must be an integer in base units, got {value!r}")
+    if value < 0:
+        raise WarehouseValueError(f"{name} must not be negative, got {value}")
+    if value > MAX_AMOUNT:
+        raise WarehouseValueError(f"{name} overflows DECIMAL(38,0) (max 10**38 - 1), got {value}")
+    return value
+
+
+def record_settlement_post(
+    con_or_path: PathOrConnection,
+    *,
+    epoch: int,
+    root: str | bytes,
+    cumulative_total: int,
+    inputs_hash: str | bytes,
+    tx_hash: str | bytes,
+    block_number: int,
+    gas_used: int,
+    contract: str,
+    chain_id: int,
+) -> bool:
+    """Record that the payout root of ``epoch`` was posted on chain; returns False if already known.
+
+    Idempotent on ``tx_hash``: recording the same transaction again changes nothing. A second,
+    different transaction for an epoch already posted with another root raises WarehouseError.
+    """
+    values = {
+        "epoch": epoch,
+        "root": _hex32("root", root),
+        "total": check_amount("cumulative_total", cumulative_total),
+        "inputs": _hex32("inputs_hash", inputs_hash),
+        "tx": _hex32("tx_hash", tx_hash),
+        "block": block_number,
+        "gas": gas_used,
+        "contract": normalize_address(contract),
+        "chain": chain_id,
+        "at": _dt.datetime.now(_dt.UTC).replace(tzinfo=None),
+    }
+    with opened(con_or_path) as con, transaction(con):
+        if query(con, "SELECT 1 FROM settlement_posts WHERE tx_hash = $tx", {"tx": values["tx"]}):
+            return False
+        clash = query(
+            con,
+            "SELECT root FROM settlement_posts WHERE epoch = $epoch AND root <> $root",
+            {"epoch": epoch, "root": values["root"]},
+        )
+        if clash:
+            raise WarehouseError(f"epoch {epoch} was already posted with root {clash[0][0]}")
+        query(
+            con,
+            "INSERT INTO settlement_posts VALUES ($epoch, $root, $total, $inputs, $tx, $block,"
+            " $gas, $contract, $chain, $at)",
+            values,
+        )
+    return True
+
+
+def record_claim(
+    con_or_path: PathOrConnection,
+    *,
+    account: str,
+    cumulative_amount: int,
+    paid: int,
+    epoch: int,
+    tx_hash: str | bytes,
+    block_number: int,
+    gas_used: int,
+    contract: str,
+    chain_id: int,
+) -> bool:
+    """Record one account's claim; returns False if (tx_hash, account) is already recorded.
+
+    A batch claim is one transaction for many accounts: record it once per account, with the
+    transaction's total gas on each row (documented in docs/warehouse.md).
+    """
+    values = {
+        "account": normalize_address(account),
+        "cum": check_amount("cumulative_amount", cumulative_amount),
+        "paid": check_amount("paid", paid),
+        "epoch": epoch,
+        "tx": _hex32("tx_hash", tx_hash),
+        "block": block_number,
+        "gas": gas_used,
+        "contract": normalize_address(contract),
+        "chain": chain_id,
+        "at": _dt.datetime.now(_dt.UTC).replace(tzinfo=None),
+    }
+    with opened(con_or_path) as con, transaction(con):
+        if query(
+            con,
+            "SELECT 1 FROM claims WHERE tx_hash = $tx AND account = $account",
+            {"tx": values["tx"], "account": values["account"]},
+        ):
+            return False
+        query(
+            con,
+            "INSERT INTO claims VALUES ($account, $cum, $paid, $epoch, $tx, $block, $gas,"
+            " $contract, $chain, $at)",
+            values,
+        )
+    return True
