@@ -429,3 +429,46 @@ def test_verifiers_never_raise(
     assert verify_payout(root, account, amount, proof) in (True, False)
     assert verify_payout_multiproof(root, [(account, amount)], proof, flags) in (True, False)
     assert verify_payout_multiproof(root, account, proof, flags) in (True, False)
+
+
+# --- Frozen vectors (expected values from @openzeppelin/merkle-tree) ----------------------------
+
+VECTORS = REPO / "tests" / "vectors" / "payout"
+VECTOR_FILES = sorted(p for p in VECTORS.glob("*.json") if p.name != "invalid.json")
+
+
+def _entries_of(vector: dict[str, Any]) -> list[tuple[str, int]]:
+    return [(a, int(v)) for a, v in vector["entries"]]
+
+
+def test_vector_files_present() -> None:
+    assert len(VECTOR_FILES) >= 10
+
+
+@pytest.mark.parametrize("path", VECTOR_FILES, ids=lambda p: p.stem)
+def test_vectors(path: Path) -> None:
+    vector = json.loads(path.read_text())
+    assert vector["version"] == 1 and vector["leafEncoding"] == ["address", "uint256"]
+    entries = _entries_of(vector)
+    tree = PayoutTree.build(entries)
+    assert "0x" + tree.root.hex() == vector["root"]
+    assert [("0x" + payout_leaf_hash(a, v).hex()) for a, v in entries] == vector["leafHashes"]
+    assert [_hex(tree.proof(i)) for i in range(len(entries))] == vector["proofs"]
+    for multi in vector["multiproofs"]:
+        expected = {k: multi[k] for k in ("leaves", "proof", "proofFlags")}
+        assert tree.multiproof(multi["indices"]).to_json() == expected
+        parsed = PayoutMultiProof.from_json(expected)
+        assert verify_payout_multiproof(tree.root, parsed.leaves, parsed.proof, parsed.proof_flags)
+    # Vector addresses are EIP-55, so our dump must equal OpenZeppelin's byte for byte.
+    assert tree.dump() == vector["dump"]
+    assert PayoutTree.load(vector["dump"]).root == tree.root
+    for (account, amount), proof in zip(entries, vector["proofs"], strict=True):
+        assert verify_payout(tree.root, account, amount, [bytes.fromhex(h[2:]) for h in proof])
+
+
+def test_invalid_vectors_rejected() -> None:
+    vector = json.loads((VECTORS / "invalid.json").read_text())
+    assert len(vector["cases"]) >= 8
+    for case in vector["cases"]:
+        with pytest.raises(PayoutError):
+            PayoutTree.build([(a, int(v)) for a, v in case["entries"]])
