@@ -1,0 +1,185 @@
+"""Gradient and state checkpoints as named tensors, and their Merkle-committed encoding.
+
+A **gradient checkpoint** maps each parameter name (``named_parameters``) that has a gradient to
+that raw gradient. A **state checkpoint** (the state *before* step ``step`` runs) holds:
+
+- ``param/<name>``: every parameter (tied aliases are stored once, see ``RunHeader.aliases``);
+- ``buffer/<key>``: persistent buffers (not linked to gradients: forward passes may change them);
+- ``optim/state/<i>/<key>``: tensor optimizer state of the i-th parameter in optimizer order;
+- ``optim/meta``: uint8 tensor of canonical JSON {"param_groups": [...], "scalars": {...}} (the
+  hyper-parameters of each group, without the parameter lists, and non-tensor state values);
+- ``rng/cpu``: the CPU generator state at the start of ``step`` (derived from its replay seed);
+- ``step``: int64 scalar.
+
+Both are encoded with ``proofs.encoding.encode_tensors`` and committed by the Merkle root of those
+leaves (trainer.artifact stores them under that root).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from proofs.encoding import decode_tensors, encode_tensors
+from proofs.errors import EncodingError
+from proofs.hashing import Root
+from trainer.artifact import Encoded, encode_artifact
+from trainer.jsonform import canonical_json
+from trainer.seeds import cpu_rng_state, replay_seed
+from trainer.tensors import from_tensor_bytes_list, to_tensor_bytes_list
+
+PARAM = "param/"
+BUFFER = "buffer/"
+OPTIM_STATE = "optim/state/"
+OPTIM_META = "optim/meta"
+RNG_CPU = "rng/cpu"
+STEP = "step"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParamLayout:
+    """How a model's parameters map to names, optimizer order and tied aliases."""
+
+    names: tuple[str, ...]
+    """Parameter names in ``named_parameters`` order."""
+    groups: tuple[tuple[str, ...], ...]
+    """Names per optimizer param group, in optimizer order."""
+    aliases: Mapping[str, str]
+    """State-dict keys that are the same Parameter as another name: key -> name."""
+
+    @property
+    def optimizer_order(self) -> tuple[str, ...]:
+        return tuple(n for g in self.groups for n in g)
+
+
+def param_layout(model: nn.Module, optimizer: torch.optim.Optimizer) -> ParamLayout:
+    """Name every optimizer parameter. Raises EncodingError if the optimizer holds a tensor that
+    is not a parameter of ``model`` (the commitment could not name it)."""
+    named = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in named.items()}
+    groups = []
+    for gi, group in enumerate(optimizer.param_groups):
+        names = []
+        for p in group["params"]:
+            if id(p) not in by_id:
+                raise EncodingError(f"optimizer group {gi} holds a tensor that is not in the model")
+            names.append(by_id[id(p)])
+        groups.append(tuple(names))
+    aliases = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        name = by_id.get(id(value))
+        if name is not None and name != key:
+            aliases[key] = name
+    return ParamLayout(names=tuple(named), groups=tuple(groups), aliases=aliases)
+
+
+def capture_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Private copies of every parameter gradient (the only cost the training thread pays).
+
+    Copies, because clipping and the optimizer may change ``.grad`` in place after the commit.
+    """
+    return {
+        name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
+    }
+
+
+def capture_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    layout: ParamLayout,
+    *,
+    run_seed: int,
+    step: int,
+) -> dict[str, torch.Tensor]:
+    """Private copies of the state checkpoint tensors (see module docstring) before ``step``."""
+    out: dict[str, torch.Tensor] = {}
+    params = dict(model.named_parameters())
+    for name in layout.names:
+        out[PARAM + name] = params[name].detach().clone()
+    for key, value in model.state_dict().items():
+        if key not in params and key not in layout.aliases:
+            out[BUFFER + key] = value.detach().clone()
+    out.update(optimizer_tensors(optimizer.state_dict()))
+    out[RNG_CPU] = cpu_rng_state(replay_seed(run_seed, step))
+    out[STEP] = torch.tensor(step, dtype=torch.int64)
+    return out
+
+
+def optimizer_tensors(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``optim/*`` tensors of an optimizer ``state_dict()`` (cloned)."""
+    out: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                out[f"{OPTIM_STATE}{index}/{key}"] = value.detach().clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state_dict["param_groups"]]
+    meta = canonical_json({"param_groups": groups, "scalars": scalars})
+    out[OPTIM_META] = torch.frombuffer(bytearray(meta), dtype=torch.uint8)
+    return out
+
+
+def optimizer_state_dict(state: Mapping[str, torch.Tensor], layout: ParamLayout) -> dict[str, Any]:
+    """Rebuild an optimizer ``state_dict()`` from state checkpoint tensors."""
+    try:
+        meta = json.loads(bytes(state[OPTIM_META].numpy().tobytes()))
+    except (KeyError, ValueError) as exc:
+        raise EncodingError(f"state checkpoint has no valid {OPTIM_META}: {exc}") from exc
+    per_param: dict[int, dict[str, Any]] = {}
+    for name, tensor in state.items():
+        if name.startswith(OPTIM_STATE):
+            index, key = name[len(OPTIM_STATE) :].split("/", 1)
+            per_param.setdefault(int(index), {})[key] = tensor.clone()
+    for index, values in meta["scalars"].items():
+        per_param.setdefault(int(index), {}).update(values)
+    groups = []
+    offset = 0
+    if len(meta["param_groups"]) != len(layout.groups):
+        raise EncodingError("state checkpoint param groups do not match the run header")
+    for saved, names in zip(meta["param_groups"], layout.groups, strict=True):
+        groups.append({**saved, "params": list(range(offset, offset + len(names)))})
+        offset += len(names)
+    return {"state": per_param, "param_groups": groups}
+
+
+def restore_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    layout: ParamLayout,
+    state: Mapping[str, torch.Tensor],
+) -> int:
+    """Load a state checkpoint into ``model`` and ``optimizer``; returns its step."""
+    sd: dict[str, torch.Tensor] = {}
+    for key in model.state_dict():
+        if key in layout.aliases:
+            sd[key] = state[PARAM + layout.aliases[key]]
+        elif PARAM + key in state:
+            sd[key] = state[PARAM + key]
+        else:
+            sd[key] = state[BUFFER + key]
+    model.load_state_dict(sd)
+    optimizer.load_state_dict(optimizer_state_dict(state, layout))
+    return int(state[STEP].item())
+
+
+def encode_checkpoint(tensors: Mapping[str, torch.Tensor], *, chunk_size: int) -> Encoded:
+    """The artifact (file bytes, Merkle root, leaf table) of named tensors."""
+    leaves = encode_tensors(to_tensor_bytes_list(tensors), chunk_size=chunk_size)
+    return encode_artifact(leaves)
+
+
+def decode_checkpoint(leaves: Sequence[bytes]) -> dict[str, torch.Tensor]:
+    """Named tensors back from artifact leaves. Raises EncodingError if not canonical."""
+    return from_tensor_bytes_list(decode_tensors(leaves))
+
+
+def checkpoint_root(tensors: Mapping[str, torch.Tensor], *, chunk_size: int) -> Root:
+    """Merkle root of named tensors (without building the file)."""
+    return encode_checkpoint(tensors, chunk_size=chunk_size).root

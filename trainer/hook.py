@@ -1,0 +1,339 @@
+"""AuditHook: commit every step of any ``nn.Module`` + ``torch.optim`` training loop.
+
+A user loop needs five added lines::
+
+    hook = AuditHook(model, optimizer, store="runs/my-run", keypair=load_keypair("peer.key"),
+                     config=HookConfig(run_id="my-run", run_seed=1234, checkpoint_every=50))
+    for step in range(hook.start(), total_steps):   # start() writes the header or resumes
+        hook.begin_step(step)                       # seeds torch RNGs with the replay seed
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        hook.step(loss)                             # commit raw grads, clip, optimizer.step()
+    hook.close()                                    # last state checkpoint, drain, raise errors
+
+``hook.step`` is ``commit`` + ``clip`` + ``optimizer.step()`` + ``zero_grad`` + ``end_step``; call
+those separately to keep your own optimizer call (then clip only with ``hook.clip()``, whose
+parameter order replay reproduces, and call ``end_step`` right after ``optimizer.step()``, before
+any lr scheduler step, so the state checkpoint holds the lr that step used).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from proofs.errors import VeritrainError
+from proofs.hashing import Hash32
+from proofs.signatures import KeyPair
+from trainer.checkpoint import (
+    ParamLayout,
+    capture_gradients,
+    capture_state,
+    encode_checkpoint,
+    param_layout,
+)
+from trainer.data import CorpusCommitment
+from trainer.pipeline import ChainPosition, Committer, GradientItem, StateItem, Stats, state_ref
+from trainer.recipe import (
+    HEADER_VERSION,
+    VERITRAIN_VERSION,
+    OptimizerSpec,
+    RunHeader,
+    SignedRunHeader,
+    sign_header,
+)
+from trainer.resume import resume_position
+from trainer.seeds import check_run_seed, replay_seed, seed_generators
+from trainer.store import RunStore
+from trainer.tensors import dtype_name
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 1 << 16
+"""Leaf size of gradient/state encodings: 64 KiB keeps leaf-level proofs small."""
+
+
+class HookStateError(VeritrainError, RuntimeError):
+    """The hook's methods were called out of order (e.g. a step index that is not the next)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HookConfig:
+    """What the hook records beyond what it reads off the model and optimizer."""
+
+    run_id: str
+    run_seed: int
+    checkpoint_every: int = 50
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    grad_clip: float | None = None
+    queue_depth: int = 4
+    model_name: str = ""
+    """Registry name (trainer.models) or "" for a model the registry does not know."""
+    model_config: Mapping[str, Any] = field(default_factory=dict)
+    dataset: CorpusCommitment | None = None
+    batch_size: int = 0
+    context: int = 0
+
+    def __post_init__(self) -> None:
+        check_run_seed(self.run_seed)
+        if self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
+        if self.chunk_size <= 0 or self.queue_depth <= 0:
+            raise ValueError("chunk_size and queue_depth must be positive")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+
+
+class AuditHook:
+    """Commits gradients, state checkpoints and signed manifests of one run to a run store."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        store: RunStore | str,
+        keypair: KeyPair,
+        config: HookConfig,
+    ) -> None:
+        if type(optimizer).__module__.split(".")[:2] != ["torch", "optim"]:
+            raise TypeError(f"optimizer must be a torch.optim optimizer, got {type(optimizer)}")
+        self.model = model
+        self.optimizer = optimizer
+        self.store = store if isinstance(store, RunStore) else RunStore(store)
+        self.keypair = keypair
+        self.config = config
+        self.layout: ParamLayout = param_layout(model, optimizer)
+        self.header: RunHeader | None = None
+        self._committer: Committer | None = None
+        self._next_step = -1
+        self._in_step = False
+        self._committed = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Write and sign the run header, or resume a run already in the store.
+
+        Returns the step to train next (0 for a new run). On resume the model and optimizer are
+        loaded from the last complete state checkpoint. Raises StoreError when the store holds a
+        different run (another recipe or key), EncodingError for bad config values.
+        """
+        if self._committer is not None:
+            raise HookStateError("start() was already called")
+        built = self._build_header()
+        if self.store.has_header():
+            signed = self.store.read_header()
+            position, step = resume_position(
+                self.store, signed, built, self.model, self.optimizer, self.layout
+            )
+        else:
+            signed = self._write_new_header(built)
+            position = ChainPosition(
+                window=0, prev_record=signed.header.hash(), prev_manifest=signed.header.hash()
+            )
+            step = 0
+        self.header = signed.header
+        self._committer = Committer(
+            store=self.store,
+            keypair=self.keypair,
+            run_id=self.config.run_id,
+            chunk_size=self.config.chunk_size,
+            position=position,
+            depth=self.config.queue_depth,
+        )
+        self._next_step = step
+        return step
+
+    def close(self) -> None:
+        """Checkpoint a partial window, wait for every write, raise any pipeline error."""
+        committer = self._require()
+        if self._in_step:
+            raise HookStateError(f"close() inside step {self._next_step}: call step() first")
+        if self._window_open():
+            self._submit_state()
+        committer.close()
+
+    def __enter__(self) -> AuditHook:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._committer is None:
+            return
+        if exc_type is None:
+            self.close()
+        else:
+            self._committer.close_quietly()
+
+    # ---- per step -----------------------------------------------------------------------------
+
+    def begin_step(self, step: int) -> int:
+        """Start ``step`` (must be the next one): seed every torch generator with its replay seed.
+
+        Returns the replay seed. Raises PipelineError if the background committer failed.
+        """
+        committer = self._require()
+        committer.check()
+        if self._in_step or step != self._next_step:
+            raise HookStateError(f"begin_step({step}): expected step {self._next_step}")
+        seed = replay_seed(self.config.run_seed, step)
+        seed_generators(seed)
+        self._in_step = True
+        self._committed = False
+        return seed
+
+    def commit(self, loss: torch.Tensor | float, *, batch: Sequence[int] = ()) -> None:
+        """Commit this step's raw gradients (after backward, before clipping/optimizer step).
+
+        ``batch``: the sample indices of the step (the reference trainer passes corpus offsets).
+        """
+        committer = self._require()
+        if not self._in_step or self._committed:
+            raise HookStateError("commit() must follow begin_step() once per step")
+        step = self._next_step
+        loss_t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        item = GradientItem(
+            step=step,
+            replay_seed=replay_seed(self.config.run_seed, step),
+            batch=tuple(int(i) for i in batch),
+            loss=loss_t,
+            lrs=tuple(float(g["lr"]) for g in self.optimizer.param_groups),
+            grads=capture_gradients(self.model),
+        )
+        committer.submit(item)
+        self._committed = True
+
+    def clip(self) -> None:
+        """Clip gradients to the configured norm, over parameters in optimizer order."""
+        if self.config.grad_clip is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+
+    def end_step(self) -> None:
+        """Finish the step (after ``optimizer.step()``); every ``checkpoint_every`` steps this
+        captures a state checkpoint and closes the window."""
+        self._require()
+        if not self._committed:
+            raise HookStateError("end_step() before commit()")
+        self._in_step = False
+        self._next_step += 1
+        if self._next_step % self.config.checkpoint_every == 0:
+            self._submit_state()
+
+    def step(self, loss: torch.Tensor | float, *, batch: Sequence[int] = ()) -> None:
+        """``commit`` + ``clip`` + ``optimizer.step()`` + ``zero_grad`` + ``end_step``."""
+        self.commit(loss, batch=batch)
+        self.clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.end_step()
+
+    @property
+    def next_step(self) -> int:
+        return self._next_step
+
+    @property
+    def stats(self) -> Stats:
+        """Committed steps, windows, bytes written, last loss (for progress display)."""
+        return self._require().stats
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _require(self) -> Committer:
+        if self._committer is None:
+            raise HookStateError("call start() first")
+        return self._committer
+
+    def _window_open(self) -> bool:
+        return self._next_step % self.config.checkpoint_every != 0 and self._next_step > 0
+
+    def _submit_state(self) -> None:
+        tensors = capture_state(
+            self.model,
+            self.optimizer,
+            self.layout,
+            run_seed=self.config.run_seed,
+            step=self._next_step,
+        )
+        self._require().submit(StateItem(step=self._next_step, tensors=tensors))
+
+    def _build_header(self) -> RunHeader:
+        """The header this hook would write (initial_state filled in by ``_write_new_header``)."""
+        cfg = self.config
+        params = list(self.model.parameters())
+        first = params[0] if params else torch.empty(0)
+        placeholder = state_ref(0, bytes(32), 0, b"")
+        return RunHeader(
+            version=HEADER_VERSION,
+            run_id=cfg.run_id,
+            run_seed=cfg.run_seed,
+            model=cfg.model_name,
+            model_config=dict(cfg.model_config),
+            optimizer=OptimizerSpec(
+                name=type(self.optimizer).__name__,
+                defaults=_jsonable(self.optimizer.defaults),
+                groups=self.layout.groups,
+            ),
+            grad_clip=cfg.grad_clip,
+            dataset=cfg.dataset,
+            batch_size=cfg.batch_size,
+            context=cfg.context,
+            dtype=dtype_name(first.dtype),
+            device=first.device.type,
+            torch_version=torch.__version__,
+            veritrain_version=VERITRAIN_VERSION,
+            determinism=determinism_flags(),
+            checkpoint_every=cfg.checkpoint_every,
+            chunk_size=cfg.chunk_size,
+            initial_state=placeholder,
+            pubkey=bytes(self.keypair.public),
+            aliases=dict(self.layout.aliases),
+        )
+
+    def _write_new_header(self, built: RunHeader) -> SignedRunHeader:
+        state = capture_state(
+            self.model, self.optimizer, self.layout, run_seed=self.config.run_seed, step=0
+        )
+        encoded = encode_checkpoint(state, chunk_size=self.config.chunk_size)
+        self.store.put_object(encoded.root, encoded.payload)
+        initial = state_ref(0, encoded.root, encoded.index.leaf_count, encoded.payload)
+        fields = {name: getattr(built, name) for name in RunHeader.__dataclass_fields__}
+        fields["initial_state"] = initial
+        signed = sign_header(self.keypair, RunHeader(**fields))
+        self.store.put_header(signed)
+        logger.info("run %s: header written", self.config.run_id)
+        return signed
+
+    def chain_start(self) -> Hash32:
+        """Hash of the run header (the root of the chain); only after ``start()``."""
+        if self.header is None:
+            raise HookStateError("call start() first")
+        return self.header.hash()
+
+
+def determinism_flags() -> dict[str, Any]:
+    """The torch settings that bit-exact replay depends on, as recorded in the header."""
+    return {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "num_threads": torch.get_num_threads(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+    }
+
+
+def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Optimizer defaults as JSON values (tuples become lists; anything else becomes its repr)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, tuple):
+            value = list(value)
+        if value is None or isinstance(value, bool | int | float | str | list):
+            out[key] = value
+        else:
+            out[key] = repr(value)
+    return out

@@ -1,0 +1,232 @@
+"""The run store: one folder (any fsspec URL) holding a run's header, manifests and artifacts.
+
+Layout (docs/run-store.md)::
+
+    RUN/header.json                 signed run header, written once
+    RUN/manifests/w000000.json      signed window manifests, w = 0, 1, 2, ... (written once each)
+    RUN/objects/<root hex>.vtar     artifacts (gradient and state checkpoints), named by Merkle root
+
+Every write is atomic: a local file is written to a temp name in the same folder, fsynced and then
+linked into place (``os.link`` fails if the name exists, so nothing committed is ever replaced);
+other filesystems get one whole-object put, which object stores apply atomically. Readers never
+see a half-written file under a final name.
+
+The read API is what the auditor and the reward engine use; it never trusts what it reads: parse
+errors raise :class:`StoreError`, and checking roots and signatures is the caller's job
+(``trainer.verify`` does all of it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from proofs.errors import EncodingError, VeritrainError
+from proofs.hashing import Root
+from trainer.artifact import PREFIX_SIZE, ArtifactIndex, parse_artifact, parse_prefix, parse_table
+from trainer.jsonform import canonical_json
+from trainer.manifest import SignedWindowManifest
+from trainer.recipe import SignedRunHeader
+
+logger = logging.getLogger(__name__)
+
+HEADER_PATH = "header.json"
+MANIFEST_DIR = "manifests"
+OBJECT_DIR = "objects"
+OBJECT_SUFFIX = ".vtar"
+_MANIFEST_RE = re.compile(r"^w(\d{6,})\.json$")
+
+
+class StoreError(VeritrainError, OSError):
+    """A store entry is missing, unreadable, malformed, or would be overwritten."""
+
+
+def manifest_name(window: int) -> str:
+    """Relative path of window ``window``'s manifest."""
+    return f"{MANIFEST_DIR}/w{window:06d}.json"
+
+
+def object_name(root: bytes) -> str:
+    """Relative path of the artifact whose Merkle root is ``root``."""
+    return f"{OBJECT_DIR}/{root.hex()}{OBJECT_SUFFIX}"
+
+
+class RunStore:
+    """A run folder at ``url`` (local path, ``file://``, ``memory://``, ``s3://``, ...)."""
+
+    def __init__(self, url: str | os.PathLike[str]) -> None:
+        self.url = str(url)
+        fs, path = fsspec.core.url_to_fs(self.url)
+        self.fs = fs
+        self.root = str(path).rstrip("/")
+        self._local = isinstance(fs, LocalFileSystem)
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    # ---- writes -------------------------------------------------------------------------------
+
+    def put_bytes(self, rel: str, data: bytes, *, exclusive: bool = True) -> bool:
+        """Write ``data`` at ``rel`` atomically. Returns False (writing nothing) when ``rel``
+        already exists and ``exclusive`` is set; with ``exclusive=False`` an existing file is
+        replaced atomically (used only for nothing committed)."""
+        path = self._path(rel)
+        if self._local:
+            return _put_local(path, data, exclusive=exclusive)
+        if exclusive and self.fs.exists(path):
+            return False
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        self.fs.pipe_file(path, data)
+        return True
+
+    def put_object(self, root: Root, payload: bytes) -> bool:
+        """Store an artifact under its root; False when it is already there (never rewritten)."""
+        return self.put_bytes(object_name(root), payload)
+
+    def put_header(self, header: SignedRunHeader) -> None:
+        """Write the run header; StoreError if a different header is already there."""
+        data = canonical_json(header.to_json())
+        if not self.put_bytes(HEADER_PATH, data) and self.read_bytes(HEADER_PATH) != data:
+            raise StoreError(f"{self.url}: a different run header already exists")
+
+    def put_manifest(self, signed: SignedWindowManifest) -> None:
+        """Write a window manifest; StoreError if a different one exists for that window."""
+        rel = manifest_name(signed.manifest.window)
+        data = canonical_json(signed.to_json())
+        if not self.put_bytes(rel, data) and self.read_bytes(rel) != data:
+            raise StoreError(f"{self.url}: {rel} already exists with different content")
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    def exists(self, rel: str) -> bool:
+        return bool(self.fs.exists(self._path(rel)))
+
+    def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of ``rel`` (all of it by default); StoreError if missing."""
+        try:
+            data = self.fs.cat_file(self._path(rel), start=start, end=end)
+        except (FileNotFoundError, OSError) as exc:
+            raise StoreError(f"{self.url}: cannot read {rel}: {exc}") from exc
+        return bytes(data)
+
+    def _read_json(self, rel: str) -> Mapping[str, Any]:
+        raw = self.read_bytes(rel)
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{self.url}: {rel} is not valid JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise StoreError(f"{self.url}: {rel} is not a JSON object")
+        return obj
+
+    def has_header(self) -> bool:
+        return self.exists(HEADER_PATH)
+
+    def read_header(self) -> SignedRunHeader:
+        """The signed run header (signature NOT checked). StoreError if missing or malformed."""
+        try:
+            return SignedRunHeader.from_json(self._read_json(HEADER_PATH))
+        except EncodingError as exc:
+            raise StoreError(f"{self.url}: {HEADER_PATH}: {exc}") from exc
+
+    def manifest_windows(self) -> list[int]:
+        """Window numbers that have a manifest file, ascending (gaps possible if tampered)."""
+        try:
+            names = self.fs.ls(self._path(MANIFEST_DIR), detail=False)
+        except FileNotFoundError:
+            return []
+        windows = []
+        for name in names:
+            match = _MANIFEST_RE.match(str(name).rsplit("/", 1)[-1])
+            if match:
+                windows.append(int(match.group(1)))
+        return sorted(windows)
+
+    def read_manifest(self, window: int) -> SignedWindowManifest:
+        """Window ``window``'s signed manifest (signature NOT checked); StoreError if malformed."""
+        rel = manifest_name(window)
+        try:
+            return SignedWindowManifest.from_json(self._read_json(rel))
+        except EncodingError as exc:
+            raise StoreError(f"{self.url}: {rel}: {exc}") from exc
+
+    def read_manifests(self) -> list[SignedWindowManifest]:
+        """Every manifest in window order."""
+        return [self.read_manifest(w) for w in self.manifest_windows()]
+
+    def has_object(self, root: bytes) -> bool:
+        return self.exists(object_name(root))
+
+    def read_index(self, root: bytes) -> ArtifactIndex:
+        """The leaf table of artifact ``root`` (two small range reads)."""
+        rel = object_name(root)
+        try:
+            count = parse_prefix(self.read_bytes(rel, 0, PREFIX_SIZE))
+            return parse_table(self.read_bytes(rel, PREFIX_SIZE, PREFIX_SIZE + 40 * count), count)
+        except EncodingError as exc:
+            raise StoreError(f"{self.url}: {rel}: {exc}") from exc
+
+    def read_leaves(
+        self, root: bytes, indices: Iterable[int], *, index: ArtifactIndex | None = None
+    ) -> dict[int, bytes]:
+        """Leaves ``indices`` of artifact ``root`` (one range read each), NOT checked.
+
+        Check them with ``proofs.hashing.leaf_hash`` against ``index.hashes`` and the root with
+        ``index.tree().root``, or build a multiproof with ``index.tree().multiproof(indices)``.
+        """
+        table = index if index is not None else self.read_index(root)
+        rel = object_name(root)
+        out: dict[int, bytes] = {}
+        for i in sorted(set(indices)):
+            try:
+                start, end = table.leaf_range(i)
+            except IndexError as exc:
+                raise StoreError(f"{self.url}: {rel}: {exc}") from exc
+            out[i] = self.read_bytes(rel, start, end)
+        return out
+
+    def read_artifact(self, root: bytes) -> tuple[ArtifactIndex, list[bytes]]:
+        """The whole artifact ``root``: (table, leaves), NOT checked against the root."""
+        rel = object_name(root)
+        try:
+            return parse_artifact(self.read_bytes(rel))
+        except EncodingError as exc:
+            raise StoreError(f"{self.url}: {rel}: {exc}") from exc
+
+
+def _put_local(path: str, data: bytes, *, exclusive: bool) -> bool:
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    if exclusive and os.path.exists(path):
+        return False
+    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)  # atomic and fails if the name exists: never overwrites
+            except FileExistsError:
+                return False
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True
+
+
+def open_store(url: str | os.PathLike[str]) -> RunStore:
+    """A :class:`RunStore` for ``url`` (the function form the CLI and the auditor use)."""
+    return RunStore(url)
