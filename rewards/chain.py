@@ -89,6 +89,7 @@ def advance_time(w3: Web3, seconds: int) -> int:
         tester: Any = provider.ethereum_tester
         now = int(w3.eth.get_block("latest")["timestamp"])
         tester.time_travel(now + seconds)
+        tester.mine_blocks(1)
     else:
         try:
             w3.provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]

@@ -154,6 +154,8 @@ class Settlement:
     def __init__(self, w3: Web3, address: str) -> None:
         self.w3 = w3
         self.address = Web3.to_checksum_address(address)
+        if not w3.eth.get_code(self.address):
+            raise SettlementError(f"no contract at {self.address} on chain {w3.eth.chain_id}")
         self.contract: Contract = w3.eth.contract(
             address=self.address, abi=artifact("VeritrainSettlement")["abi"]
         )
@@ -267,6 +269,11 @@ class Settlement:
             [r.cumulative_amount for r in requests],
             [[bytes(p) for p in r.proof] for r in requests],
         )
+        return send(self.w3, sender, call)
+
+    def recover_excess(self, sender: LocalAccount, to: str, amount: int) -> TxResult:
+        """Admin only: send tokens that no posted root ever promised to ``to``."""
+        call = self.contract.functions.recoverExcess(Web3.to_checksum_address(to), amount)
         return send(self.w3, sender, call)
 
     def pause(self, sender: LocalAccount) -> TxResult:

@@ -1,0 +1,287 @@
+"""Settlement contract on both backends (eth-tester in-process, Anvil over JSON-RPC).
+
+The EVM's OpenZeppelin MerkleProof is the independent oracle for proofs/payout.py: every claim
+that pays proves that the Python tree and the Solidity verifier agree, and tampered proofs fail.
+"""
+
+from __future__ import annotations
+
+import conftest_chain
+import pytest
+from conftest_chain import ACTIVATION_DELAY, Deployed, account
+from eth_account.signers.local import LocalAccount
+
+from proofs.payout import PayoutTree
+from rewards.chain import RevertError, advance_time
+from rewards.settlement import (
+    ClaimRequest,
+    PostResult,
+    RootConflictError,
+    Settlement,
+    SettlementError,
+)
+
+INPUTS = b"\x5a" * 32
+chain = conftest_chain.chain  # fixtures, registered by name in this module
+deployed = conftest_chain.deployed
+
+
+def peers(n: int, tag: str = "peer") -> list[str]:
+    return [account(f"{tag}-{i}").address for i in range(n)]
+
+
+def post(
+    d: Deployed, epoch: int, entries: list[tuple[str, int]], total: int | None = None
+) -> PayoutTree:
+    tree = PayoutTree.build(entries)
+    d.settlement.post_root(
+        d.chain.poster,
+        epoch=epoch,
+        root=tree.root,
+        cumulative_total=sum(a for _, a in entries) if total is None else total,
+        inputs_hash=INPUTS,
+    )
+    return tree
+
+
+def req(tree: PayoutTree, account_: str, amount: int) -> ClaimRequest:
+    return ClaimRequest(account=account_, cumulative_amount=amount, proof=tree.proof_for(account_))
+
+
+def reverts(name: str) -> pytest.RaisesExc[RevertError]:
+    return pytest.raises(RevertError, match=rf"^{name}\(")
+
+
+def test_two_epochs_pay_only_the_difference(deployed: Deployed) -> None:
+    d, s = deployed, deployed.settlement
+    who = peers(5)
+    first = [(a, 100 * (i + 1)) for i, a in enumerate(who)]
+    s.fund(d.chain.admin, 5_000)
+    tree1 = post(d, 1, first)
+    with reverts("NoActiveRoot"):
+        s.claim(d.chain.relayer, req(tree1, who[0], 100))
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    for a, amount in first:
+        s.claim(d.chain.relayer, req(tree1, a, amount))  # anyone submits; tokens go to `a`
+        assert s.token_balance(a) == amount
+        assert s.claimed(a) == amount
+    assert s.token_balance(d.chain.relayer.address) == 0
+    with reverts("NothingToClaim"):
+        s.claim(d.chain.relayer, req(tree1, who[0], 100))
+
+    second = [(a, amount + 7 * (i + 1)) for i, (a, amount) in enumerate(first)]
+    tree2 = post(d, 2, second)
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    for i, (a, amount) in enumerate(second):
+        tx = s.claim(d.chain.relayer, req(tree2, a, amount))
+        assert tx.gas_used > 0
+        assert s.token_balance(a) == amount  # received first + (second - first), no more
+        assert s.claimed(a) == amount
+        assert amount - first[i][1] == 7 * (i + 1)
+    # Epoch-1 leaves are no longer in the active root.
+    with reverts("InvalidProof"):
+        s.claim(d.chain.relayer, req(tree1, who[0], 100))
+    assert s.total_claimed() == sum(a for _, a in second)
+    assert s.token_balance(s.address) == 5_000 - sum(a for _, a in second)
+
+
+def test_batch_claim_is_all_or_nothing(deployed: Deployed) -> None:
+    d, s = deployed, deployed.settlement
+    who = peers(4, "batch")
+    entries = [(a, 10 + i) for i, a in enumerate(who)]
+    s.fund(d.chain.admin, 1_000)
+    tree = post(d, 1, entries)
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    good = [req(tree, a, amt) for a, amt in entries]
+    bad = [*good[:3], ClaimRequest(account=who[3], cumulative_amount=99, proof=good[3].proof)]
+    with reverts("InvalidProof"):
+        s.claim_batch(d.chain.relayer, bad)
+    assert [s.token_balance(a) for a in who] == [0, 0, 0, 0]
+    s.claim_batch(d.chain.relayer, good)
+    assert [s.token_balance(a) for a in who] == [amt for _, amt in entries]
+    with reverts("NothingToClaim"):
+        s.claim_batch(d.chain.relayer, good[:1])
+
+
+def test_bad_proofs_are_refused(deployed: Deployed) -> None:
+    d, s = deployed, deployed.settlement
+    who = peers(3, "bad")
+    entries = [(a, 50) for a in who]
+    s.fund(d.chain.admin, 1_000)
+    tree = post(d, 1, entries)
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    proof = tree.proof_for(who[0])
+    flipped = (bytes([proof[0][0] ^ 1]) + proof[0][1:], *proof[1:])
+    cases = [
+        ClaimRequest(account=who[0], cumulative_amount=51, proof=proof),  # more than the leaf
+        ClaimRequest(account=who[1], cumulative_amount=50, proof=proof),  # another's proof
+        ClaimRequest(account=who[0], cumulative_amount=50, proof=flipped),  # tampered sibling
+        ClaimRequest(account=who[0], cumulative_amount=50, proof=()),  # empty
+    ]
+    for case in cases:
+        with reverts("InvalidProof"):
+            s.claim(d.chain.relayer, case)
+    s.claim(d.chain.relayer, ClaimRequest(account=who[0], cumulative_amount=50, proof=proof))
+
+
+def test_revoked_root_is_never_claimable(deployed: Deployed) -> None:
+    d, s = deployed, deployed.settlement
+    who = peers(2, "rev")
+    s.fund(d.chain.admin, 1_000)
+    tree1 = post(d, 1, [(who[0], 10), (who[1], 20)])
+    s.revoke_root(d.chain.guardian, 0)
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    with reverts("NoActiveRoot"):
+        s.claim(d.chain.relayer, req(tree1, who[0], 10))
+    with reverts("RootAlreadyRevoked"):
+        s.revoke_root(d.chain.guardian, 0)
+    # The revoked epoch may be posted again; once active it cannot be revoked any more.
+    tree1b = post(d, 1, [(who[0], 11), (who[1], 20)])
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    with reverts("RootAlreadyActive"):
+        s.revoke_root(d.chain.guardian, 1)
+    # A newer root revoked during its delay leaves the older active root in force.
+    tree2 = post(d, 2, [(who[0], 30), (who[1], 40)])
+    s.revoke_root(d.chain.guardian, 2)
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    with reverts("InvalidProof"):
+        s.claim(d.chain.relayer, req(tree2, who[0], 30))
+    s.claim(d.chain.relayer, req(tree1b, who[0], 11))
+    assert s.token_balance(who[0]) == 11
+    active = s.active_root()
+    assert active is not None and active.index == 1 and active.root == tree1b.root
+    assert [r.revoked for r in s.roots()] == [True, False, True]
+    with reverts("AccessControlUnauthorizedAccount"):
+        s.revoke_root(d.chain.poster, 2)
+
+
+def test_posting_rules(deployed: Deployed) -> None:
+    d, s = deployed, deployed.settlement
+    who = peers(2, "post")
+    tree = PayoutTree.build([(who[0], 300), (who[1], 200)])
+
+    def attempt(sender: LocalAccount, *, epoch: int = 3, total: int = 500) -> PostResult:
+        return s.post_root(
+            sender, epoch=epoch, root=tree.root, cumulative_total=total, inputs_hash=INPUTS
+        )
+
+    with reverts("InsufficientFunding"):  # nothing funded yet
+        attempt(d.chain.poster)
+    s.fund(d.chain.admin, 499)
+    with reverts("InsufficientFunding"):  # one short
+        attempt(d.chain.poster)
+    s.fund(d.chain.admin, 1)
+    with reverts("AccessControlUnauthorizedAccount"):
+        attempt(d.chain.relayer)
+    first = attempt(d.chain.poster)
+    assert first.tx is not None and first.index == 0
+    again = attempt(d.chain.poster)  # idempotent: nothing sent
+    assert again.tx is None and again.index == 0
+    assert s.w3.eth.block_number == first.tx.block_number
+    with pytest.raises(RootConflictError):
+        attempt(d.chain.poster, total=499)
+    with reverts("EpochNotIncreasing"):
+        attempt(d.chain.poster, epoch=2)
+    record = s.root_for_epoch(3)
+    assert record is not None and record.root == tree.root and record.inputs_hash == INPUTS
+    assert record.cumulative_total == 500 and record.epoch == 3 and not record.revoked
+    posted_at = s.w3.eth.get_block(first.tx.block_number)["timestamp"]
+    assert record.activated_at == posted_at + ACTIVATION_DELAY
+
+
+def test_claims_cannot_exceed_the_root_total(deployed: Deployed) -> None:
+    # A poster bug: the tree pays 150 but the root declares 100. Claims stop at the declared total.
+    d, s = deployed, deployed.settlement
+    who = peers(2, "over")
+    s.fund(d.chain.admin, 1_000)
+    tree = post(d, 1, [(who[0], 80), (who[1], 70)], total=100)
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    s.claim(d.chain.relayer, req(tree, who[0], 80))
+    with reverts("ClaimExceedsRootTotal"):
+        s.claim(d.chain.relayer, req(tree, who[1], 70))
+
+
+def test_pause_stops_claims_only_admin_resumes(deployed: Deployed) -> None:
+    d, s = deployed, deployed.settlement
+    who = peers(1, "pause")
+    s.fund(d.chain.admin, 100)
+    tree = post(d, 1, [(who[0], 100)])
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    with reverts("AccessControlUnauthorizedAccount"):
+        s.pause(d.chain.relayer)
+    s.pause(d.chain.guardian)
+    assert s.paused()
+    with reverts("EnforcedPause"):
+        s.claim(d.chain.relayer, req(tree, who[0], 100))
+    with reverts("EnforcedPause"):
+        s.claim_batch(d.chain.relayer, [req(tree, who[0], 100)])
+    with reverts("AccessControlUnauthorizedAccount"):
+        s.unpause(d.chain.guardian)
+    s.unpause(d.chain.admin)
+    s.claim(d.chain.relayer, req(tree, who[0], 100))
+    assert s.token_balance(who[0]) == 100
+
+
+def test_recover_excess_keeps_promised_funds(deployed: Deployed) -> None:
+    d, s = deployed, deployed.settlement
+    who = peers(1, "excess")
+    s.fund(d.chain.admin, 1_000)
+    post(d, 1, [(who[0], 600)])
+    with reverts("ExcessTooSmall"):
+        s.recover_excess(d.chain.admin, d.chain.relayer.address, 401)
+    with reverts("AccessControlUnauthorizedAccount"):
+        s.recover_excess(d.chain.poster, d.chain.relayer.address, 1)
+    s.recover_excess(d.chain.admin, d.chain.relayer.address, 400)
+    assert s.token_balance(d.chain.relayer.address) == 400
+    assert s.token_balance(s.address) == 600
+
+
+def test_commitment_registry_anchors_the_beacon(deployed: Deployed) -> None:
+    from audit.beacon import BeaconError, ChainBeacon
+    from rewards.settlement import RegistryCommitmentLocator
+
+    d, s = deployed, deployed.settlement
+    peer, squatter = d.chain.poster, d.chain.relayer
+    root = b"\x42" * 32
+    assert s.commitment(peer.address, "run-a") is None
+    squat = s.record_commitment(squatter, "run-a", b"\x43" * 32)  # another address, own slot
+    tx = s.record_commitment(peer, "run-a", root)
+    record = s.commitment(peer.address, "run-a")
+    assert record is not None
+    assert (record.root, record.block_number, record.committer) == (
+        root,
+        tx.block_number,
+        peer.address,
+    )
+    with reverts("CommitmentExists"):
+        s.record_commitment(peer, "run-a", b"\x44" * 32)
+    with reverts("ZeroRoot"):
+        s.record_commitment(peer, "run-b", bytes(32))
+    # Without a committer the earliest record wins, whoever made it: callers must check it.
+    first = s.find_commitment("run-a")
+    assert first is not None and first.committer == squatter.address
+    assert first.block_number == squat.block_number
+    locator = RegistryCommitmentLocator(s, committer=peer.address)
+    assert locator.commitment_block("run-a") == tx.block_number
+    with pytest.raises(BeaconError):
+        locator.commitment_block("run-unknown")
+    beacon = ChainBeacon(d.chain.w3, run_id="run-a", locator=locator, delay=1)
+    advance_time(d.chain.w3, 1)  # mines the beacon block
+    value = beacon.fetch().value
+    assert value == bytes(d.chain.w3.eth.get_block(tx.block_number + 1)["hash"])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13])
+def test_evm_verifies_every_proof_of_odd_shaped_trees(deployed: Deployed, size: int) -> None:
+    d, s = deployed, deployed.settlement
+    entries = [(a, 1 + i) for i, a in enumerate(peers(size, f"shape{size}"))]
+    s.fund(d.chain.admin, sum(a for _, a in entries))
+    tree = post(d, 1, entries)
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    s.claim_batch(d.chain.relayer, [req(tree, a, amt) for a, amt in entries])
+    assert [s.claimed(a) for a, _ in entries] == [amt for _, amt in entries]
+
+
+def test_settlement_handle_rejects_an_address_without_code(deployed: Deployed) -> None:
+    with pytest.raises(SettlementError, match="no contract"):
+        Settlement(deployed.chain.w3, deployed.chain.relayer.address)
