@@ -273,3 +273,55 @@ def test_signing_message_is_injective(
         assert signing_message(*a) != signing_message(*b)
     else:
         assert signing_message(*a) == signing_message(*b)
+
+
+# --- Frozen vectors (tests/vectors/signatures, generated without veritrain's code) -------------
+
+VECTORS = json.loads(
+    (Path(__file__).resolve().parent / "vectors" / "signatures" / "vectors.json").read_text(
+        encoding="utf-8"
+    )
+)
+
+
+def _b(hex_string: str) -> bytes:
+    return bytes.fromhex(hex_string.removeprefix("0x"))
+
+
+def test_vectors_keys() -> None:
+    for key in VECTORS["keys"]:
+        pair = keypair_from_seed(_b(key["seed"]))
+        assert pair.secret.to_bytes(32, "big") == _b(key["secret"])
+        assert pair.public == _b(key["pubkey"])
+
+
+def test_vectors_messages() -> None:
+    assert len(VECTORS["messages"]) >= 7
+    for case in VECTORS["messages"]:
+        domain = Domain(case["domain"])
+        message = signing_message(domain, case["context"], _b(case["payload"]))
+        assert message == _b(case["message"])
+        assert message.startswith(_b(VECTORS["magic"]))
+    for context in VECTORS["invalidContexts"]:
+        with pytest.raises(SignatureError):
+            signing_message(Domain.VERDICT, context, b"")
+
+
+def test_vectors_signatures_and_aggregate() -> None:
+    keys = [keypair_from_seed(_b(k["seed"])) for k in VECTORS["keys"]]
+    triples = []
+    for case in VECTORS["signatures"]:
+        pair = keys[case["key"]]
+        triple = (Domain(case["domain"]), case["context"], _b(case["payload"]))
+        # BLS signing is deterministic: the same key and message give the same bytes.
+        assert sign(pair, *triple) == _b(case["signature"])
+        assert G2ProofOfPossession.Verify(
+            pair.public, signing_message(*triple), _b(case["signature"])
+        )
+        triples.append((pair.public, triple))
+    agg = VECTORS["aggregate"]
+    signatures = [_b(VECTORS["signatures"][i]["signature"]) for i in agg["of"]]
+    assert aggregate(signatures) == _b(agg["signature"])
+    assert aggregate_verify(
+        [triples[i][0] for i in agg["of"]], [triples[i][1] for i in agg["of"]], _b(agg["signature"])
+    )
