@@ -85,6 +85,16 @@ class ClaimRequest:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ClaimEvent:
+    """A ``Claimed`` event: what one account was paid by a transaction."""
+
+    account: str
+    root_index: int
+    amount: int
+    cumulative_amount: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Deployment:
     """Where the contracts live; saved as JSON so separate commands find them."""
 
@@ -283,6 +293,20 @@ class Settlement:
         return send(self.w3, sender, self.contract.functions.unpause())
 
     # -------------------------------------------------------------- reads
+
+    def claim_events(self, tx_hash: str) -> list[ClaimEvent]:
+        """The ``Claimed`` events a mined transaction emitted (what was actually paid)."""
+        receipt = self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+        events = self.contract.events.Claimed().process_receipt(receipt)
+        return [
+            ClaimEvent(
+                account=Web3.to_checksum_address(e["args"]["account"]),
+                root_index=int(e["args"]["rootIndex"]),
+                amount=int(e["args"]["amount"]),
+                cumulative_amount=int(e["args"]["cumulativeAmount"]),
+            )
+            for e in events
+        ]
 
     def root_at(self, index: int) -> RootRecord:
         r = call_view(self.contract.functions.rootAt(index))

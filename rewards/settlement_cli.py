@@ -1,10 +1,400 @@
-"""Click commands for the chain side of rewards (deploy, post, claim, chain node).
+"""Click commands for the chain side of rewards (chain node, deploy, fund, post, claim, verify-root,
+status, run commitments). ``rewards/cli.py`` adds every command in ``COMMANDS`` to its group.
 
-Owned by the settlement work; ``rewards/cli.py`` adds every command in ``COMMANDS`` to its group.
+Thin: parse, call rewards.settlement / rewards.chain, print. Keys come from $VERITRAIN_ETH_KEY or
+an encrypted keystore (--keystore, password from $VERITRAIN_KEYSTORE_PASSWORD or a prompt); there
+is deliberately no option that takes a key.
 """
 
 from __future__ import annotations
 
-import click
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-COMMANDS: list[click.Command] = []
+import click
+from rich.console import Console
+from rich.table import Table
+
+from proofs.errors import VeritrainError
+from rewards import chain as chainmod
+from rewards.settlement import ClaimRequest, Deployment, Settlement, deploy_token
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+    from web3 import Web3
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console()
+
+RPC_ENV = "VERITRAIN_RPC"
+DEPLOYMENT_ENV = "VERITRAIN_DEPLOYMENT"
+KEYSTORE_ENV = "VERITRAIN_KEYSTORE"
+DEFAULT_RPC = "http://127.0.0.1:8545"
+DEFAULT_DEPLOYMENT = ".veritrain/deployment.json"
+DEFAULT_STATE = ".veritrain/chain-state.json"
+DB_ENV, DEFAULT_DB = "VERITRAIN_DB", "veritrain.duckdb"  # as rewards.warehouse
+
+
+def _friendly(func: F) -> F:
+    """veritrain's own errors (reverts included, decoded) become one line and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except VeritrainError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _opt(*decls: str, **kw: Any) -> Callable[[F], F]:
+    return click.option(*decls, show_default=True, **kw)
+
+
+rpc_option = _opt("--rpc", envvar=RPC_ENV, default=DEFAULT_RPC, help=f"JSON-RPC URL (${RPC_ENV}).")
+deployment_option = _opt(
+    "--deployment",
+    envvar=DEPLOYMENT_ENV,
+    default=DEFAULT_DEPLOYMENT,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"Deployment record (${DEPLOYMENT_ENV}).",
+)
+keystore_option = _opt(
+    "--keystore",
+    envvar=KEYSTORE_ENV,
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=f"Encrypted key file (${KEYSTORE_ENV}); else the key in ${chainmod.KEY_ENV}.",
+)
+db_option = _opt(
+    "--db", envvar=DB_ENV, default=DEFAULT_DB, type=click.Path(dir_okay=False), help="Warehouse."
+)
+
+
+def _signer(keystore: Path | None) -> LocalAccount:
+    password = None
+    if keystore is not None and chainmod.KEYSTORE_PASSWORD_ENV not in os.environ:
+        password = click.prompt(f"Password for {keystore}", hide_input=True)
+    return chainmod.load_account(keystore=keystore, password=password)
+
+
+def _open(rpc: str, deployment: Path) -> tuple[Web3, Settlement, Deployment]:
+    if not deployment.exists():
+        raise click.ClickException(f"no deployment record at {deployment}: run `deploy` first")
+    record = Deployment.from_json(deployment.read_text())
+    w3 = chainmod.connect(rpc)
+    if int(w3.eth.chain_id) != record.chain_id:
+        raise click.ClickException(
+            f"{rpc} is chain {w3.eth.chain_id}, the deployment is on chain {record.chain_id}"
+        )
+    return w3, Settlement(w3, record.settlement), record
+
+
+@click.command("chain")
+@_opt("--port", default=8545, type=int, help="Port on 127.0.0.1.")
+@_opt("--state", default=DEFAULT_STATE, type=click.Path(dir_okay=False, path_type=Path))
+@_opt("--fund", "fund", multiple=True, help="Address to give 100 ether for gas (repeatable).")
+@_friendly
+def chain_command(port: int, state: Path, fund: tuple[str, ...]) -> None:
+    """Run a local Anvil node until interrupted; its state file carries the chain across runs."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    # SIGTERM must unwind through `finally` so that anvil is stopped and writes its state file.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    node = chainmod.AnvilNode(port=port, state_file=state).start()
+    try:
+        w3 = chainmod.connect(node.url)
+        for address in fund:
+            chainmod.fund_from_dev_account(w3, address, 100 * 10**18)
+        console.print(f"anvil on [bold]{node.url}[/] (chain {w3.eth.chain_id}, state {state})")
+        node.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+
+
+@click.command("deploy")
+@rpc_option
+@deployment_option
+@keystore_option
+@_opt("--token", default=None, help="Existing ERC-20 to pay in.")
+@_opt("--mint", default=None, type=int, help="Deploy a test RewardToken with this supply instead.")
+@_opt("--delay", default=3600, type=int, help="Activation delay of roots, seconds.")
+@_opt("--poster", default=None, help="Poster role (default: the signer).")
+@_opt("--guardian", default=None, help="Guardian role (default: the signer).")
+@_friendly
+def deploy_command(
+    rpc: str,
+    deployment: Path,
+    keystore: Path | None,
+    token: str | None,
+    mint: int | None,
+    delay: int,
+    poster: str | None,
+    guardian: str | None,
+) -> None:
+    """Deploy the settlement contract and write the deployment record."""
+    if (token is None) == (mint is None):
+        raise click.UsageError("give exactly one of --token ADDRESS or --mint SUPPLY")
+    if deployment.exists():
+        raise click.ClickException(f"{deployment} exists; remove it to deploy a new contract")
+    sender, w3 = _signer(keystore), chainmod.connect(rpc)
+    if token is None:
+        token = deploy_token(w3, sender, supply=int(mint or 0), holder=sender.address)
+    settlement, tx = Settlement.deploy(
+        w3, sender, token=token, activation_delay=delay, poster=poster, guardian=guardian
+    )
+    deployment.parent.mkdir(parents=True, exist_ok=True)
+    tmp = deployment.with_name(deployment.name + ".tmp")
+    tmp.write_text(settlement.deployment(tx.block_number).to_json() + "\n")
+    os.replace(tmp, deployment)
+    console.print(
+        f"settlement {settlement.address} token {settlement.token_address} ({tx.gas_used} gas)"
+    )
+
+
+@click.command("fund")
+@click.argument("amount", type=int)
+@rpc_option
+@deployment_option
+@keystore_option
+@_friendly
+def fund_command(amount: int, rpc: str, deployment: Path, keystore: Path | None) -> None:
+    """Transfer AMOUNT reward tokens from the signer to the contract."""
+    _, settlement, _ = _open(rpc, deployment)
+    tx = settlement.fund(_signer(keystore), amount)
+    held = settlement.token_balance(settlement.address)
+    console.print(f"funded {amount} in {tx.tx_hash}; contract holds {held}")
+
+
+@click.command("post")
+@click.argument("epoch", type=int)
+@rpc_option
+@deployment_option
+@keystore_option
+@db_option
+@_friendly
+def post_command(epoch: int, rpc: str, deployment: Path, keystore: Path | None, db: str) -> None:
+    """Post EPOCH's payout root from the warehouse (idempotent) and record the post there."""
+    from rewards import payouts, warehouse
+
+    _, settlement, record = _open(rpc, deployment)
+    payout = payouts.epoch_payout(db, epoch, recompute=False)
+    result = settlement.post_root(
+        _signer(keystore),
+        epoch=epoch,
+        root=payout.root,
+        cumulative_total=payout.cumulative_total,
+        inputs_hash=payout.inputs_hash,
+    )
+    if result.tx is None:
+        console.print(
+            f"epoch {epoch} root 0x{payout.root.hex()} already posted (index {result.index})"
+        )
+        return
+    warehouse.record_settlement_post(
+        db,
+        epoch=epoch,
+        root=payout.root,
+        cumulative_total=payout.cumulative_total,
+        inputs_hash=payout.inputs_hash,
+        tx_hash=result.tx.tx_hash,
+        block_number=result.tx.block_number,
+        gas_used=result.tx.gas_used,
+        contract=settlement.address,
+        chain_id=record.chain_id,
+    )
+    active_at = settlement.root_at(result.index).activated_at
+    console.print(
+        f"posted epoch {epoch} root 0x{payout.root.hex()} in {result.tx.tx_hash} "
+        f"({result.tx.gas_used} gas); claimable from timestamp {active_at}"
+    )
+
+
+@click.command("claim")
+@click.argument("accounts", nargs=-1)
+@_opt("--all", "claim_all", is_flag=True, help="Claim for every account with something owed.")
+@_opt("--batch-size", default=50, type=click.IntRange(1, 500))
+@rpc_option
+@deployment_option
+@keystore_option
+@db_option
+@_friendly
+def claim_command(
+    accounts: tuple[str, ...],
+    claim_all: bool,
+    batch_size: int,
+    rpc: str,
+    deployment: Path,
+    keystore: Path | None,
+    db: str,
+) -> None:
+    """Claim for ACCOUNTS (or --all) against the active root; tokens go to each account."""
+    from rewards import payouts, warehouse
+
+    if bool(accounts) == claim_all:
+        raise click.UsageError("name ACCOUNTS or pass --all")
+    _, settlement, record = _open(rpc, deployment)
+    active = settlement.active_root()
+    if active is None:
+        raise click.ClickException(
+            "no active root yet (none posted, revoked, or still in its delay)"
+        )
+    payout = payouts.epoch_payout(db, active.epoch, recompute=False)
+    if payout.root != active.root:
+        raise click.ClickException(
+            f"warehouse root of epoch {active.epoch} is 0x{payout.root.hex()}, "
+            f"the active root on chain is 0x{active.root.hex()}"
+        )
+    tree = payout.tree()
+    owed = {a.lower(): amt for a, amt in payout.entries}
+    wanted = [a.lower() for a in accounts] if accounts else list(owed)
+    missing = [a for a in wanted if a not in owed]
+    if missing:
+        raise click.ClickException(f"not in epoch {active.epoch}'s tree: {', '.join(missing)}")
+    todo = [
+        ClaimRequest(account=a, cumulative_amount=owed[a], proof=tree.proof_for(a))
+        for a in wanted
+        if owed[a] > settlement.claimed(a)
+    ]
+    sender = _signer(keystore)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        tx = (
+            settlement.claim(sender, chunk[0])
+            if len(chunk) == 1
+            else settlement.claim_batch(sender, chunk)
+        )
+        for event in settlement.claim_events(tx.tx_hash):
+            warehouse.record_claim(
+                db,
+                account=event.account,
+                cumulative_amount=event.cumulative_amount,
+                paid=event.amount,
+                epoch=active.epoch,
+                tx_hash=tx.tx_hash,
+                block_number=tx.block_number,
+                gas_used=tx.gas_used,
+                contract=settlement.address,
+                chain_id=record.chain_id,
+            )
+            console.print(f"{event.account} +{event.amount} (cumulative {event.cumulative_amount})")
+        console.print(f"tx {tx.tx_hash}: {len(chunk)} claim(s), {tx.gas_used} gas")
+    if not todo:
+        console.print("nothing to claim")
+
+
+@click.command("verify-root")
+@click.argument("epoch", type=int)
+@rpc_option
+@deployment_option
+@db_option
+@_friendly
+def verify_root_command(epoch: int, rpc: str, deployment: Path, db: str) -> None:
+    """Recompute EPOCH's payout from the warehouse inputs and compare with the posted root."""
+    from rewards import payouts
+
+    _, settlement, _ = _open(rpc, deployment)
+    recomputed = payouts.epoch_payout(db, epoch, recompute=True)
+    posted = settlement.root_for_epoch(epoch)
+    if posted is None:
+        raise click.ClickException(f"epoch {epoch} has no root on chain")
+    rows = [
+        ("root", "0x" + recomputed.root.hex(), "0x" + posted.root.hex()),
+        ("cumulative total", str(recomputed.cumulative_total), str(posted.cumulative_total)),
+        ("inputs hash", "0x" + recomputed.inputs_hash.hex(), "0x" + posted.inputs_hash.hex()),
+    ]
+    table = Table(title=f"epoch {epoch} (root index {posted.index}, revoked: {posted.revoked})")
+    for col in ("field", "recomputed", "on chain", "match"):
+        table.add_column(col, overflow="fold")
+    for name, ours, theirs in rows:
+        table.add_row(name, ours, theirs, "yes" if ours == theirs else "[red]NO[/]")
+    console.print(table)
+    if any(ours != theirs for _, ours, theirs in rows):
+        raise click.ClickException(f"epoch {epoch}: the posted root does not match the inputs")
+
+
+@click.command("chain-status")
+@click.argument("accounts", nargs=-1)
+@rpc_option
+@deployment_option
+@_friendly
+def status_command(accounts: tuple[str, ...], rpc: str, deployment: Path) -> None:
+    """Show the contract's roots, balance and pause state, and what ACCOUNTS have claimed."""
+    _, s, _ = _open(rpc, deployment)
+    active = s.active_root()
+    console.print(
+        f"settlement {s.address} token {s.token_address} paused={s.paused()} "
+        f"balance={s.token_balance(s.address)} paid={s.total_claimed()} "
+        f"active={'none' if active is None else active.index}"
+    )
+    table = Table(title="payout roots")
+    for col in ("index", "epoch", "root", "cumulative total", "activates at", "revoked"):
+        table.add_column(col, overflow="fold")
+    for r in s.roots():
+        table.add_row(
+            str(r.index),
+            str(r.epoch),
+            "0x" + r.root.hex(),
+            str(r.cumulative_total),
+            str(r.activated_at),
+            str(r.revoked),
+        )
+    console.print(table)
+    for a in accounts:
+        console.print(f"{a}: claimed {s.claimed(a)}, balance {s.token_balance(a)}")
+
+
+@click.command("commit-run")
+@click.argument("run_id")
+@click.argument("root")
+@rpc_option
+@deployment_option
+@keystore_option
+@_friendly
+def commit_run_command(
+    run_id: str, root: str, rpc: str, deployment: Path, keystore: Path | None
+) -> None:
+    """Record RUN_ID's commitment ROOT (0x + 64 hex) in the on-chain registry."""
+    body = root[2:] if root.startswith("0x") else root
+    if len(body) != 64:
+        raise click.UsageError("ROOT must be 32 bytes of hex")
+    _, settlement, _ = _open(rpc, deployment)
+    tx = settlement.record_commitment(_signer(keystore), run_id, bytes.fromhex(body))
+    console.print(f"run {run_id} committed in block {tx.block_number} ({tx.tx_hash})")
+
+
+@click.command("commitment")
+@click.argument("run_id")
+@_opt("--committer", default=None, help="The run's peer address (else: earliest record by anyone).")
+@rpc_option
+@deployment_option
+@_friendly
+def commitment_command(run_id: str, committer: str | None, rpc: str, deployment: Path) -> None:
+    """Show the registry record of RUN_ID (its block anchors the auditors' beacon)."""
+    _, s, _ = _open(rpc, deployment)
+    rec = s.commitment(committer, run_id) if committer else s.find_commitment(run_id)
+    if rec is None:
+        raise click.ClickException(f"run {run_id!r} has no commitment")
+    console.print(
+        f"run {run_id}: root 0x{rec.root.hex()} by {rec.committer} in block {rec.block_number}"
+    )
+
+
+COMMANDS: list[click.Command] = [
+    chain_command,
+    deploy_command,
+    fund_command,
+    post_command,
+    claim_command,
+    verify_root_command,
+    status_command,
+    commit_run_command,
+    commitment_command,
+]
