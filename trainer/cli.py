@@ -1,0 +1,181 @@
+"""``python -m trainer`` / ``veritrain-train``: run the reference trainer, verify a run store.
+
+Thin: parse options, call trainer.loop / trainer.verify, print. Secrets are never printed; a new
+key file is created with 0600 permissions by proofs.signatures.save_keypair.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from proofs.errors import VeritrainError
+from proofs.signatures import KeyPair, generate_keypair, load_keypair, save_keypair
+from trainer.loop import TrainConfig, train
+from trainer.pipeline import Stats
+from trainer.verify import check_store
+
+console = Console(stderr=True)
+
+
+def _keypair(path: Path, create: bool) -> KeyPair:
+    if path.exists():
+        return load_keypair(path)
+    if not create:
+        raise click.ClickException(f"key file {path} not found (pass --new-key to create it)")
+    keypair = generate_keypair()
+    save_keypair(path, keypair)
+    console.print(f"created key file {path} (mode 0600)")
+    return keypair
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def main(verbose: bool) -> None:
+    """veritrain trainer: committed, signed, resumable training runs."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+@main.command()
+@click.option("--store", "store_url", required=True, help="Run store: folder or fsspec URL.")
+@click.option("--key-file", type=click.Path(path_type=Path), required=True, help="BLS key file.")
+@click.option("--new-key", is_flag=True, help="Create the key file if it does not exist.")
+@click.option("--run-id", default=None, help="Run name (default: the store's folder name).")
+@click.option("--seed", "run_seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--n-layer", type=int, default=2, show_default=True)
+@click.option("--n-head", type=int, default=4, show_default=True)
+@click.option("--d-model", type=int, default=128, show_default=True)
+@click.option("--context", type=int, default=64, show_default=True)
+@click.option("--dropout", type=float, default=0.1, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 disables.")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--corpus", multiple=True, help="Corpus file/folder (repeatable; default stdlib).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (recorded).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+def run(
+    store_url: str,
+    key_file: Path,
+    new_key: bool,
+    run_id: str | None,
+    run_seed: int,
+    steps: int,
+    batch_size: int,
+    n_layer: int,
+    n_head: int,
+    d_model: int,
+    context: int,
+    dropout: float,
+    lr: float,
+    grad_clip: float,
+    checkpoint_every: int,
+    corpus: tuple[str, ...],
+    threads: int | None,
+    device: str,
+) -> None:
+    """Train the reference GPT into STORE, resuming if it already holds this run."""
+    try:
+        keypair = _keypair(key_file, new_key)
+        config = TrainConfig(
+            run_id=run_id or os.path.basename(store_url.rstrip("/")) or "run",
+            run_seed=run_seed,
+            steps=steps,
+            batch_size=batch_size,
+            model_config={
+                "n_layer": n_layer,
+                "n_head": n_head,
+                "d_model": d_model,
+                "context": context,
+                "dropout": dropout,
+            },
+            lr=lr,
+            grad_clip=grad_clip or None,
+            checkpoint_every=checkpoint_every,
+            corpus=corpus,
+            threads=threads,
+            device=device,
+        )
+    except (VeritrainError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    console.print(f"run {config.run_id} -> {store_url}; public key 0x{bytes(keypair.public).hex()}")
+    columns = (
+        TextColumn("step {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.1f} steps/s"),
+        TextColumn("{task.fields[mb]:.1f} MB committed"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=steps, loss=float("nan"), rate=0.0, mb=0.0)
+
+        def on_step(step: int, stats: Stats) -> None:
+            elapsed = progress.tasks[task].elapsed or 1e-9
+            done = step + 1 - (progress.tasks[task].fields.get("start") or 0)
+            progress.update(
+                task,
+                completed=step + 1,
+                loss=stats.last_loss,
+                rate=done / elapsed,
+                mb=stats.bytes_written / 1e6,
+            )
+
+        try:
+            result = train(config, store_url, keypair, on_step=on_step)
+        except (VeritrainError, ValueError, OSError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    console.print(
+        f"steps {result.start_step}..{result.end_step} committed; last loss "
+        f"{result.last_loss:.4f}; {result.bytes_written / 1e6:.1f} MB written"
+    )
+
+
+@main.command("verify-store")
+@click.argument("store_url")
+@click.option("--pubkey", default=None, help="0x-hex BLS public key the run must be signed by.")
+@click.option("--no-chain", is_flag=True, help="Skip replaying gradients through the optimizer.")
+def verify_store_cmd(store_url: str, pubkey: str | None, no_chain: bool) -> None:
+    """Re-check every signature, hash link, root and the gradient-to-state chain of a run."""
+    expected = None
+    if pubkey is not None:
+        try:
+            expected = bytes.fromhex(pubkey.removeprefix("0x"))
+        except ValueError as exc:
+            raise click.ClickException(f"--pubkey is not hex: {exc}") from exc
+    with Progress(
+        TextColumn("window {task.completed}/{task.total}"), BarColumn(), console=console
+    ) as progress:
+        task = progress.add_task("verify", total=None)
+
+        def on_window(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        report = check_store(store_url, pubkey=expected, chain=not no_chain, progress=on_window)
+    if report.broken is not None:
+        click.echo(f"FAIL {report.broken.describe()}")
+        sys.exit(1)
+    click.echo(f"OK run {report.run_id}: {report.windows} windows, {report.steps} steps verified")
+
+
+@main.command()
+@click.argument("key_file", type=click.Path(path_type=Path))
+def keygen(key_file: Path) -> None:
+    """Create a new BLS key file (0600) and print its public key."""
+    if key_file.exists():
+        raise click.ClickException(f"{key_file} already exists")
+    keypair = generate_keypair()
+    save_keypair(key_file, keypair)
+    click.echo(f"0x{bytes(keypair.public).hex()}")

@@ -1,0 +1,170 @@
+"""The reference trainer: the byte-level GPT on a file corpus, through the same AuditHook as users.
+
+``train(config, store, keypair)`` writes (or resumes) a run in ``store``. Everything random is
+seeded from ``config.run_seed``: weights from ``init_seed``, each step's dropout from its replay
+seed, each batch from ``batch_offsets(run_seed, step)``. The learning rate of step t is a pure
+function of t (linear warmup, then cosine decay to 10%), set before the step, so a resumed run
+uses exactly the rates an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from proofs.signatures import KeyPair
+from trainer.data import Corpus
+from trainer.hook import DEFAULT_CHUNK_SIZE, AuditHook, HookConfig
+from trainer.models import GPT_NAME, build_model, parse_model_config
+from trainer.pipeline import Stats
+from trainer.seeds import check_run_seed, init_seed, seed_generators
+from trainer.store import RunStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """The reference trainer's settings (validated on construction)."""
+
+    run_id: str
+    run_seed: int = 0
+    steps: int = 200
+    batch_size: int = 8
+    model: str = GPT_NAME
+    model_config: Mapping[str, Any] = field(default_factory=dict)
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0
+    checkpoint_every: int = 50
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    corpus: tuple[str, ...] = ()
+    """Files or folders; empty means the Python standard library's ``.py`` sources."""
+    threads: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_run_seed(self.run_seed)
+        if self.steps < 0 or self.batch_size <= 0 or self.warmup_steps < 0:
+            raise ValueError("steps and warmup_steps must be >= 0, batch_size > 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        parse_model_config(self.model, self.model_config)  # raises on a bad model config
+
+    @property
+    def context(self) -> int:
+        return int(getattr(parse_model_config(self.model, self.model_config), "context", 0))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainResult:
+    """What ``train`` did: where it started (0, or the resumed step) and what it committed."""
+
+    start_step: int
+    end_step: int
+    last_loss: float
+    bytes_written: int
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate of ``step``: linear warmup over ``warmup_steps``, cosine decay to 10%."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
+
+def pick_device(name: str) -> torch.device:
+    """``cuda`` when asked for or when ``auto`` finds one, else CPU."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def configure_determinism(threads: int | None) -> None:
+    """Deterministic kernels everywhere torch has them; a fixed thread count if given."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS determinism
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def train(
+    config: TrainConfig,
+    store: RunStore | str,
+    keypair: KeyPair,
+    *,
+    corpus: Corpus | None = None,
+    on_step: Callable[[int, Stats], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``config.steps`` steps into ``store`` (resuming if it already holds this run).
+
+    ``corpus`` overrides ``config.corpus`` (tests pass a small one). ``on_step(step, stats)`` runs
+    after every step. ``stop_after`` ends this call after that many steps (the run stays resumable).
+    Raises StoreError when the store holds another run, PipelineError when committing fails.
+    """
+    configure_determinism(config.threads)
+    device = pick_device(config.device)
+    data = corpus if corpus is not None else _load_corpus(config.corpus)
+    seed_generators(init_seed(config.run_seed))
+    model = build_model(config.model, config.model_config).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+    )
+    hook = AuditHook(
+        model,
+        optimizer,
+        store=store,
+        keypair=keypair,
+        config=HookConfig(
+            run_id=config.run_id,
+            run_seed=config.run_seed,
+            checkpoint_every=config.checkpoint_every,
+            chunk_size=config.chunk_size,
+            grad_clip=config.grad_clip,
+            model_name=config.model,
+            model_config=dict(config.model_config),
+            dataset=data.commitment(),
+            batch_size=config.batch_size,
+            context=config.context,
+        ),
+    )
+    with hook:
+        start = hook.start()
+        end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+        model.train()
+        for step in range(start, end):
+            hook.begin_step(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(config, step)
+            batch = data.batch_for_step(
+                config.run_seed, step, batch_size=config.batch_size, context=config.context
+            )
+            _, loss = model(batch.inputs.to(device), batch.targets.to(device))
+            if loss is None:  # pragma: no cover - GPT always returns a loss with targets
+                raise RuntimeError("model returned no loss")
+            loss.backward()
+            hook.step(loss, batch=batch.offsets)
+            if on_step is not None:
+                on_step(step, hook.stats)
+    stats = hook.stats
+    return TrainResult(
+        start_step=start, end_step=end, last_loss=stats.last_loss, bytes_written=stats.bytes_written
+    )
+
+
+def _load_corpus(paths: Sequence[str]) -> Corpus:
+    return Corpus.from_paths(paths) if paths else Corpus.stdlib()

@@ -1,0 +1,108 @@
+"""Replay: apply stored gradients through the recorded optimizer, from a state checkpoint.
+
+This is the gradient-to-state chain. Starting from the state checkpoint at step c and the gradient
+checkpoints and step records of steps c..c+k-1, :func:`apply_gradients` re-runs exactly what the
+hook's ``step()`` did after each commitment (clip, set lr, ``optimizer.step()``, ``zero_grad``) and
+returns the state checkpoint tensors at c+k, which must match the stored ones bit for bit on the
+same device. No model code runs: parameters are rebuilt from the checkpoint, so this works for any
+``nn.Module``. Only optimizers from ``torch.optim`` are resolved (never code named by the peer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from proofs.errors import EncodingError
+from trainer.checkpoint import (
+    BUFFER,
+    PARAM,
+    RNG_CPU,
+    STEP,
+    ParamLayout,
+    optimizer_state_dict,
+    optimizer_tensors,
+)
+from trainer.manifest import StepRecord
+from trainer.recipe import RunHeader
+from trainer.seeds import cpu_rng_state, replay_seed
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The ``torch.optim`` class called ``name``; EncodingError for anything else."""
+    cls = getattr(torch.optim, name, None)
+    if not isinstance(cls, type) or not issubclass(cls, torch.optim.Optimizer):
+        raise EncodingError(f"optimizer {name!r} is not a torch.optim optimizer")
+    return cls
+
+
+def layout_of(header: RunHeader, state: Mapping[str, torch.Tensor]) -> ParamLayout:
+    """The parameter layout recorded in ``header`` (names taken from the state's ``param/*``)."""
+    names = tuple(k[len(PARAM) :] for k in state if k.startswith(PARAM))
+    return ParamLayout(names=names, groups=header.optimizer.groups, aliases=header.aliases)
+
+
+def build_optimizer(
+    header: RunHeader, state: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu"
+) -> tuple[dict[str, nn.Parameter], torch.optim.Optimizer]:
+    """Parameters (by name) and the recorded optimizer, loaded from state checkpoint tensors."""
+    layout = layout_of(header, state)
+    params: dict[str, nn.Parameter] = {}
+    for name in layout.names:
+        params[name] = nn.Parameter(state[PARAM + name].clone().to(device))
+    try:
+        groups = [{"params": [params[n] for n in g]} for g in layout.groups]
+    except KeyError as exc:
+        raise EncodingError(f"optimizer group names a parameter not in the state: {exc}") from None
+    # Typed loosely: concrete optimizers take (params, lr=...), the base class does not.
+    cls: Any = optimizer_class(header.optimizer.name)
+    lr = header.optimizer.defaults.get("lr")
+    optimizer: torch.optim.Optimizer = cls(groups) if lr is None else cls(groups, lr=lr)
+    # The saved param groups carry every hyper-parameter; loading them overrides the defaults.
+    optimizer.load_state_dict(optimizer_state_dict(state, layout))
+    return params, optimizer
+
+
+def apply_gradients(
+    header: RunHeader,
+    state: Mapping[str, torch.Tensor],
+    steps: Sequence[tuple[StepRecord, Mapping[str, torch.Tensor]]],
+    *,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The state checkpoint tensors after applying ``steps`` (record, gradients) to ``state``.
+
+    ``steps`` must be consecutive, starting at the state's step. Buffers (``buffer/*``) are copied
+    from ``state`` unchanged: forward passes, not gradients, drive them. Raises EncodingError on a
+    gradient for an unknown parameter, a step out of sequence, or a wrong number of lrs.
+    """
+    params, optimizer = build_optimizer(header, state, device=device)
+    order = [params[n] for g in header.optimizer.groups for n in g]
+    step = int(state[STEP].item())
+    for record, grads in steps:
+        if record.step != step:
+            raise EncodingError(f"replay expected step {step}, got record for {record.step}")
+        unknown = sorted(set(grads) - set(params))
+        if unknown:
+            raise EncodingError(f"step {step}: gradients for unknown parameters {unknown[:3]}")
+        for name, p in params.items():
+            g = grads.get(name)
+            p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
+        if header.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(order, header.grad_clip)
+        if len(record.lrs) != len(optimizer.param_groups):
+            raise EncodingError(f"step {step}: {len(record.lrs)} lrs for {len(order)} groups")
+        for group, lr in zip(optimizer.param_groups, record.lrs, strict=True):
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+    out: dict[str, torch.Tensor] = {PARAM + n: p.detach().cpu() for n, p in params.items()}
+    out.update({k: v for k, v in state.items() if k.startswith(BUFFER)})
+    out.update({k: v.cpu() for k, v in optimizer_tensors(optimizer.state_dict()).items()})
+    out[RNG_CPU] = cpu_rng_state(replay_seed(header.run_seed, step))
+    out[STEP] = torch.tensor(step, dtype=torch.int64)
+    return out
