@@ -271,6 +271,9 @@ class PayoutTree:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __repr__(self) -> str:
+        return f"PayoutTree(root=0x{self._tree[0].hex()}, entries={len(self._entries)})"
+
     def leaf_hash(self, index: int) -> Hash32:
         """The leaf hash of entry ``index``. Raises PayoutError when out of range."""
         return self._tree[self._node_of(index)]

@@ -46,8 +46,12 @@ def _node_or_skip() -> str:
     if node is None or not OZ_PACKAGE.exists():
         pytest.skip(
             "!!! OpenZeppelin cross-check NOT RUN: "
-            + ("`node` is not on PATH" if node is None else f"{OZ_PACKAGE} is missing")
-            + " (run `npm ci` at the repository root) !!!"
+            + (
+                "`node` is not on PATH (install Node.js >= 18)"
+                if node is None
+                else f"{OZ_PACKAGE} is missing (run `npm ci` at the repository root)"
+            )
+            + " !!!"
         )
     return node
 
@@ -191,7 +195,7 @@ def test_we_load_openzeppelin_dump(cross_check: list[Any]) -> None:
 
 
 def test_our_verifiers_accept_openzeppelin_proofs(cross_check: list[Any]) -> None:
-    for entries, index_sets, tree, oz in cross_check:
+    for entries, _, tree, oz in cross_check:
         for (account, amount), proof in zip(entries, oz["proofs"], strict=True):
             assert verify_payout(tree.root, account, amount, [bytes.fromhex(h[2:]) for h in proof])
         for theirs in oz["multiproofs"]:
@@ -199,7 +203,6 @@ def test_our_verifiers_accept_openzeppelin_proofs(cross_check: list[Any]) -> Non
             assert verify_payout_multiproof(
                 tree.root, parsed.leaves, parsed.proof, parsed.proof_flags
             )
-        del index_sets
 
 
 def test_corrupt_dump_rejected_by_both() -> None:
@@ -280,6 +283,11 @@ def test_bad_amount_rejected(amount: Any) -> None:
 def test_bad_entry_lists_rejected(entries: Any) -> None:
     with pytest.raises(PayoutError):
         PayoutTree.build(entries)
+
+
+def test_repr_shows_root_and_size() -> None:
+    tree = PayoutTree.build([(GOOD, 1), (GOOD, 2)])
+    assert repr(tree) == f"PayoutTree(root=0x{tree.root.hex()}, entries=2)"
 
 
 def test_address_case_does_not_change_the_leaf() -> None:
@@ -472,3 +480,18 @@ def test_invalid_vectors_rejected() -> None:
     for case in vector["cases"]:
         with pytest.raises(PayoutError):
             PayoutTree.build([(a, int(v)) for a, v in case["entries"]])
+
+
+@pytest.mark.parametrize("missing", [{"sha3"}, {"sha3", "Crypto.Hash.keccak"}])
+def test_keccak_fallbacks_agree(monkeypatch: pytest.MonkeyPatch, missing: set[str]) -> None:
+    real_import = payout_module.importlib.import_module
+
+    def fake_import(name: str) -> Any:
+        if name in missing:
+            raise ImportError(name)
+        return real_import(name)
+
+    monkeypatch.setattr(payout_module.importlib, "import_module", fake_import)
+    fallback = payout_module._fast_keccak()
+    for data in (b"", b"abc", bytes(range(200))):
+        assert fallback(data) == keccak256(data)
