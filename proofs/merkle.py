@@ -424,11 +424,9 @@ def legacy_root(leaves: Sequence[bytes]) -> Root:
     """
     if not leaves:
         raise MalformedProofError("merkletools defines no root for an empty tree (got 0 leaves)")
-    for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, bytes | bytearray | memoryview):
-            raise MalformedProofError(f"leaf {i}: expected bytes, got {type(leaf)!r}")
+    _leaf_bytes_total(leaves)  # type check only
     sha = hashlib.sha256
-    level = b"".join([sha(bytes(leaf).hex().encode("ascii")).digest() for leaf in leaves])
+    level = b"".join([sha(leaf.hex().encode("ascii")).digest() for leaf in leaves])
     while len(level) > 32:
         end = len(level) // 64 * 64
         parents = [sha(level[j : j + 64]).digest() for j in range(0, end, 64)]

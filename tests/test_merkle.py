@@ -256,6 +256,13 @@ def test_size_is_not_bound_by_root_alone() -> None:
     proof = dataclasses.replace(tree5.proof(4), leaf_count=5)
     assert verify_inclusion(tree5.root, leaves[4], proof)
     assert not verify_inclusion(tree5.root, leaves[4], proof, leaf_count=6)
+    # Without the keyword, a claimed size whose path shape differs is still rejected (RFC 9162's
+    # final sn == 0 check): index 0 of 4 leaves has 2 siblings, of 5 leaves 3.
+    tree4 = MerkleTree.build(leaves[:4])
+    for wrong in (1, 2, 5, 8):
+        claimed = dataclasses.replace(tree4.proof(0), leaf_count=wrong)
+        assert not verify_inclusion(tree4.root, leaves[0], claimed)
+    assert verify_inclusion(tree4.root, leaves[0], tree4.proof(0))
 
 
 # --- malformed input: raise MalformedProofError when building, False when verifying -----------
