@@ -15,6 +15,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from importlib import resources
+from typing import Any
 
 import duckdb
 
@@ -97,13 +98,17 @@ def stored_params(con: Connection) -> PolicyParams:
 def set_params(con: Connection, params: PolicyParams) -> None:
     """Record ``params`` as the warehouse's policy parameters (replacing the previous ones)."""
     with transaction(con):
-        query(con, "DELETE FROM policy_params")
-        query(
-            con,
-            "INSERT INTO policy_params VALUES (1, $cheat_fraction, $confidence, $slash_bps,"
-            " $usefulness_ppm, $at)",
-            {**params.to_sql_params(), "at": _now()},
-        )
+        _store_params(con, params)
+
+
+def _store_params(con: Connection, params: PolicyParams) -> None:
+    query(con, "DELETE FROM policy_params")
+    query(
+        con,
+        "INSERT INTO policy_params VALUES (1, $cheat_fraction, $confidence, $slash_bps,"
+        " $usefulness_ppm, $at)",
+        {**params.to_sql_params(), "at": _now()},
+    )
 
 
 def open_epoch(con: Connection, epoch: int, pool: int) -> None:
@@ -175,14 +180,28 @@ def check_invariants(con: Connection) -> None:
 def compute(con: Connection, params: PolicyParams | None = None) -> PolicyParams:
     """Recompute every computed table from the inputs, in one transaction; returns the params used.
 
-    ``params`` defaults to the stored parameters. A broken invariant raises PolicyError and
-    leaves the previous results in place.
+    ``params`` defaults to the stored parameters; given ones are stored in the same transaction,
+    so the warehouse always records the parameters its results were computed with. A broken
+    invariant raises PolicyError and leaves the previous results (and parameters) in place.
     """
     used = params if params is not None else stored_params(con)
     with transaction(con):
+        if params is not None:
+            _store_params(con, params)
         run_statements(con, used)
         check_invariants(con)
         # A recomputation invalidates the cached roots; rewards.payouts rebuilds them on demand.
         query(con, "DELETE FROM payout_roots")
     log.info("payout policy v%s computed with %s", POLICY_VERSION, used)
     return used
+
+
+def preview(con: Connection, params: PolicyParams, sql: str) -> list[Any]:
+    """What-if: run the policy with ``params``, return the rows of ``sql`` over the results, and
+    roll everything back (the warehouse is unchanged)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        run_statements(con, params)
+        return query(con, sql)
+    finally:
+        con.execute("ROLLBACK")

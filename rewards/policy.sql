@@ -75,6 +75,7 @@ SELECT r.run_id, r.peer_id,
        CASE WHEN d.state = 'verified' THEN greatest(0, coalesce(round(1e6 * (
                 SELECT avg(v.loss_before - v.loss_after) FROM verdicts AS v
                 WHERE v.run_id = r.run_id AND v.outcome = 'pass' AND v.epoch <= d.decided_epoch
+                  AND isfinite(v.loss_before - v.loss_after)
            )), 0))::BIGINT ELSE 0 END
 FROM runs AS r
 LEFT JOIN _run_decisions AS d USING (run_id)

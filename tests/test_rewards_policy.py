@@ -66,8 +66,10 @@ class World:
     ) -> None:
         self._n += 1
         self.exec(
-            "INSERT INTO verdicts VALUES (?, ?, ?, ?, ?, ?, 'tolerant', 0.01, 0.1, 2.0, ?, 's',"
-            " 'r', NULL, 'b')",
+            "INSERT INTO verdicts (verdict_id, run_id, step, auditor_id, epoch, outcome, mode,"
+            " loss_before, loss_after, replay_seed, recipe_hash, manifest_hash, device, reason,"
+            " batch_id) VALUES (?, ?, ?, ?, ?, ?, 'tolerant', 2.0, ?, 's', 'r', 'm', 'cpu', '',"
+            " 'b')",
             [f"v{self._n:06d}", run_id, step, auditor, epoch, outcome, 2.0 - gain],
         )
 

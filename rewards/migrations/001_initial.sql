@@ -77,39 +77,44 @@ CREATE TABLE steps (
 );
 
 CREATE TABLE verdicts (
-    verdict_id   VARCHAR PRIMARY KEY,
-    run_id       VARCHAR NOT NULL REFERENCES runs (run_id),
-    step         INTEGER NOT NULL CHECK (step >= 0),
-    auditor_id   VARCHAR NOT NULL REFERENCES peers (peer_id),
-    epoch        INTEGER NOT NULL REFERENCES epochs (epoch),
-    outcome      VARCHAR NOT NULL CHECK (outcome IN ('pass', 'fail', 'invalid')),
-    mode         VARCHAR NOT NULL,
-    max_distance DOUBLE,
-    threshold    DOUBLE,
-    loss_before  DOUBLE,
-    loss_after   DOUBLE,
-    replay_seed  VARCHAR NOT NULL,
-    recipe_hash  VARCHAR NOT NULL,
-    reason       VARCHAR,
-    batch_id     VARCHAR NOT NULL,
+    verdict_id    VARCHAR PRIMARY KEY,
+    run_id        VARCHAR NOT NULL REFERENCES runs (run_id),
+    step          INTEGER NOT NULL CHECK (step >= 0),
+    auditor_id    VARCHAR NOT NULL REFERENCES peers (peer_id),
+    epoch         INTEGER NOT NULL REFERENCES epochs (epoch),
+    outcome       VARCHAR NOT NULL CHECK (outcome IN ('pass', 'fail', 'invalid')),
+    mode          VARCHAR NOT NULL,
+    max_rel_l2    DOUBLE,
+    min_cosine    DOUBLE,
+    loss_before   DOUBLE,
+    loss_after    DOUBLE,
+    replay_seed   VARCHAR NOT NULL,
+    recipe_hash   VARCHAR NOT NULL,
+    manifest_hash VARCHAR NOT NULL,
+    device        VARCHAR NOT NULL,
+    reason        VARCHAR NOT NULL,
+    batch_id      VARCHAR NOT NULL,
     UNIQUE (run_id, step, auditor_id)
 );
 
-CREATE TABLE verdict_distances (
+CREATE TABLE verdict_tensors (
     verdict_id VARCHAR NOT NULL REFERENCES verdicts (verdict_id),
     tensor     VARCHAR NOT NULL,
     rel_l2     DOUBLE,
     cosine     DOUBLE,
-    threshold  DOUBLE,
+    max_rel_l2 DOUBLE,
+    max_cosine DOUBLE,
+    passed     BOOLEAN NOT NULL,
     PRIMARY KEY (verdict_id, tensor)
 );
 
 CREATE TABLE rejections (
-    batch_id    VARCHAR NOT NULL,
     source      VARCHAR NOT NULL,
     kind        VARCHAR NOT NULL CHECK (kind IN ('run', 'verdict')),
     reason      VARCHAR NOT NULL,
-    rejected_at TIMESTAMP NOT NULL
+    batch_id    VARCHAR NOT NULL,
+    rejected_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (source, reason)
 );
 
 -- Computed by rewards/policy.sql: deleted and rewritten whole on every computation, so that a

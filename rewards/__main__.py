@@ -1,0 +1,5 @@
+"""``python -m rewards``."""
+
+from rewards.cli import main
+
+main()

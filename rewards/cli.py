@@ -1,0 +1,271 @@
+"""``python -m rewards``: the reward engine's command line (thin: parse, call the library, print).
+
+Every command takes ``--db`` (default $VERITRAIN_DB, else ./veritrain.duckdb). Chain commands
+(deploy, post, claim, chain node...) come from rewards.settlement_cli and are added to this group.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from proofs.errors import VeritrainError
+from rewards import analyst, payouts, policy, warehouse
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _db_option(func: F) -> F:
+    decorated: F = click.option(
+        "--db",
+        "db",
+        envvar=warehouse.DB_ENV,
+        default=warehouse.DEFAULT_DB,
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help=f"Warehouse file (also ${warehouse.DB_ENV}).",
+    )(func)
+    return decorated
+
+
+def _friendly(func: F) -> F:
+    """Turn veritrain's own errors into a one-line message and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except VeritrainError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_frame(frame: Any, title: str | None = None) -> None:
+    table = Table(title=title, show_lines=False)
+    for name in frame.columns:
+        table.add_column(name, overflow="fold")
+    for row in frame.iter_rows():
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+def main(verbose: bool) -> None:
+    """veritrain rewards: warehouse, payout policy, payout trees, analyst queries."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+
+
+@main.command()
+@_db_option
+@_friendly
+def migrate(db: str) -> None:
+    """Create the warehouse or bring its schema up to date."""
+    con = warehouse.connect(db)
+    from rewards import schema
+
+    console.print(f"{db}: schema version {schema.current_version(con)}")
+    con.close()
+
+
+@main.command("open-epoch")
+@_db_option
+@click.argument("epoch", type=int)
+@click.option("--pool", required=True, type=int, help="Reward pool in base units (wei scale).")
+@_friendly
+def open_epoch(db: str, epoch: int, pool: int) -> None:
+    """Open EPOCH with its reward pool (new runs and verdicts are ingested into the latest)."""
+    with warehouse.opened(db) as con:
+        policy.open_epoch(con, epoch, pool)
+    console.print(f"epoch {epoch} open, pool {pool}")
+
+
+@main.command()
+@_db_option
+@click.option("--cheat-fraction", type=float, help="Fraction of steps a cheater fakes.")
+@click.option("--confidence", type=float, help="Detection probability a run's audit must reach.")
+@click.option("--slash-bps", type=int, help="Stake share slashed per failing epoch (1/10000).")
+@click.option("--usefulness-ppm", type=int, help="Weight of usefulness in scores (millionths).")
+@_friendly
+def params(db: str, **given: Any) -> None:
+    """Show the policy parameters, or set those given."""
+    with warehouse.opened(db) as con:
+        current = policy.stored_params(con)
+        changes = {k: v for k, v in given.items() if v is not None}
+        if changes:
+            current = policy.PolicyParams(**{**current.to_sql_params(), **changes})
+            policy.set_params(con, current)
+    for key, value in current.to_sql_params().items():
+        console.print(f"{key} = {value}")
+
+
+@main.command("register-peer")
+@_db_option
+@click.argument("peer_id")
+@click.option("--pubkey", required=True, help="BLS public key, 0x + 96 hex digits.")
+@click.option("--role", type=click.Choice(["trainer", "auditor"]), default="trainer")
+@click.option("--address", help="Payout address (required for trainers).")
+@_friendly
+def register_peer(db: str, peer_id: str, pubkey: str, role: str, address: str | None) -> None:
+    """Register a trainer or auditor by its BLS public key."""
+    from rewards import ingest
+
+    with warehouse.opened(db) as con:
+        added = ingest.register_peer(
+            con, peer_id=peer_id, pubkey=pubkey, role=role, payout_address=address
+        )
+    console.print(f"{peer_id}: {'registered' if added else 'already registered'}")
+
+
+@main.command()
+@_db_option
+@click.argument("peer_id")
+@click.option("--epoch", required=True, type=int)
+@click.option("--amount", required=True, type=int, help="Stake deposited, base units.")
+@_friendly
+def stake(db: str, peer_id: str, epoch: int, amount: int) -> None:
+    """Record PEER_ID's stake deposit in EPOCH."""
+    from rewards import ingest
+
+    with warehouse.opened(db) as con:
+        ingest.record_stake(con, peer_id=peer_id, epoch=epoch, amount=amount)
+    console.print(f"{peer_id}: stake {amount} in epoch {epoch}")
+
+
+@main.command("ingest")
+@_db_option
+@click.option("--store", "stores", multiple=True, help="Run store URL (a run or a folder of runs).")
+@click.option("--verdicts", "verdicts", type=click.Path(file_okay=False), help="Verdict folder.")
+@click.option("--epoch", type=int, help="Epoch to file new records under (default: latest).")
+@click.option("--strict", is_flag=True, help="Abort the whole batch on any rejected record.")
+@_friendly
+def ingest_cmd(
+    db: str, stores: tuple[str, ...], verdicts: str | None, epoch: int | None, strict: bool
+) -> None:
+    """Load run stores and verdict files, verifying signatures; one transaction per batch."""
+    from rewards import ingest
+
+    if not stores and verdicts is None:
+        raise click.UsageError("give --store and/or --verdicts")
+    with warehouse.opened(db) as con:
+        report = ingest.ingest(
+            con, stores=list(stores), verdicts_dir=verdicts, epoch=epoch, strict=strict
+        )
+    console.print(
+        f"epoch {report.epoch}: {report.runs_loaded} runs, {report.verdicts_loaded} verdicts"
+        f" loaded; {report.duplicates} duplicates; {len(report.rejections)} rejected"
+    )
+    for rejection in report.rejections:
+        err_console.print(
+            f"[red]rejected[/red] {rejection.kind} {rejection.source}: {rejection.reason}"
+        )
+
+
+@main.command()
+@_db_option
+@_friendly
+def compute(db: str) -> None:
+    """Run the payout policy over every epoch and print the epoch summaries."""
+    with warehouse.opened(db) as con:
+        used = policy.compute(con)
+        frame = con.sql("SELECT * FROM epoch_summaries ORDER BY epoch").pl()
+    _print_frame(frame, title=f"payouts ({used})")
+
+
+@main.command()
+@_db_option
+@click.argument("epoch", type=int)
+@click.option("--out", type=click.Path(file_okay=False), help="Also write tree.json + proofs.json.")
+@_friendly
+def root(db: str, epoch: int, out: str | None) -> None:
+    """Build EPOCH's payout tree from the computed payouts and record its root."""
+    with warehouse.opened(db) as con:
+        payout = payouts.record_root(con, epoch)
+    console.print(f"epoch {epoch} root 0x{payout.root.hex()} total {payout.cumulative_total}")
+    console.print(f"inputs hash 0x{payout.inputs_hash.hex()} ({len(payout.entries)} accounts)")
+    if out:
+        paths = payouts.write_tree(payout.tree(), out)
+        console.print(f"wrote {paths[0]} and {paths[1]}")
+
+
+@main.command()
+@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: CSV name).")
+@_friendly
+def tree(csv_path: str, out: str | None) -> None:
+    """Print the payout root of a CSV (account,amount) and write every account's proof.
+
+    Writes OUT/tree.json (the @openzeppelin/merkle-tree standard-v1 dump, loadable by
+    StandardMerkleTree.load) and OUT/proofs.json (account -> index, amount, proof).
+    """
+    from proofs.payout import PayoutTree
+
+    built = PayoutTree.build(payouts.read_csv(csv_path))
+    target = out if out is not None else str(Path(csv_path).with_suffix("")) + "-tree"
+    paths = payouts.write_tree(built, target)
+    click.echo("0x" + built.root.hex())
+    err_console.print(f"{len(built)} accounts; wrote {paths[0]} and {paths[1]}")
+
+
+@main.command()
+@_db_option
+@click.argument("query", required=False)
+@click.option("--file", "file", type=click.Path(dir_okay=False, exists=True), help="SQL file.")
+@click.option("--format", "fmt", type=click.Choice(analyst.FORMATS), default="table")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
+@_friendly
+def sql(db: str, query: str | None, file: str | None, fmt: str, out: str | None) -> None:
+    """Run QUERY (or --file) on a read-only connection; writes are refused."""
+    if (query is None) == (file is None):
+        raise click.UsageError("give either QUERY or --file")
+    text = query if query is not None else Path(file or "").read_text(encoding="utf-8")
+    if fmt == "parquet" and out is None:
+        raise click.UsageError("--format parquet needs --out")
+    with analyst.Analyst(db) as a:
+        frame = a.sql(text)
+    if out is not None:
+        analyst.write_output(frame, fmt if fmt != "table" else "csv", out)  # type: ignore[arg-type]
+        err_console.print(f"{frame.height} rows written to {out}")
+    elif fmt == "csv":
+        sys.stdout.write(analyst.to_csv(frame))
+    elif fmt == "json":
+        sys.stdout.write(analyst.to_json(frame) + "\n")
+    else:
+        _print_frame(frame)
+
+
+@main.command()
+@_db_option
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@_friendly
+def export(db: str, out: str) -> None:
+    """Export every table and view as Parquet (one file per table) for other engines."""
+    with analyst.Analyst(db) as a:
+        paths = a.export_parquet(out)
+    console.print(f"{len(paths)} tables exported to {out}")
+
+
+def _add_settlement_commands() -> None:
+    from rewards.settlement_cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_add_settlement_commands()

@@ -1,0 +1,543 @@
+"""Loading run stores and audit verdicts into the warehouse, verifying signatures on the way in.
+
+A batch (one ``ingest`` call) is read and verified first, then written in one transaction: a
+crash, a database error or (with ``strict``) any rejected record leaves the database exactly as it
+was. A record that fails verification (bad signature, broken hash chain, unknown signer,
+conflicting verdict, malformed file) is not loaded: it is rejected with its reason, counted and
+recorded in ``rejections``. Ingesting the same data again changes nothing.
+
+Runs are authenticated with audit.fetch.load_run (header signature, hash chain through every
+manifest and step record, last manifest signature: two BLS verifications per run); verdicts with
+one aggregate BLS check for the whole batch, bisected only when it fails.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from proofs.errors import VeritrainError
+from proofs.signatures import Domain, aggregate, aggregate_verify
+from rewards.warehouse import (
+    Connection,
+    WarehouseValueError,
+    check_amount,
+    normalize_address,
+    query,
+    transaction,
+)
+
+if TYPE_CHECKING:
+    from audit.fetch import VerifiedRun
+    from audit.verdict import SignedVerdict, Verdict
+
+log = logging.getLogger(__name__)
+
+_PUBKEY = re.compile(r"0x[0-9a-f]{96}")
+
+
+class IngestError(VeritrainError, ValueError):
+    """The batch cannot run (no epoch open, missing folder) or was aborted; nothing was written."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Rejection:
+    """A record that was not loaded, and why."""
+
+    kind: Literal["run", "verdict"]
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IngestReport:
+    """What one batch did. ``rejections`` lists every record not loaded (also stored)."""
+
+    batch_id: str
+    epoch: int
+    runs_loaded: int
+    verdicts_loaded: int
+    duplicates: int
+    rejections: tuple[Rejection, ...]
+
+
+def register_peer(
+    con: Connection, *, peer_id: str, pubkey: str, role: str, payout_address: str | None
+) -> bool:
+    """Register a peer; returns False when the same registration exists already.
+
+    Raises WarehouseValueError for a malformed key or address, a trainer without a payout
+    address, or a peer id or key already registered differently.
+    """
+    key = pubkey.lower()
+    if not _PUBKEY.fullmatch(key):
+        raise WarehouseValueError(f"pubkey must be 0x + 96 hex digits (48 bytes), got {pubkey!r}")
+    if role not in ("trainer", "auditor"):
+        raise WarehouseValueError(f"role must be trainer or auditor, got {role!r}")
+    if not peer_id or len(peer_id) > 100:
+        raise WarehouseValueError("peer id must be 1..100 characters")
+    address = None if payout_address is None else normalize_address(payout_address)
+    if role == "trainer" and address is None:
+        raise WarehouseValueError("a trainer needs a payout address")
+    existing = query(
+        con,
+        "SELECT peer_id, role, bls_pubkey, payout_address FROM peers"
+        " WHERE peer_id = $p OR bls_pubkey = $k",
+        {"p": peer_id, "k": key},
+    )
+    if existing:
+        if [tuple(r) for r in existing] == [(peer_id, role, key, address)]:
+            return False
+        raise WarehouseValueError(
+            f"peer {peer_id!r} or key {key[:14]}... is already registered as {existing[0][:2]}"
+        )
+    query(
+        con,
+        "INSERT INTO peers VALUES ($p, $r, $k, $a, $at)",
+        {"p": peer_id, "r": role, "k": key, "a": address, "at": _now()},
+    )
+    return True
+
+
+def record_stake(con: Connection, *, peer_id: str, epoch: int, amount: int) -> None:
+    """Set ``peer_id``'s stake deposit in ``epoch`` (base units). Errors on unknown peer/epoch."""
+    check_amount("stake", amount)
+    if not query(con, "SELECT 1 FROM peers WHERE peer_id = $p", {"p": peer_id}):
+        raise WarehouseValueError(f"unknown peer {peer_id!r}")
+    if not query(con, "SELECT 1 FROM epochs WHERE epoch = $e", {"e": epoch}):
+        raise WarehouseValueError(f"epoch {epoch} is not open")
+    with transaction(con):
+        query(
+            con, "DELETE FROM stakes WHERE peer_id = $p AND epoch = $e", {"p": peer_id, "e": epoch}
+        )
+        query(
+            con, "INSERT INTO stakes VALUES ($p, $e, $a)", {"p": peer_id, "e": epoch, "a": amount}
+        )
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC).replace(tzinfo=None)
+
+
+def _hex(value: bytes) -> str:
+    return "0x" + bytes(value).hex()
+
+
+def resolve_epoch(con: Connection, epoch: int | None) -> int:
+    """``epoch`` if open, else the latest open epoch; IngestError when there is none."""
+    if epoch is None:
+        rows = query(con, "SELECT max(epoch) FROM epochs")
+        if rows[0][0] is None:
+            raise IngestError("no epoch is open: run `python -m rewards open-epoch N --pool P`")
+        return int(rows[0][0])
+    if not query(con, "SELECT 1 FROM epochs WHERE epoch = $e", {"e": epoch}):
+        raise IngestError(f"epoch {epoch} is not open")
+    return epoch
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+
+def run_urls(url: str) -> list[str]:
+    """``url`` itself when it holds a run (header.json), else each sub-folder that holds one."""
+    from trainer.store import RunStore
+
+    store = RunStore(url)
+    if store.has_header():
+        return [url]
+    try:
+        children = sorted(store.fs.ls(store.root, detail=False))
+    except (OSError, ValueError) as exc:
+        raise IngestError(f"cannot list run store {url}: {exc}") from exc
+    found = []
+    for child in children:
+        child_url = store.fs.unstrip_protocol(child) if "://" in url else str(child)
+        if RunStore(child_url).has_header():
+            found.append(child_url)
+    if not found:
+        raise IngestError(f"no run (header.json) at or below {url}")
+    return found
+
+
+def _already_loaded(con: Connection, url: str) -> bool | None:
+    """True when the run at ``url`` is in the warehouse unchanged (read without verifying: the
+    identity compared was verified when it was loaded), None when not there or unreadable."""
+    from trainer.store import RunStore
+
+    try:
+        store = RunStore(url)
+        header = store.read_header().header
+        known = query(
+            con,
+            "SELECT header_hash, final_manifest_hash FROM runs WHERE run_id = $r",
+            {"r": header.run_id},
+        )
+        if not known:
+            return None
+        windows = store.manifest_windows()
+        last = store.read_manifest(windows[-1]).manifest.hash() if windows else b""
+    except (VeritrainError, OSError, IndexError):
+        return None
+    return bool(known[0][0] == _hex(header.hash()) and known[0][1] == _hex(last))
+
+
+def _read_runs(batch: _Batch, con: Connection, url: str) -> None:
+    from audit.fetch import ArtifactInvalid, load_run
+    from trainer.store import RunStore
+
+    for run_url in run_urls(url):
+        if _already_loaded(con, run_url):
+            batch.duplicates += 1
+            continue
+        try:
+            batch.runs.append((run_url, load_run(RunStore(run_url))))
+        except (ArtifactInvalid, VeritrainError, OSError) as exc:
+            batch.rejections.append(Rejection(kind="run", source=run_url, reason=str(exc)))
+
+
+def _run_problem(con: Connection, run: VerifiedRun) -> str | None:
+    """Why an authenticated run cannot be loaded, or None."""
+    h = run.header
+    peer = query(
+        con,
+        "SELECT peer_id FROM peers WHERE bls_pubkey = $k AND role = 'trainer'",
+        {"k": _hex(h.pubkey)},
+    )
+    if not peer:
+        return f"unknown peer: key {_hex(h.pubkey)[:14]}... is not a registered trainer"
+    known = query(
+        con, "SELECT header_hash, final_manifest_hash FROM runs WHERE run_id = $r", {"r": h.run_id}
+    )
+    if known:
+        return (
+            f"run {h.run_id!r} was ingested with final manifest {known[0][1]}; the store now"
+            f" ends at {_hex(run.final_hash)} (runs are ingested once, when finished)"
+        )
+    if run.total_steps == 0:
+        return "run has no steps"
+    return None
+
+
+def _write_runs(batch: _Batch, con: Connection) -> int:
+    loaded = 0
+    for source, run in batch.runs:
+        problem = _run_problem(con, run)
+        if problem is not None:
+            batch.rejections.append(Rejection(kind="run", source=source, reason=problem))
+            continue
+        h = run.header
+        query(
+            con,
+            "INSERT INTO runs SELECT $r, peer_id, $e, $hh, $m, $o, $d, $b, $c, $tps, $n, $fh,"
+            " $dev, $url, $batch FROM peers WHERE bls_pubkey = $k",
+            {
+                "r": h.run_id,
+                "e": batch.epoch,
+                "hh": _hex(run.header_hash),
+                "m": h.model,
+                "o": h.optimizer.name,
+                "d": "" if h.dataset is None else _hex(h.dataset.root),
+                "b": h.batch_size,
+                "c": h.context,
+                "tps": h.batch_size * h.context,
+                "n": run.total_steps,
+                "fh": _hex(run.final_hash),
+                "dev": h.device,
+                "url": source,
+                "batch": batch.batch_id,
+                "k": _hex(h.pubkey),
+            },
+        )
+        rows = [
+            (
+                h.run_id,
+                r.step,
+                str(r.replay_seed),
+                _hex(r.grad_root),
+                r.loss,
+                r.lrs[0] if r.lrs else None,
+                _hex(m.hash()),
+            )
+            for m in run.manifests
+            for r in m.records
+        ]
+        con.executemany("INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        loaded += 1
+    return loaded
+
+
+# --- verdicts -------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class _Batch:
+    epoch: int
+    batch_id: str
+    runs: list[tuple[str, VerifiedRun]] = field(default_factory=list)
+    verdicts: list[tuple[str, SignedVerdict]] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    duplicates: int = 0
+
+
+def verdict_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Every ``*.json`` below ``folder``, sorted; IngestError when the folder does not exist."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise IngestError(f"verdict folder {folder!s} does not exist")
+    return sorted(p for p in root.rglob("*.json") if p.is_file())
+
+
+def _parse_verdict_file(path: Path) -> list[SignedVerdict]:
+    """The signed verdicts in one file: a single signed verdict, or a bundle's members.
+
+    A bundle's members carry no individual signatures; its aggregate is checked here (one
+    pairing check) and its members are returned marked as already verified.
+    """
+    import json
+
+    from audit.verdict import (
+        BUNDLE_KIND,
+        SignedVerdict,
+        VerdictBundle,
+        load_signed_verdict,
+        verify_bundle,
+    )
+
+    data = path.read_bytes()
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IngestError(f"not JSON: {exc}") from exc
+    if isinstance(obj, dict) and obj.get("kind") == BUNDLE_KIND:
+        bundle = VerdictBundle.from_json(obj)
+        if not verify_bundle(bundle):
+            raise IngestError("bundle's aggregate signature does not verify")
+        return [SignedVerdict(verdict=v, signature=bundle.signature) for v in bundle.verdicts]
+    return [load_signed_verdict(data)]
+
+
+def _bad_signatures(items: Sequence[SignedVerdict]) -> set[int]:
+    """Indices of items whose signature fails: one aggregate check, bisected only on failure."""
+    if not items:
+        return set()
+    try:
+        ok = aggregate_verify(
+            [s.verdict.auditor for s in items],
+            [(Domain.VERDICT, s.verdict.run_id, s.verdict.canonical_bytes()) for s in items],
+            aggregate([s.signature for s in items]),
+        )
+    except VeritrainError:
+        ok = False
+    if ok:
+        return set()
+    if len(items) == 1:
+        return {0}
+    half = len(items) // 2
+    return _bad_signatures(items[:half]) | {half + i for i in _bad_signatures(items[half:])}
+
+
+def _read_verdicts(batch: _Batch, con: Connection, folder: str) -> None:
+    from audit.verdict import VerdictError
+
+    known = {str(r[0]) for r in query(con, "SELECT verdict_id FROM verdicts")}
+    pending: list[tuple[str, SignedVerdict]] = []
+    bundled: list[tuple[str, SignedVerdict]] = []
+    for path in verdict_files(folder):
+        source = str(path)
+        try:
+            signed = _parse_verdict_file(path)
+        except (IngestError, VerdictError, VeritrainError, OSError) as exc:
+            batch.rejections.append(Rejection(kind="verdict", source=source, reason=str(exc)))
+            continue
+        for item in signed:
+            if _hex(item.verdict.digest()) in known:
+                batch.duplicates += 1
+                continue
+            known.add(_hex(item.verdict.digest()))
+            (bundled if len(signed) > 1 else pending).append((source, item))
+    bad = _bad_signatures([s for _, s in pending])
+    for i, (source, item) in enumerate(pending):
+        if i in bad:
+            reason = "verdict signature does not verify under its auditor key"
+            batch.rejections.append(Rejection(kind="verdict", source=source, reason=reason))
+        else:
+            batch.verdicts.append((source, item))
+    batch.verdicts.extend(bundled)
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def _batch_id(stores: Iterable[str], folder: str | None) -> str:
+    text = "\n".join([*sorted(stores), folder or "", _now().isoformat()])
+    return "b-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def ingest(
+    con: Connection,
+    *,
+    stores: Sequence[str],
+    verdicts_dir: str | None,
+    epoch: int | None = None,
+    strict: bool = False,
+) -> IngestReport:
+    """Load every run below ``stores`` and every verdict file below ``verdicts_dir``.
+
+    New records are filed under ``epoch`` (default: the latest open epoch). Runs are written
+    before verdicts, so a verdict may refer to a run of the same batch. Raises IngestError when
+    no epoch is open, a folder is missing, or ``strict`` and something was rejected; in every
+    error case nothing is written.
+    """
+    batch = _Batch(epoch=resolve_epoch(con, epoch), batch_id=_batch_id(stores, verdicts_dir))
+    for url in stores:
+        _read_runs(batch, con, url)
+    if verdicts_dir is not None:
+        _read_verdicts(batch, con, verdicts_dir)
+    with transaction(con):
+        runs_loaded = _write_runs(batch, con)
+        verdicts_loaded = _write_verdicts(batch, con)
+        if strict and batch.rejections:
+            first = batch.rejections[0]
+            raise IngestError(
+                f"strict: {len(batch.rejections)} record(s) rejected, batch aborted; first:"
+                f" {first.kind} {first.source}: {first.reason}"
+            )
+        new_rejections = _write_rejections(batch, con)
+        if runs_loaded or verdicts_loaded or new_rejections:
+            query(
+                con,
+                "INSERT INTO ingest_batches VALUES ($b, $e, $s, $v, $r, $n, $d, $x, $at)",
+                {
+                    "b": batch.batch_id,
+                    "e": batch.epoch,
+                    "s": ",".join(stores) or None,
+                    "v": verdicts_dir,
+                    "r": runs_loaded,
+                    "n": verdicts_loaded,
+                    "d": batch.duplicates,
+                    "x": len(batch.rejections),
+                    "at": _now(),
+                },
+            )
+    report = IngestReport(
+        batch_id=batch.batch_id,
+        epoch=batch.epoch,
+        runs_loaded=runs_loaded,
+        verdicts_loaded=verdicts_loaded,
+        duplicates=batch.duplicates,
+        rejections=tuple(batch.rejections),
+    )
+    log.info("ingest %s: %s", batch.batch_id, report)
+    return report
+
+
+def _write_rejections(batch: _Batch, con: Connection) -> int:
+    added = 0
+    for r in batch.rejections:
+        if query(
+            con,
+            "SELECT 1 FROM rejections WHERE source = $s AND reason = $r",
+            {"s": r.source, "r": r.reason},
+        ):
+            continue
+        query(
+            con,
+            "INSERT INTO rejections VALUES ($s, $k, $r, $b, $at)",
+            {"s": r.source, "k": r.kind, "r": r.reason, "b": batch.batch_id, "at": _now()},
+        )
+        added += 1
+    return added
+
+
+def _verdict_problem(con: Connection, v: Verdict, verdict_id: str) -> str | None:
+    """Why a (signature-checked) verdict cannot be loaded, or None."""
+    run = query(
+        con,
+        "SELECT p.bls_pubkey, r.step_count FROM runs AS r JOIN peers AS p USING (peer_id)"
+        " WHERE r.run_id = $r",
+        {"r": v.run_id},
+    )
+    if not run:
+        return f"unknown run {v.run_id!r} (ingest its store first or in the same batch)"
+    if run[0][0] != _hex(v.peer):
+        return f"verdict names peer {_hex(v.peer)[:14]}..., not the run's key"
+    if v.step >= int(run[0][1]):
+        return f"step {v.step} is outside the run's {run[0][1]} steps"
+    auditor = query(
+        con,
+        "SELECT peer_id FROM peers WHERE bls_pubkey = $k AND role = 'auditor'",
+        {"k": _hex(v.auditor)},
+    )
+    if not auditor:
+        return f"unknown auditor {_hex(v.auditor)[:14]}... (register-peer --role auditor)"
+    clash = query(
+        con,
+        "SELECT verdict_id FROM verdicts WHERE run_id = $r AND step = $s AND auditor_id = $a",
+        {"r": v.run_id, "s": v.step, "a": auditor[0][0]},
+    )
+    if clash and clash[0][0] != verdict_id:
+        return f"conflicts with verdict {clash[0][0]} of the same auditor on step {v.step}"
+    return None
+
+
+def _write_verdicts(batch: _Batch, con: Connection) -> int:
+    loaded = 0
+    for source, signed in batch.verdicts:
+        v = signed.verdict
+        verdict_id = _hex(v.digest())
+        problem = _verdict_problem(con, v, verdict_id)
+        if problem is not None:
+            batch.rejections.append(Rejection(kind="verdict", source=source, reason=problem))
+            continue
+        auditor = query(
+            con, "SELECT peer_id FROM peers WHERE bls_pubkey = $k", {"k": _hex(v.auditor)}
+        )
+        rel = [t.rel_l2 for t in v.tensors]
+        cos = [t.cosine for t in v.tensors]
+        query(
+            con,
+            "INSERT INTO verdicts VALUES ($id, $run, $step, $aud, $epoch, $outcome, $mode, $l2,"
+            " $cos, $lb, $la, $seed, $recipe, $manifest, $device, $reason, $batch)",
+            {
+                "id": verdict_id,
+                "run": v.run_id,
+                "step": v.step,
+                "aud": auditor[0][0],
+                "epoch": batch.epoch,
+                "outcome": v.outcome.value,
+                "mode": v.mode.value,
+                "l2": max(rel) if rel else None,
+                "cos": min(cos) if cos else None,
+                "lb": v.usefulness.loss_before if v.usefulness else None,
+                "la": v.usefulness.loss_after if v.usefulness else None,
+                "seed": _hex(v.replay_seed),
+                "recipe": _hex(v.recipe_hash),
+                "manifest": _hex(v.manifest_hash),
+                "device": v.device,
+                "reason": v.reason,
+                "batch": batch.batch_id,
+            },
+        )
+        for t in v.tensors:
+            query(
+                con,
+                "INSERT INTO verdict_tensors VALUES ($id, $n, $l2, $cos, $ml2, $mcos, $ok)",
+                {
+                    "id": verdict_id,
+                    "n": t.name,
+                    "l2": t.rel_l2,
+                    "cos": t.cosine,
+                    "ml2": t.max_rel_l2,
+                    "mcos": t.max_cosine,
+                    "ok": t.passed,
+                },
+            )
+        loaded += 1
+    return loaded
