@@ -28,7 +28,6 @@ from rewards.warehouse import (
     Connection,
     PathOrConnection,
     WarehouseValueError,
-    check_amount,
     opened,
     query,
     transaction,
