@@ -1,0 +1,370 @@
+"""Re-execute one committed training step and judge it.
+
+For step ``t`` of a run whose records passed :func:`audit.fetch.load_run`:
+
+1. fetch the nearest state checkpoint ``c <= t`` and the gradient checkpoints of steps
+   ``c .. t-1`` (plus the rest of the window when the chain is checked), each verified against
+   its committed root before use;
+2. rebuild the state at ``t`` by applying those committed gradients through the recorded
+   optimizer (``trainer.replay.apply_gradients``: no forward or backward);
+3. build the model from the auditor's own registry (``trainer.models.build_model``; nothing the
+   peer names is imported), rebuild the batch from the corpus and the run seed, seed every
+   generator with the step's replay seed and run forward and backward;
+4. compare with the committed gradient (:mod:`audit.compare`), measure usefulness, and check
+   that the window's next state checkpoint follows from its gradients.
+
+Device: ``cuda`` when present, else CPU. Exact mode needs the run's device type.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from audit.chunks import choose_chunks
+from audit.compare import Comparison, compare_chunks, compare_full, structure_problem
+from audit.fetch import ArtifactInvalid, VerifiedRun, decode_checked, fetch_artifact, fetch_index
+from audit.fetch import fetch_leaves as fetch_some_leaves
+from audit.tolerance import Calibration, Mode, calibrate, distances
+from audit.usefulness import heldout_loss
+from audit.verdict import Evidence, TensorCheck
+from proofs.hashing import Root
+from trainer.artifact import ArtifactIndex
+from trainer.checkpoint import (
+    BUFFER,
+    PARAM,
+    capture_gradients,
+    checkpoint_root,
+)
+from trainer.data import Corpus
+from trainer.models import build_model
+from trainer.replay import apply_gradients
+from trainer.seeds import replay_seed, seed_generators
+from trainer.store import RunStore, object_name
+
+log = logging.getLogger(__name__)
+
+
+class AuditSetupError(RuntimeError):
+    """The auditor cannot audit this run (its fault or choice, not the peer's): unknown model,
+    missing corpus, exact mode on another device type."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReexecConfig:
+    mode: Mode = Mode.TOLERANT
+    device: str | None = None  # None: cuda when present, else cpu
+    chunk_fraction: float | None = None  # compare only this fraction of the step's leaves
+    check_chain: bool = True  # replay the rest of the window against its next state root
+    usefulness: bool = True
+    safety_factor: float = 16.0
+    calibration_threads: int = 1  # the reproduction run uses this many threads
+
+    def __post_init__(self) -> None:
+        if self.chunk_fraction is not None and not 0.0 < self.chunk_fraction <= 1.0:
+            raise ValueError(f"chunk_fraction must be in (0, 1], got {self.chunk_fraction}")
+        if self.safety_factor < 1.0:
+            raise ValueError(f"safety_factor must be >= 1, got {self.safety_factor}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepResult:
+    """What re-execution found; :mod:`audit.jobs` turns it into a signed verdict."""
+
+    passed: bool
+    invalid: bool
+    reason: str
+    committed_root: Root | None
+    recomputed_root: Root | None
+    tensors: tuple[TensorCheck, ...]
+    evidence: tuple[Evidence, ...]
+    loss_before: float | None
+    loss_after: float | None
+    bytes_fetched: int
+
+
+def auditor_device(config: ReexecConfig) -> torch.device:
+    if config.device is not None:
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def max_artifact_bytes(param_bytes: int, factor: int) -> int:
+    """Largest artifact worth reading: ``factor`` x the parameter bytes plus slack for headers."""
+    return factor * param_bytes + (4 << 20)
+
+
+class StepAuditor:
+    """Re-executes steps of one verified run; keeps the model and calibration between steps."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        run: VerifiedRun,
+        corpus: Corpus | None,
+        config: ReexecConfig,
+    ) -> None:
+        h = run.header
+        self.store, self.run, self.corpus, self.config = store, run, corpus, config
+        self.device = auditor_device(config)
+        if config.mode is Mode.EXACT and self.device.type != h.device:
+            raise AuditSetupError(
+                f"exact mode needs a {h.device} device, this auditor has {self.device.type}"
+            )
+        if not h.model:
+            raise AuditSetupError("run uses a model outside the registry: cannot re-execute")
+        if h.dataset is None or corpus is None:
+            raise AuditSetupError("run has no dataset commitment or no corpus was given")
+        if corpus.commitment().root != h.dataset.root:
+            raise AuditSetupError("the auditor's corpus does not match the run's dataset root")
+        try:
+            self.model: nn.Module = build_model(h.model, h.model_config).to(self.device)
+        except (KeyError, ValueError) as exc:
+            raise AuditSetupError(f"cannot build model {h.model!r}: {exc}") from exc
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.calibration: Calibration | None = None
+        self.bytes_fetched = 0
+        self._grads: dict[int, tuple[ArtifactIndex, dict[str, torch.Tensor]]] = {}
+
+    # ---- fetching -------------------------------------------------------------------------------
+
+    def _gradient(self, step: int) -> dict[str, torch.Tensor]:
+        return self._gradient_with_index(step)[1]
+
+    def _gradient_with_index(self, step: int) -> tuple[ArtifactIndex, dict[str, torch.Tensor]]:
+        cached = self._grads.get(step)
+        if cached is not None:
+            return cached
+        record = self.run.record(step)
+        index, leaves = fetch_artifact(
+            self.store,
+            record.grad_root,
+            leaf_count=record.grad_leaves,
+            max_bytes=max_artifact_bytes(self.param_bytes, 2),
+        )
+        self.bytes_fetched += sum(len(b) for b in leaves)
+        grads = decode_checked(object_name(record.grad_root), leaves)
+        problem = structure_problem(grads, self._shapes())
+        if problem is not None:
+            raise ArtifactInvalid(object_name(record.grad_root), problem)
+        self._grads[step] = (index, grads)
+        return index, grads
+
+    def _shapes(self) -> dict[str, torch.Tensor]:
+        return {n: torch.empty(p.shape, dtype=p.dtype) for n, p in self.model.named_parameters()}
+
+    def _state(self, root: Root, leaf_count: int) -> dict[str, torch.Tensor]:
+        _, leaves = fetch_artifact(
+            self.store,
+            root,
+            leaf_count=leaf_count,
+            max_bytes=max_artifact_bytes(self.param_bytes, 8),
+        )
+        self.bytes_fetched += sum(len(b) for b in leaves)
+        return decode_checked(object_name(root), leaves)
+
+    def _advance(
+        self, state: dict[str, torch.Tensor], start: int, stop: int
+    ) -> dict[str, torch.Tensor]:
+        if stop <= start:
+            return state
+        steps = [(self.run.record(s), self._gradient(s)) for s in range(start, stop)]
+        try:
+            return apply_gradients(self.run.header, state, steps, device=self.device)
+        except (ValueError, KeyError) as exc:
+            raise ArtifactInvalid(f"steps {start}..{stop - 1}", f"replay failed: {exc}") from exc
+
+    # ---- the model ------------------------------------------------------------------------------
+
+    def _load(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        aliases = self.run.header.aliases
+        sd = {}
+        for key in model.state_dict():
+            if key in aliases:
+                sd[key] = state[PARAM + aliases[key]]
+            elif PARAM + key in state:
+                sd[key] = state[PARAM + key]
+            else:
+                sd[key] = state[BUFFER + key]
+        model.load_state_dict(sd)
+
+    def _recompute(
+        self, model: nn.Module, step: int, *, dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        h = self.run.header
+        if self.corpus is None:  # checked in __init__; keeps the type checker honest
+            raise AuditSetupError("no corpus")
+        batch = self.corpus.batch_for_step(
+            h.run_seed, step, batch_size=h.batch_size, context=h.context
+        )
+        model.train()
+        for p in model.parameters():
+            p.grad = None
+        seed_generators(replay_seed(h.run_seed, step))
+        _, loss = model(batch.inputs.to(self.device), batch.targets.to(self.device))
+        if loss is None:
+            raise AuditSetupError("model returned no loss")
+        loss.backward()
+        grads = capture_gradients(model)
+        if dtype is not None:
+            grads = {n: g.to(dtype) for n, g in grads.items()}
+        return {n: g.cpu() for n, g in grads.items()}
+
+    def _calibrate(self, step: int, primary: Mapping[str, torch.Tensor]) -> Calibration:
+        """Reproduce the step with another thread count and in float64 (docs/auditing.md)."""
+        repros = []
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(self.config.calibration_threads)
+            other = self._recompute(self.model, step)
+        finally:
+            torch.set_num_threads(threads)
+        repros.append(distances(other, primary))
+        ref = copy.deepcopy(self.model).double()
+        ref64 = self._recompute(ref, step)
+        ref32 = {n: g.to(primary[n].dtype) for n, g in ref64.items()}
+        repros.append(distances(ref32, primary))
+        return calibrate(repros, safety_factor=self.config.safety_factor)
+
+    # ---- one step -------------------------------------------------------------------------------
+
+    def audit(self, step: int) -> StepResult:
+        """Re-execute ``step``; artifacts that fail their commitment give an invalid result."""
+        self.bytes_fetched = 0
+        self._grads.clear()
+        record = self.run.record(step)
+        try:
+            return self._audit(step)
+        except ArtifactInvalid as exc:
+            return StepResult(
+                passed=False,
+                invalid=True,
+                reason=str(exc),
+                committed_root=record.grad_root,
+                recomputed_root=None,
+                tensors=(),
+                evidence=exc.evidence,
+                loss_before=None,
+                loss_after=None,
+                bytes_fetched=self.bytes_fetched,
+            )
+
+    def _audit(self, step: int) -> StepResult:
+        run, cfg, h = self.run, self.config, self.run.header
+        record = run.record(step)
+        ref = run.state_at_or_before(step)
+        state = self._advance(self._state(ref.root, ref.leaf_count), ref.step, step)
+        self._load(self.model, state)
+        heldout = heldout_loss(self.model, self.corpus, h, self.device) if cfg.usefulness else None
+        batch = self.corpus.batch_for_step(  # type: ignore[union-attr]
+            h.run_seed, step, batch_size=h.batch_size, context=h.context
+        )
+        if tuple(record.batch) and tuple(record.batch) != batch.offsets:
+            return self._fail(record.grad_root, "committed batch differs from the seed's batch")
+        recomputed = self._recompute(self.model, step)
+        calibration = None
+        if cfg.mode is Mode.TOLERANT:
+            if self.calibration is None:
+                self.calibration = self._calibrate(step, recomputed)
+            calibration = self.calibration
+        name = object_name(record.grad_root)
+        sampled = cfg.chunk_fraction is not None and cfg.chunk_fraction < 1.0
+        if sampled:
+            cmp = self._compare_sampled(step, recomputed, calibration)
+        else:
+            index, committed = self._gradient_with_index(step)
+            cmp = compare_full(
+                artifact=name,
+                committed_root=record.grad_root,
+                committed_index=index,
+                committed=committed,
+                recomputed=recomputed,
+                chunk_size=h.chunk_size,
+                calibration=calibration,
+            )
+        loss_after = None
+        reason = cmp.reason
+        passed = cmp.passed
+        if not sampled and (cfg.usefulness or cfg.check_chain):
+            after = self._advance(state, step, step + 1)
+            if cfg.usefulness:
+                self._load(self.model, after)
+                loss_after = heldout_loss(self.model, self.corpus, h, self.device)
+            if cfg.check_chain and passed:
+                chain = self._check_chain(step + 1, after)
+                if chain is not None:
+                    passed, reason = False, chain
+        return StepResult(
+            passed=passed,
+            invalid=False,
+            reason=reason,
+            committed_root=record.grad_root,
+            recomputed_root=cmp.recomputed_root,
+            tensors=cmp.tensors,
+            evidence=cmp.evidence,
+            loss_before=heldout,
+            loss_after=loss_after,
+            bytes_fetched=self.bytes_fetched,
+        )
+
+    def _compare_sampled(
+        self, step: int, recomputed: Mapping[str, torch.Tensor], calibration: Calibration | None
+    ) -> Comparison:
+        record = self.run.record(step)
+        index = fetch_index(
+            self.store,
+            record.grad_root,
+            leaf_count=record.grad_leaves,
+            max_bytes=max_artifact_bytes(self.param_bytes, 2),
+        )
+        self.bytes_fetched += 16 + 40 * index.leaf_count
+        picks = choose_chunks(
+            bytes(record.grad_root) + step.to_bytes(8, "big"),
+            leaf_count=index.leaf_count,
+            fraction=self.config.chunk_fraction or 1.0,
+        )
+        leaves = fetch_some_leaves(self.store, record.grad_root, index, picks)
+        self.bytes_fetched += sum(len(b) for b in leaves.values())
+        return compare_chunks(
+            artifact=object_name(record.grad_root),
+            committed_root=record.grad_root,
+            committed_index=index,
+            committed_leaves=leaves,
+            recomputed=recomputed,
+            chunk_size=self.run.header.chunk_size,
+            calibration=calibration,
+        )
+
+    def _check_chain(self, start: int, state: dict[str, torch.Tensor]) -> str | None:
+        """Replay to the window's next state checkpoint; a reason string if it does not match."""
+        m = self.run.manifest_of(start - 1)
+        end = m.state
+        final = self._advance(state, start, end.step)
+        root = checkpoint_root(final, chunk_size=self.run.header.chunk_size)
+        if root == end.root:
+            return None
+        if self.device.type != self.run.header.device:
+            return None  # bitwise state equality is only promised on the same device type
+        return (
+            f"state checkpoint at step {end.step} ({object_name(end.root)}) does not follow "
+            f"from the committed gradients"
+        )
+
+    def _fail(self, root: Root, reason: str) -> StepResult:
+        return StepResult(
+            passed=False,
+            invalid=False,
+            reason=reason,
+            committed_root=root,
+            recomputed_root=None,
+            tensors=(),
+            evidence=(),
+            loss_before=None,
+            loss_after=None,
+            bytes_fetched=self.bytes_fetched,
+        )
