@@ -205,17 +205,32 @@ def test_our_verifiers_accept_openzeppelin_proofs(cross_check: list[Any]) -> Non
             )
 
 
-def test_corrupt_dump_rejected_by_both() -> None:
+def test_dump_edge_cases_with_openzeppelin() -> None:
+    """Corrupt dumps are refused by both; an unsorted OZ dump loads and proves here."""
     tree = PayoutTree.build([("0x" + "11" * 20, 5), ("0x" + "22" * 20, 7), ("0x" + "33" * 20, 9)])
     bad_node = tree.dump()
     bad_node["tree"][1] = "0x" + "00" * 32
     bad_value = tree.dump()
     bad_value["values"][0]["value"][1] = "6"
-    results = run_oracle([{"ours": {"dump": d, "proofs": []}} for d in (bad_node, bad_value)])
-    assert all("error" in r for r in results)
+    entries = _random_entries(random.Random(7), 9)
+    unsorted_case = {
+        "entries": [[a, str(v)] for a, v in entries],
+        "options": {"sortLeaves": False},
+        "multiproofs": [[0, 3, 8]],
+    }
+    cases = [{"ours": {"dump": d, "proofs": []}} for d in (bad_node, bad_value)]
+    *corrupt, unsorted = run_oracle([*cases, unsorted_case])
+    assert all("error" in r for r in corrupt)
     for dump in (bad_node, bad_value):
         with pytest.raises(PayoutError):
             PayoutTree.load(dump)
+    # Without sorting, leaf i sits at tree[2n-2-i]; load must honour the dump's treeIndex.
+    loaded = PayoutTree.load(unsorted["dump"])
+    assert "0x" + loaded.root.hex() == unsorted["root"]
+    assert [v["treeIndex"] for v in unsorted["dump"]["values"]] == [16 - i for i in range(9)]
+    assert [_hex(loaded.proof(i)) for i in range(9)] == unsorted["proofs"]
+    assert loaded.multiproof([0, 3, 8]).to_json()["proof"] == unsorted["multiproofs"][0]["proof"]
+    assert loaded.root != PayoutTree.build(entries).root  # a genuinely different layout
 
 
 # --- Independent oracles in Python -----------------------------------------------------------

@@ -3,6 +3,7 @@
 // Python tests start node only a few times.
 //
 // Input:  {"cases": [{"entries": [[address, amount], ...], "multiproofs": [[index, ...], ...],
+//                     "options": {"sortLeaves": bool} (optional, StandardMerkleTree.of options),
 //                     "ours": {"dump": {...}, "proofs": [[hex, ...], ...],
 //                              "multiproofs": [{"leaves", "proof", "proofFlags"}, ...]}}]}
 //         ("ours" is optional: our Python results, to be loaded and verified by OZ.)
@@ -39,7 +40,7 @@ function runCase(c) {
   try {
     const out = {};
     if (c.entries) {
-      const tree = StandardMerkleTree.of(c.entries, ENCODING);
+      const tree = StandardMerkleTree.of(c.entries, ENCODING, c.options ?? {});
       out.root = tree.root;
       out.proofs = c.entries.map((_, i) => tree.getProof(i));
       out.multiproofs = (c.multiproofs ?? []).map((ix) => tree.getMultiProof(ix));
