@@ -1,7 +1,8 @@
-// Regenerates artifacts.json (ABI + bytecode) from the Solidity sources next to this script.
+// Regenerates artifacts.json and baseline/artifacts.json (ABI + bytecode) from the Solidity sources.
 //
-//   node rewards/contracts/compile.mjs            write rewards/contracts/artifacts.json
-//   node rewards/contracts/compile.mjs --stdout   print the artifact instead (the test compares it)
+//   node rewards/contracts/compile.mjs            write both artifact files
+//   node rewards/contracts/compile.mjs --stdout --only=artifacts.json   print one artifact instead
+//                                                (the test compares it with the committed file)
 //
 // The compiler is the npm `solc` pinned in package.json; imports resolve from node_modules only,
 // so the output depends on nothing but the pinned packages and these sources. evmVersion is pinned
@@ -16,7 +17,11 @@ const repo = path.resolve(here, "..", "..");
 const require = createRequire(path.join(repo, "package.json"));
 const solc = require("solc");
 
-const SOURCES = ["VeritrainSettlement.sol", "RewardToken.sol"];
+// Each artifact file lists the sources it holds; baseline/ is a benchmark-only comparison contract.
+const TARGETS = {
+  "artifacts.json": ["VeritrainSettlement.sol", "RewardToken.sol"],
+  "baseline/artifacts.json": ["baseline/BitmapDistributor.sol"],
+};
 const SETTINGS = {
   evmVersion: "prague",
   optimizer: { enabled: true, runs: 10000 },
@@ -38,43 +43,50 @@ function findImport(name) {
   }
 }
 
-const input = {
-  language: "Solidity",
-  sources: Object.fromEntries(
-    SOURCES.map((f) => [f, { content: fs.readFileSync(path.join(here, f), "utf8") }]),
-  ),
-  settings: SETTINGS,
-};
-const output = JSON.parse(solc.compile(JSON.stringify(input), { import: findImport }));
-const errors = (output.errors ?? []).filter((e) => e.severity === "error");
-// 2394 is solc's generic note on transient storage; ReentrancyGuardTransient clears its slot on
-// every exit, the safe use the note itself names.
-for (const e of output.errors ?? []) {
-  if (e.errorCode !== "2394") process.stderr.write(e.formattedMessage + "\n");
-}
-if (errors.length > 0) process.exit(1);
-
-const contracts = {};
-for (const file of SOURCES) {
-  const name = path.basename(file, ".sol");
-  const c = output.contracts[file][name];
-  contracts[name] = {
-    abi: c.abi,
-    bytecode: "0x" + c.evm.bytecode.object,
-    deployedBytecode: "0x" + c.evm.deployedBytecode.object,
+function compile(sources) {
+  const input = {
+    language: "Solidity",
+    sources: Object.fromEntries(
+      sources.map((f) => [f, { content: fs.readFileSync(path.join(here, f), "utf8") }]),
+    ),
+    settings: SETTINGS,
   };
+  const output = JSON.parse(solc.compile(JSON.stringify(input), { import: findImport }));
+  const errors = (output.errors ?? []).filter((e) => e.severity === "error");
+  // 2394 is solc's generic note on transient storage; ReentrancyGuardTransient clears its slot on
+  // every exit, the safe use the note itself names.
+  for (const e of output.errors ?? []) {
+    if (e.errorCode !== "2394") process.stderr.write(e.formattedMessage + "\n");
+  }
+  if (errors.length > 0) process.exit(1);
+  const contracts = {};
+  for (const file of sources) {
+    const name = path.basename(file, ".sol");
+    const c = output.contracts[file][name];
+    contracts[name] = {
+      abi: c.abi,
+      bytecode: "0x" + c.evm.bytecode.object,
+      deployedBytecode: "0x" + c.evm.deployedBytecode.object,
+    };
+  }
+  const artifact = {
+    format: "veritrain-contracts-v1",
+    compiler: { name: "solc", version: solc.version() },
+    settings: { evmVersion: SETTINGS.evmVersion, optimizer: SETTINGS.optimizer, viaIR: SETTINGS.viaIR },
+    contracts,
+  };
+  return JSON.stringify(artifact, null, 1) + "\n";
 }
-const artifact = {
-  format: "veritrain-contracts-v1",
-  compiler: { name: "solc", version: solc.version() },
-  settings: { evmVersion: SETTINGS.evmVersion, optimizer: SETTINGS.optimizer, viaIR: SETTINGS.viaIR },
-  contracts,
-};
-const text = JSON.stringify(artifact, null, 1) + "\n";
-if (process.argv.includes("--stdout")) {
-  process.stdout.write(text);
-} else {
-  const target = path.join(here, "artifacts.json");
+
+const only = process.argv.find((a) => a.startsWith("--only="))?.slice("--only=".length);
+for (const [file, sources] of Object.entries(TARGETS)) {
+  if (only !== undefined && only !== file) continue;
+  const text = compile(sources);
+  if (process.argv.includes("--stdout")) {
+    process.stdout.write(text);
+    continue;
+  }
+  const target = path.join(here, file);
   const tmp = target + ".tmp";
   fs.writeFileSync(tmp, text);
   fs.renameSync(tmp, target); // atomic: a failed run never leaves half an artifact
