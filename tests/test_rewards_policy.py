@@ -25,8 +25,8 @@ LENIENT = PolicyParams(cheat_fraction=0.1, confidence=0.5, slash_bps=1000, usefu
 class World:
     """A warehouse in memory plus helpers that add the policy's input rows."""
 
-    def __init__(self) -> None:
-        self.con = warehouse.connect(":memory:")
+    def __init__(self, path: str = ":memory:") -> None:
+        self.con = warehouse.connect(path)
         self._n = 0
 
     def exec(self, sql: str, params: list[object] | None = None) -> list[tuple[object, ...]]:
