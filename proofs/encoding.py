@@ -197,7 +197,12 @@ def encode_header(tensor: TensorBytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE) 
 
 def parse_header(leaf: bytes | memoryview) -> TensorHeader:
     """Parse a header leaf strictly; EncodingError on anything non-canonical."""
-    raw = bytes(leaf)
+    if not isinstance(leaf, bytes | bytearray | memoryview):
+        raise EncodingError(f"header leaf must be bytes, got {type(leaf).__name__}")
+    try:
+        raw = bytes(leaf)
+    except (BufferError, TypeError, ValueError) as exc:
+        raise EncodingError(f"header leaf is not a readable byte buffer: {exc}") from None
     try:
         if raw[:4] != HEADER_MAGIC:
             raise EncodingError(f"header leaf must start with {HEADER_MAGIC!r}, got {raw[:4]!r}")
@@ -315,11 +320,17 @@ def decode_tensors(chunks: Sequence[bytes | memoryview]) -> list[TensorBytes]:
         parts = chunks[pos : pos + count]
         for i, part in enumerate(parts):
             want = min(chunk_size, header.nbytes - i * chunk_size)
-            if len(memoryview(part).cast("B")) != want:
+            if not isinstance(part, bytes | bytearray | memoryview):
+                raise EncodingError(f"tensor {header.name!r} chunk {i}: not bytes")
+            size = part.nbytes if isinstance(part, memoryview) else len(part)
+            if size != want:
                 raise EncodingError(
-                    f"tensor {header.name!r} chunk {i}: {len(part)} bytes, expected {want}"
+                    f"tensor {header.name!r} chunk {i}: {size} bytes, expected {want}"
                 )
         pos += count
-        data = memoryview(b"".join(parts))
+        try:
+            data = memoryview(b"".join(parts))
+        except (BufferError, TypeError, ValueError) as exc:
+            raise EncodingError(f"tensor {header.name!r}: unreadable chunk: {exc}") from None
         out.append(TensorBytes(name=header.name, dtype=header.dtype, shape=header.shape, data=data))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -235,3 +236,20 @@ def test_vectors() -> None:
         ]
         roots[case["name"]] = case["root"]
     assert len(set(roots.values())) == len(roots) >= 7
+
+
+@settings(max_examples=200, deadline=None)
+@given(blob=st.binary(max_size=120), cut=st.integers(0, 120))
+def test_parsers_only_raise_encoding_error(blob: bytes, cut: int) -> None:
+    # Arbitrary bytes, and real headers cut or extended, must give EncodingError or a valid parse.
+    header = encode_header(tb("w", np.zeros(3, dtype=np.float32)), chunk_size=7)
+    for leaf in (blob, b"VTTH\x01" + blob, header[:cut] + blob):
+        try:
+            _name, dtype, shape, nbytes = decode_header(leaf)
+            assert nbytes == itemsize(dtype) * int(np.prod(shape, dtype=object))
+        except EncodingError:
+            pass
+        with contextlib.suppress(EncodingError):
+            decode_tensors([leaf, blob])
+    with pytest.raises(EncodingError):
+        decode_header(12)  # type: ignore[arg-type]

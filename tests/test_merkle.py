@@ -412,3 +412,47 @@ def test_vectors() -> None:
                 assert verify_multiproof(tree.root, {i: leaves[i] for i in multi.indices}, multi)
             checked += 1
     assert checked >= 10
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 2**70) | st.text(max_size=70),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    value=JSONISH,
+    key=st.sampled_from(["index", "leaf_count", "siblings", "indices", "hashes", "version"]),
+)
+def test_from_json_fuzz_only_malformed_proof_error(value: object, key: str) -> None:
+    tree = MerkleTree.build(make_leaves(6, 4))
+    for cls, good in (
+        (InclusionProof, tree.proof(2).to_json()),
+        (MultiProof, tree.multiproof([1, 5]).to_json()),
+    ):
+        for candidate in (value, {**good, key: value}):
+            try:
+                parsed = cls.from_json(candidate)  # type: ignore[attr-defined]
+            except MalformedProofError:
+                continue
+            assert isinstance(parsed, cls)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    index=st.one_of(st.integers(-(2**65), 2**65), st.none(), st.text(max_size=3)),
+    count=st.one_of(st.integers(-(2**65), 2**65), st.none(), st.floats()),
+    siblings=st.lists(st.binary(min_size=30, max_size=34), max_size=12),
+    root=st.binary(min_size=31, max_size=33),
+    leaf=st.one_of(st.binary(max_size=8), st.none(), st.integers()),
+)
+def test_verify_never_raises(
+    index: object, count: object, siblings: list[bytes], root: bytes, leaf: object
+) -> None:
+    inc = InclusionProof(index=index, leaf_count=count, siblings=tuple(siblings))  # type: ignore[arg-type]
+    assert isinstance(verify_inclusion(root, leaf, inc), bool)  # type: ignore[arg-type]
+    multi = MultiProof(indices=(index,), leaf_count=count, hashes=tuple(siblings))  # type: ignore[arg-type]
+    assert isinstance(verify_multiproof(root, {index: leaf}, multi), bool)  # type: ignore[arg-type, dict-item]
+    assert isinstance(verify_multiproof(root, {0: leaf}, multi, leaf_count=3), bool)  # type: ignore[dict-item]
