@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NewType
 
 from web3 import Web3
+from web3.logs import DISCARD
 
 from proofs.errors import VeritrainError
 from proofs.hashing import keccak256
@@ -297,7 +298,8 @@ class Settlement:
     def claim_events(self, tx_hash: str) -> list[ClaimEvent]:
         """The ``Claimed`` events a mined transaction emitted (what was actually paid)."""
         receipt = self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
-        events = self.contract.events.Claimed().process_receipt(receipt)
+        # The token's Transfer logs share the receipt: keep only this contract's Claimed events.
+        events = self.contract.events.Claimed().process_receipt(receipt, errors=DISCARD)
         return [
             ClaimEvent(
                 account=Web3.to_checksum_address(e["args"]["account"]),
@@ -306,6 +308,7 @@ class Settlement:
                 cumulative_amount=int(e["args"]["cumulativeAmount"]),
             )
             for e in events
+            if e["address"] == self.address
         ]
 
     def root_at(self, index: int) -> RootRecord:

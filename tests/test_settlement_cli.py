@@ -130,3 +130,72 @@ def test_chain_command_keeps_state_across_restarts(tmp_path: Path) -> None:
     assert json.loads(state.read_text())  # anvil wrote its state on the way out
     with chainmod.AnvilNode(port=chainmod.free_port(), state_file=state) as again:
         assert chainmod.connect(again.url).eth.get_balance(target) == 100 * 10**18
+
+
+def test_post_claim_verify_from_the_warehouse(env: dict[str, str], tmp_path: Path) -> None:
+    from test_rewards_policy import World
+
+    from rewards import payouts, warehouse
+
+    db = str(tmp_path / "w.duckdb")
+    w = World(db)
+    w.peer("aud", role="auditor")
+    for i in range(3):
+        w.peer(f"p{i}")
+    for e in range(2):
+        w.epoch(e, 1_000 + e)
+        for i in range(3):
+            w.run(f"r{i}.{e}", f"p{i}", e, tokens=10 + i)
+            w.audit(f"r{i}.{e}", range(5), "aud", e)
+    w.compute()
+    w.con.close()
+    expected = {e: payouts.epoch_payout(db, e, recompute=False) for e in range(2)}
+    env = {**env, "VERITRAIN_DB": db}
+    w3 = chainmod.connect(env["VERITRAIN_RPC"])
+
+    assert run("deploy", ["--mint", str(10**9), "--delay", "60"], env)[0] == 0
+    assert run("fund", [str(expected[1].cumulative_total)], env)[0] == 0
+    code, out = run("post", ["0"], env)
+    assert code == 0 and "posted epoch 0" in out, out
+    code, out = run("post", ["0"], env)
+    assert code == 0 and "already posted" in out
+    code, out = run("claim", ["--all"], env)
+    assert code == 1 and "no active root" in out
+    chainmod.advance_time(w3, 60)
+    code, out = run("claim", ["--all", "--batch-size", "2"], env)
+    assert code == 0, out
+    record = Deployment.from_json(Path(env["VERITRAIN_DEPLOYMENT"]).read_text())
+    s = Settlement(w3, record.settlement)
+    for account, amount in expected[0].entries:
+        assert s.token_balance(account) == amount
+
+    assert run("post", ["1"], env)[0] == 0
+    chainmod.advance_time(w3, 60)
+    code, out = run("claim", ["--all"], env)
+    assert code == 0, out
+    code, out = run("claim", ["--all"], env)
+    assert code == 0 and "nothing to claim" in out
+    for account, amount in expected[1].entries:
+        assert s.token_balance(account) == s.claimed(account) == amount
+    con = warehouse.connect_read_only(db)
+    try:
+        posts = con.execute("SELECT epoch, root, chain_id FROM settlement_posts ORDER BY epoch")
+        assert [(int(e), r) for e, r, _ in posts.fetchall()] == [
+            (e, "0x" + expected[e].root.hex()) for e in range(2)
+        ]
+        paid = con.execute("SELECT account, SUM(paid) FROM claims GROUP BY account").fetchall()
+        assert {str(a).lower(): int(p) for a, p in paid} == {
+            a.lower(): m for a, m in expected[1].entries
+        }
+    finally:
+        con.close()
+
+    code, out = run("verify-root", ["1"], env)
+    assert code == 0, out
+    tampered = warehouse.connect(db)
+    # Shift weight between peers (same pool): another root, same total, another inputs hash.
+    tampered.execute("UPDATE runs SET tokens_per_step = tokens_per_step * 5 WHERE run_id = 'r0.1'")
+    tampered.close()
+    code, out = run("verify-root", ["1"], env)
+    assert code == 1 and "does not match" in out, out
+    assert out.count("NO") == 2  # root and inputs hash differ; the total still matches
