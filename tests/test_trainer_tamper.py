@@ -1,0 +1,174 @@
+"""verify-store catches each kind of tampering and names the first broken link precisely."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from proofs.signatures import keypair_from_seed
+from trainer.data import Corpus
+from trainer.jsonform import canonical_json
+from trainer.loop import TrainConfig, train
+from trainer.manifest import SignedWindowManifest, sign_manifest
+from trainer.recipe import sign_header
+from trainer.store import RunStore, manifest_name, object_name
+from trainer.verify import check_store
+
+KEY = keypair_from_seed(b"trainer-tamper-peer-key-seed-0001")
+OTHER = keypair_from_seed(b"trainer-tamper-other-key-seed-002")
+CONFIG = TrainConfig(
+    run_id="run",
+    run_seed=11,
+    steps=6,
+    batch_size=4,
+    model_config={"n_layer": 1, "n_head": 2, "d_model": 32, "context": 16},
+    checkpoint_every=3,
+    chunk_size=4096,
+    threads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pristine") / "run"
+    train(CONFIG, str(path), KEY, corpus=Corpus.from_paths([Path(json.__file__).parent]))
+    return path
+
+
+@pytest.fixture()
+def run(pristine: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(pristine, copy)
+    return copy
+
+
+def leaf_offsets(path: Path) -> list[tuple[int, int]]:
+    """(start, length) of each leaf, parsed straight from the documented artifact layout."""
+    raw = path.read_bytes()
+    assert raw[:4] == b"VTAR"
+    (count,) = struct.unpack_from(">Q", raw, 8)
+    lengths = struct.unpack_from(f">{count}Q", raw, 16)
+    pos = 16 + 40 * count
+    out = []
+    for n in lengths:
+        out.append((pos, n))
+        pos += n
+    return out
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+
+
+def test_pristine_store_verifies(pristine: Path) -> None:
+    report = check_store(str(pristine), pubkey=bytes(KEY.public))
+    assert report.ok and report.steps == 6
+
+
+def test_flipped_gradient_byte_names_step_and_leaf(run: Path) -> None:
+    record = RunStore(str(run)).read_manifest(1).manifest.records[1]
+    path = run / object_name(record.grad_root)
+    offsets = leaf_offsets(path)
+    start, _ = offsets[5]
+    flip(path, start + 17)
+    broken = check_store(str(run)).broken
+    assert broken is not None
+    assert (broken.check, broken.window, broken.step, broken.leaf) == ("gradient", 1, 4, 5)
+    assert broken.artifact == object_name(record.grad_root)
+
+
+def test_flipped_state_byte_names_window_and_leaf(run: Path) -> None:
+    state = RunStore(str(run)).read_manifest(0).manifest.state
+    path = run / object_name(state.root)
+    start, length = leaf_offsets(path)[-1]
+    flip(path, start + length - 1)
+    broken = check_store(str(run)).broken
+    assert broken is not None
+    assert (broken.check, broken.window, broken.step) == ("state", 0, 3)
+    assert broken.leaf == state.leaf_count - 1
+
+
+def test_flipped_leaf_table_entry_is_caught(run: Path) -> None:
+    record = RunStore(str(run)).read_manifest(0).manifest.records[0]
+    path = run / object_name(record.grad_root)
+    count = len(leaf_offsets(path))
+    flip(path, 16 + 8 * count + 32 * 2 + 3)  # a byte of leaf 2's hash in the table
+    broken = check_store(str(run)).broken
+    assert broken is not None and (broken.check, broken.step, broken.leaf) == ("gradient", 0, 2)
+
+
+def test_edited_manifest_value_breaks_its_signature(run: Path) -> None:
+    path = run / manifest_name(1)
+    obj = json.loads(path.read_bytes())
+    obj["manifest"]["records"][2]["loss"] = 0.5
+    path.write_bytes(canonical_json(obj))
+    broken = check_store(str(run)).broken
+    assert broken is not None and (broken.check, broken.window) == ("signature", 1)
+
+
+def test_reordered_manifests_break_the_chain(run: Path) -> None:
+    a, b = run / manifest_name(0), run / manifest_name(1)
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    broken = check_store(str(run)).broken
+    assert broken is not None
+    assert (broken.check, broken.window, broken.artifact) == ("hash chain", 0, manifest_name(0))
+
+
+def test_dropped_manifest_breaks_the_chain(run: Path) -> None:
+    (run / manifest_name(0)).unlink()
+    broken = check_store(str(run)).broken
+    assert broken is not None and (broken.check, broken.window) == ("hash chain", 0)
+
+
+def test_manifest_resigned_with_another_key_is_caught(run: Path) -> None:
+    store = RunStore(str(run))
+    forged = sign_manifest(OTHER, store.read_manifest(1).manifest)
+    (run / manifest_name(1)).write_bytes(canonical_json(forged.to_json()))
+    broken = check_store(str(run)).broken
+    assert broken is not None and (broken.check, broken.window) == ("signature", 1)
+
+
+def test_whole_run_resigned_with_another_key_fails_the_expected_key(run: Path) -> None:
+    store = RunStore(str(run))
+    header = dataclasses.replace(store.read_header().header, pubkey=bytes(OTHER.public))
+    (run / "header.json").write_bytes(canonical_json(sign_header(OTHER, header).to_json()))
+    prev_record = prev_manifest = header.hash()
+    for w in store.manifest_windows():  # the forger rebuilds the whole chain consistently
+        m = store.read_manifest(w).manifest
+        records = []
+        for r in m.records:
+            records.append(dataclasses.replace(r, prev=prev_record))
+            prev_record = records[-1].hash()
+        m = dataclasses.replace(m, records=tuple(records), prev=prev_manifest)
+        prev_manifest = m.hash()
+        signed: SignedWindowManifest = sign_manifest(OTHER, m)
+        (run / manifest_name(w)).write_bytes(canonical_json(signed.to_json()))
+    assert check_store(str(run), chain=False).ok  # self-consistent under the forger's key...
+    broken = check_store(str(run), pubkey=bytes(KEY.public), chain=False).broken
+    assert broken is not None and (broken.check, broken.artifact) == ("key", "header.json")
+
+
+def test_header_edit_breaks_its_signature(run: Path) -> None:
+    path = run / "header.json"
+    obj = json.loads(path.read_bytes())
+    obj["header"]["grad_clip"] = 2.0
+    path.write_bytes(canonical_json(obj))
+    broken = check_store(str(run)).broken
+    assert broken is not None and (broken.check, broken.artifact) == ("signature", "header.json")
+
+
+def test_missing_gradient_artifact_is_named(run: Path) -> None:
+    record = RunStore(str(run)).read_manifest(0).manifest.records[2]
+    (run / object_name(record.grad_root)).unlink()
+    broken = check_store(str(run)).broken
+    assert broken is not None and (broken.check, broken.step) == ("gradient", 2)
