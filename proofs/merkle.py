@@ -41,7 +41,7 @@ def _hash_leaf_range(leaves: Sequence[bytes | memoryview], start: int, stop: int
     out = []
     for i in range(start, stop):
         leaf = leaves[i]
-        if len(leaf) < _SMALL_LEAF:
+        if len(leaf) < _SMALL_LEAF:  # len() counts items of a typed view: a heuristic, still exact
             out.append(sha(LEAF_PREFIX + leaf).digest())
         else:
             h = seed.copy()
@@ -70,6 +70,8 @@ def _leaf_bytes_total(leaves: Sequence[bytes | memoryview]) -> int:
 
 def _hash_leaves(leaves: Sequence[bytes | memoryview], workers: int | None) -> bytes:
     """Concatenated leaf hashes; big leaves are hashed in threads (hashlib releases the GIL)."""
+    if not isinstance(leaves, list | tuple):
+        leaves = list(leaves)  # accept any iterable; threads need random access
     n = len(leaves)
     total = _leaf_bytes_total(leaves)
     if workers is None:
