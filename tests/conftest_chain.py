@@ -20,7 +20,7 @@ from rewards import chain as chainmod
 from rewards.settlement import Settlement, deploy_token
 
 ACTIVATION_DELAY = 3600
-SUPPLY = 10**24
+SUPPLY = 10**36  # under 2**128, the cap on a root total; covers the OZ vectors
 GAS_ETHER = 10**20
 
 

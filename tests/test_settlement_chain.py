@@ -6,6 +6,9 @@ that pays proves that the Python tree and the Solidity verifier agree, and tampe
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import conftest_chain
 import pytest
 from conftest_chain import ACTIVATION_DELAY, Deployed, account
@@ -285,3 +288,41 @@ def test_evm_verifies_every_proof_of_odd_shaped_trees(deployed: Deployed, size: 
 def test_settlement_handle_rejects_an_address_without_code(deployed: Deployed) -> None:
     with pytest.raises(SettlementError, match="no contract"):
         Settlement(deployed.chain.w3, deployed.chain.relayer.address)
+
+
+VECTORS = Path(__file__).resolve().parent / "vectors" / "payout"
+
+
+@pytest.mark.parametrize("name", ["single", "size_2", "size_3", "size_5", "size_8", "size_33"])
+def test_evm_accepts_openzeppelin_js_proofs(deployed: Deployed, name: str) -> None:
+    # Roots and proofs made by @openzeppelin/merkle-tree itself (tests/vectors/payout/README.md).
+    vector = json.loads((VECTORS / f"{name}.json").read_text())
+    d, s = deployed, deployed.settlement
+    entries = [(a, int(m)) for a, m in vector["entries"]]
+    total = sum(m for _, m in entries)
+    s.fund(d.chain.admin, total)
+    root = bytes.fromhex(vector["root"][2:])
+    s.post_root(d.chain.poster, epoch=1, root=root, cumulative_total=total, inputs_hash=INPUTS)
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    reqs = [
+        ClaimRequest(
+            account=a, cumulative_amount=m, proof=tuple(bytes.fromhex(h[2:]) for h in proof)
+        )
+        for (a, m), proof in zip(entries, vector["proofs"], strict=True)
+    ]
+    s.claim_batch(d.chain.relayer, reqs)
+    assert [s.token_balance(a) for a, _ in entries] == [m for _, m in entries]
+    assert s.token_balance(s.address) == 0
+
+
+def test_root_total_beyond_uint128_is_refused(deployed: Deployed) -> None:
+    vector = json.loads((VECTORS / "extremes.json").read_text())
+    total = sum(int(m) for _, m in vector["entries"])
+    with reverts("TotalTooLarge"):
+        deployed.settlement.post_root(
+            deployed.chain.poster,
+            epoch=1,
+            root=bytes.fromhex(vector["root"][2:]),
+            cumulative_total=min(total, 2**256 - 1),  # uint256 cannot hold the true sum
+            inputs_hash=INPUTS,
+        )
