@@ -376,7 +376,31 @@ def verify_multiproof(
     ``leaves`` must have exactly ``proof.indices`` as keys. Pass the committed tree size as
     ``leaf_count`` where known (see :func:`verify_inclusion`). False (never raises) on bad input.
     """
-    if not isinstance(proof, MultiProof) or not _is_hash(root) or not isinstance(leaves, Mapping):
+    if not isinstance(leaves, Mapping):
+        return False
+    digests: dict[int, bytes] = {}
+    for i, leaf in leaves.items():
+        digest = _leaf_digest(leaf)
+        if digest is None:
+            return False
+        digests[i] = digest
+    return verify_multiproof_leaf_hashes(root, digests, proof, leaf_count=leaf_count)
+
+
+def verify_multiproof_leaf_hashes(
+    root: bytes,
+    leaf_hashes: Mapping[int, bytes],
+    proof: MultiProof,
+    *,
+    leaf_count: int | None = None,
+) -> bool:
+    """As :func:`verify_multiproof`, given leaf hashes sha256(0x00 || leaf) instead of leaves.
+
+    For verifiers that hashed (or were sent the hashes of) the leaves already. Never raises.
+    """
+    if not isinstance(proof, MultiProof) or not _is_hash(root):
+        return False
+    if not isinstance(leaf_hashes, Mapping) or not all(map(_is_hash, leaf_hashes.values())):
         return False
     if leaf_count is not None and leaf_count != proof.leaf_count:
         return False
@@ -387,14 +411,9 @@ def verify_multiproof(
         return False
     if not all(_is_count(i) for i in indices) or list(indices) != sorted(set(indices)):
         return False
-    if indices[0] < 0 or indices[-1] >= n or set(leaves) != set(indices):
+    if indices[0] < 0 or indices[-1] >= n or set(leaf_hashes) != set(indices):
         return False
-    nodes: dict[int, bytes] = {}
-    for i in indices:
-        digest = _leaf_digest(leaves[i])
-        if digest is None:
-            return False
-        nodes[i] = digest
+    nodes = {i: bytes(leaf_hashes[i]) for i in indices}
     feed = iter(hashes)
     for size in _level_sizes(n)[:-1]:
         parents: dict[int, bytes] = {}

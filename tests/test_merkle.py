@@ -27,6 +27,7 @@ from proofs.merkle import (
     merkle_root,
     verify_inclusion,
     verify_multiproof,
+    verify_multiproof_leaf_hashes,
 )
 
 VECTORS = Path(__file__).parent / "vectors" / "merkle"
@@ -166,6 +167,13 @@ def test_multiproof_matches_oracle(data: st.DataObject, n: int, seed: int) -> No
     assert proof.indices == tuple(sorted(set(indices)))
     assert list(proof.hashes) == multiproof_hashes(indices, leaves)
     assert verify_multiproof(mth(leaves), {i: leaves[i] for i in proof.indices}, proof)
+    hashed = {i: hashlib.sha256(b"\x00" + leaves[i]).digest() for i in proof.indices}
+    assert verify_multiproof_leaf_hashes(mth(leaves), hashed, proof, leaf_count=n)
+    first = proof.indices[0]
+    hashed[first] = flip(hashed[first], seed, 1)
+    assert not verify_multiproof_leaf_hashes(mth(leaves), hashed, proof)
+    hashed[first] = leaves[first]  # a raw leaf where a hash belongs
+    assert not verify_multiproof_leaf_hashes(mth(leaves), hashed, proof)
 
 
 # --- tampering: every change makes verification fail (trees of 1..1000 leaves) -----------------
