@@ -221,6 +221,12 @@ class TxResult:
 # ---------------------------------------------------------------------------------- transactions
 
 
+def _nonce_clash(exc: BaseException) -> bool:
+    """Another process using the same key took our nonce first (nodes word it differently:
+    Web3RPCError "nonce too low", py-evm ValidationError "Invalid transaction nonce")."""
+    return "nonce" in str(exc).lower()
+
+
 def send(w3: Web3, sender: LocalAccount, call: ContractFunction | ContractConstructor) -> TxResult:
     """Estimate, sign locally, send and wait for ``call``. Raises :class:`RevertError` (decoded)
     whether the revert shows at estimation or in the mined receipt."""
@@ -234,16 +240,17 @@ def send(w3: Web3, sender: LocalAccount, call: ContractFunction | ContractConstr
             )
         except Exception as exc:
             revert = _as_revert(exc)
-            if revert is None:
-                raise
-            raise revert from None
+            if revert is not None:
+                raise revert from None
+            if _nonce_clash(exc) and attempt < 2:  # eth-tester checks the nonce when estimating
+                continue
+            raise
         tx["gas"] = int(tx["gas"]) * GAS_MARGIN_NUM // GAS_MARGIN_DEN
         signed = sender.sign_transaction(tx)  # type: ignore[arg-type]
         try:
             tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
-        except ValueError as exc:
-            # Another process using the same key took this nonce first: fetch a fresh one.
-            if "nonce" in str(exc).lower() and attempt < 2:
+        except Exception as exc:
+            if _nonce_clash(exc) and attempt < 2:
                 log.warning("nonce %s taken, retrying", tx["nonce"])
                 continue
             raise

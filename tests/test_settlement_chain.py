@@ -326,3 +326,25 @@ def test_root_total_beyond_uint128_is_refused(deployed: Deployed) -> None:
             cumulative_total=min(total, 2**256 - 1),  # uint256 cannot hold the true sum
             inputs_hash=INPUTS,
         )
+
+
+def test_a_taken_nonce_is_retried(deployed: Deployed, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another process with the same key sent a transaction between our nonce read and our send:
+    # simulate it by handing out the stale nonce once.
+    d, s = deployed, deployed.settlement
+    s.fund(d.chain.admin, 1)  # the admin's nonce is now > 0
+    eth = d.chain.w3.eth
+    real = type(eth).get_transaction_count
+    stale = {"left": 1}
+
+    def once_stale(self: object, address: str, block: str = "latest") -> int:
+        n = int(real(self, address, block))  # type: ignore[arg-type]
+        if stale["left"]:
+            stale["left"] -= 1
+            return n - 1
+        return n
+
+    monkeypatch.setattr(type(eth), "get_transaction_count", once_stale)
+    s.fund(d.chain.admin, 2)
+    assert stale["left"] == 0
+    assert s.token_balance(s.address) == 3
