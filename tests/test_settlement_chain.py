@@ -15,7 +15,7 @@ from conftest_chain import ACTIVATION_DELAY, Deployed, account
 from eth_account.signers.local import LocalAccount
 
 from proofs.payout import PayoutTree
-from rewards.chain import RevertError, advance_time
+from rewards.chain import RevertError, advance_time, send
 from rewards.settlement import (
     ClaimRequest,
     PostResult,
@@ -348,3 +348,28 @@ def test_a_taken_nonce_is_retried(deployed: Deployed, monkeypatch: pytest.Monkey
     s.fund(d.chain.admin, 2)
     assert stale["left"] == 0
     assert s.token_balance(s.address) == 3
+
+
+def test_a_token_cannot_reenter_a_claim(chain: conftest_chain.Chain) -> None:
+    art = json.loads(
+        (Path(__file__).resolve().parents[1] / "rewards/contracts/test/artifacts.json").read_text()
+    )["contracts"]["ReentrantToken"]
+    w3, admin = chain.w3, chain.admin
+    factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
+    created = send(w3, admin, factory.constructor(10**24, admin.address))
+    address = w3.eth.get_transaction_receipt(created.tx_hash)["contractAddress"]  # type: ignore[arg-type]
+    token = w3.eth.contract(address=address, abi=art["abi"])
+    s, _ = Settlement.deploy(w3, admin, token=str(address), activation_delay=ACTIVATION_DELAY)
+    who = peers(2, "reenter")
+    s.fund(admin, 100)
+    tree = PayoutTree.build([(who[0], 40), (who[1], 60)])
+    s.post_root(admin, epoch=1, root=tree.root, cumulative_total=100, inputs_hash=INPUTS)
+    advance_time(w3, ACTIVATION_DELAY)
+    inner = s.contract.encode_abi("claim", [who[1], 60, list(tree.proof_for(who[1]))])
+    send(w3, admin, token.functions.arm(s.address, inner))
+    with reverts("ReentrancyGuardReentrantCall"):
+        s.claim(chain.relayer, req(tree, who[0], 40))
+    assert s.claimed(who[0]) == s.claimed(who[1]) == 0
+    send(w3, admin, token.functions.arm("0x" + "00" * 20, b""))
+    s.claim(chain.relayer, req(tree, who[0], 40))
+    assert s.token_balance(who[0]) == 40

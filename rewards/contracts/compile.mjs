@@ -1,6 +1,6 @@
-// Regenerates artifacts.json and baseline/artifacts.json (ABI + bytecode) from the Solidity sources.
+// Regenerates artifacts.json, baseline/ and test/artifacts.json (ABI + bytecode) from the sources.
 //
-//   node rewards/contracts/compile.mjs            write both artifact files
+//   node rewards/contracts/compile.mjs            write every artifact file
 //   node rewards/contracts/compile.mjs --stdout --only=artifacts.json   print one artifact instead
 //                                                (the test compares it with the committed file)
 //
@@ -17,10 +17,12 @@ const repo = path.resolve(here, "..", "..");
 const require = createRequire(path.join(repo, "package.json"));
 const solc = require("solc");
 
-// Each artifact file lists the sources it holds; baseline/ is a benchmark-only comparison contract.
+// Each artifact file lists the sources it holds; baseline/ is a benchmark-only comparison contract,
+// test/ holds contracts only the tests deploy.
 const TARGETS = {
   "artifacts.json": ["VeritrainSettlement.sol", "RewardToken.sol"],
   "baseline/artifacts.json": ["baseline/BitmapDistributor.sol"],
+  "test/artifacts.json": ["test/ReentrantToken.sol"],
 };
 const SETTINGS = {
   evmVersion: "prague",
