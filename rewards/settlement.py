@@ -22,6 +22,7 @@ from web3.logs import DISCARD
 
 from proofs.errors import VeritrainError
 from proofs.hashing import keccak256
+from proofs.payout import normalize_address
 from rewards.chain import TxResult, artifact, call_view, send
 
 if TYPE_CHECKING:
@@ -116,18 +117,27 @@ class Deployment:
 
     @classmethod
     def from_json(cls, text: str) -> Deployment:
+        """Parse a record strictly; any defect raises :class:`SettlementError`."""
         try:
             body = json.loads(text)
-            if body.get("version") != DEPLOYMENT_VERSION:
-                raise SettlementError(f"deployment file version {body.get('version')!r} unknown")
+            if not isinstance(body, dict) or body.get("version") != DEPLOYMENT_VERSION:
+                raise SettlementError("not a version-1 deployment record")
             return cls(
-                chain_id=int(body["chain_id"]),
-                settlement=Web3.to_checksum_address(body["settlement"]),
-                token=Web3.to_checksum_address(body["token"]),
-                block_number=int(body["block_number"]),
+                chain_id=_count(body["chain_id"]),
+                settlement=normalize_address(body["settlement"]),  # EIP-55 checked if mixed case
+                token=normalize_address(body["token"]),
+                block_number=_count(body["block_number"]),
             )
+        except SettlementError:
+            raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise SettlementError(f"malformed deployment file: {exc}") from exc
+            raise SettlementError(f"malformed deployment record: {exc}") from exc
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SettlementError(f"expected a non-negative integer, got {value!r}")
+    return value
 
 
 def run_id_bytes(run_id: str) -> bytes:

@@ -131,6 +131,38 @@ def test_deployment_record_round_trips_and_rejects_garbage() -> None:
             Deployment.from_json(bad)
 
 
+def test_deployment_vectors() -> None:
+    vectors = json.loads((REPO / "tests/vectors/deployment/vectors.json").read_text())
+    for case in vectors["valid"]:
+        d = Deployment.from_json(case["text"])
+        assert (d.chain_id, d.block_number) == (case["chain_id"], case["block_number"])
+        assert (d.settlement, d.token) == (case["settlement_checksum"], case["token_checksum"])
+        assert Deployment.from_json(d.to_json()) == d
+    for text in vectors["invalid"]:
+        with pytest.raises(SettlementError):
+            Deployment.from_json(text)
+
+
+FIELDS = ["version", "chain_id", "settlement", "token", "block_number"]
+VALUES = st.one_of(
+    st.none(),
+    st.integers(-(2**70), 2**70),
+    st.text(max_size=50),
+    st.sampled_from(["0x5fbdb2315678afecb367f032d93f642f64180aa3", "0x" + "Ab" * 20]),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@given(st.dictionaries(st.sampled_from(FIELDS), VALUES) | st.text(max_size=60))
+def test_deployment_parser_raises_only_its_error(body: dict[str, object] | str) -> None:
+    text = body if isinstance(body, str) else json.dumps(body)
+    try:
+        d = Deployment.from_json(text)
+    except SettlementError:
+        return
+    assert Deployment.from_json(d.to_json()) == d  # whatever parses, round-trips
+
+
 def test_run_id_key_is_keccak_of_utf8() -> None:
     # keccak256("") is a published constant (the empty code hash of every EOA).
     empty = "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"
