@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PUBKEY = re.compile(r"0x[0-9a-f]{96}")
+PLAN_KIND = "veritrain-audit-plan"  # audit/jobs.py writes these next to the verdicts
 
 
 class IngestError(VeritrainError, ValueError):
@@ -188,6 +190,18 @@ def _already_loaded(con: Connection, url: str) -> bool | None:
     return bool(known[0][0] == _hex(header.hash()) and known[0][1] == _hex(last))
 
 
+def _unknown_signer(con: Connection, url: str) -> str | None:
+    from trainer.store import RunStore
+
+    try:
+        key = _hex(RunStore(url).read_header().header.pubkey)
+    except (VeritrainError, OSError):
+        return None  # load_run names the problem precisely
+    if query(con, "SELECT 1 FROM peers WHERE bls_pubkey = $k AND role = 'trainer'", {"k": key}):
+        return None
+    return f"unknown peer: key {key[:14]}... is not a registered trainer"
+
+
 def _read_runs(batch: _Batch, con: Connection, url: str) -> None:
     from audit.fetch import ArtifactInvalid, load_run
     from trainer.store import RunStore
@@ -195,6 +209,10 @@ def _read_runs(batch: _Batch, con: Connection, url: str) -> None:
     for run_url in run_urls(url):
         if _already_loaded(con, run_url):
             batch.duplicates += 1
+            continue
+        unknown = _unknown_signer(con, run_url)
+        if unknown is not None:  # no BLS work for a key nobody registered
+            batch.rejections.append(Rejection(kind="run", source=run_url, reason=unknown))
             continue
         try:
             batch.runs.append((run_url, load_run(RunStore(run_url))))
@@ -298,29 +316,26 @@ def _parse_verdict_file(path: Path) -> list[SignedVerdict]:
     """The signed verdicts in one file: a single signed verdict, or a bundle's members.
 
     A bundle's members carry no individual signatures; its aggregate is checked here (one
-    pairing check) and its members are returned marked as already verified.
+    pairing check) and its members are returned as verified. An audit plan file (plan.json, the
+    auditor's record of its sample) holds no verdict: it gives an empty list.
     """
     import json
 
-    from audit.verdict import (
-        BUNDLE_KIND,
-        SignedVerdict,
-        VerdictBundle,
-        load_signed_verdict,
-        verify_bundle,
-    )
+    from audit.verdict import BUNDLE_KIND, SignedVerdict, VerdictBundle, verify_bundle
 
     data = path.read_bytes()
     try:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IngestError(f"not JSON: {exc}") from exc
+    if isinstance(obj, dict) and obj.get("kind") == PLAN_KIND:
+        return []
     if isinstance(obj, dict) and obj.get("kind") == BUNDLE_KIND:
         bundle = VerdictBundle.from_json(obj)
         if not verify_bundle(bundle):
             raise IngestError("bundle's aggregate signature does not verify")
         return [SignedVerdict(verdict=v, signature=bundle.signature) for v in bundle.verdicts]
-    return [load_signed_verdict(data)]
+    return [SignedVerdict.from_json(obj)]
 
 
 def _bad_signatures(items: Sequence[SignedVerdict]) -> set[int]:
@@ -487,6 +502,13 @@ def _verdict_problem(con: Connection, v: Verdict, verdict_id: str) -> str | None
     return None
 
 
+def _worst(values: Sequence[float]) -> float | None:
+    """The largest distance; NaN when any is NaN (a NaN gradient is the worst there is)."""
+    if not values:
+        return None
+    return math.nan if any(math.isnan(x) for x in values) else max(values)
+
+
 def _write_verdicts(batch: _Batch, con: Connection) -> int:
     loaded = 0
     for source, signed in batch.verdicts:
@@ -513,8 +535,8 @@ def _write_verdicts(batch: _Batch, con: Connection) -> int:
                 "epoch": batch.epoch,
                 "outcome": v.outcome.value,
                 "mode": v.mode.value,
-                "l2": max(rel) if rel else None,
-                "cos": min(cos) if cos else None,
+                "l2": _worst(rel),
+                "cos": _worst(cos),
                 "lb": v.usefulness.loss_before if v.usefulness else None,
                 "la": v.usefulness.loss_after if v.usefulness else None,
                 "seed": _hex(v.replay_seed),

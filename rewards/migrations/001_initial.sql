@@ -85,7 +85,7 @@ CREATE TABLE verdicts (
     outcome       VARCHAR NOT NULL CHECK (outcome IN ('pass', 'fail', 'invalid')),
     mode          VARCHAR NOT NULL,
     max_rel_l2    DOUBLE,
-    min_cosine    DOUBLE,
+    max_cos_dist  DOUBLE,
     loss_before   DOUBLE,
     loss_after    DOUBLE,
     replay_seed   VARCHAR NOT NULL,
@@ -100,10 +100,10 @@ CREATE TABLE verdicts (
 CREATE TABLE verdict_tensors (
     verdict_id VARCHAR NOT NULL REFERENCES verdicts (verdict_id),
     tensor     VARCHAR NOT NULL,
-    rel_l2     DOUBLE,
-    cosine     DOUBLE,
-    max_rel_l2 DOUBLE,
-    max_cosine DOUBLE,
+    rel_l2        DOUBLE,
+    cos_dist      DOUBLE,
+    max_rel_l2    DOUBLE,
+    max_cos_dist  DOUBLE,
     passed     BOOLEAN NOT NULL,
     PRIMARY KEY (verdict_id, tensor)
 );
