@@ -236,11 +236,46 @@ def claim_command(
     db: str,
 ) -> None:
     """Claim for ACCOUNTS (or --all) against the active root; tokens go to each account."""
-    from rewards import payouts, warehouse
+    from rewards import warehouse
 
     if bool(accounts) == claim_all:
         raise click.UsageError("name ACCOUNTS or pass --all")
     _, settlement, record = _open(rpc, deployment)
+    epoch, todo = _claims_owed(settlement, db, accounts)
+    sender = _signer(keystore)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        tx = (
+            settlement.claim(sender, chunk[0])
+            if len(chunk) == 1
+            else settlement.claim_batch(sender, chunk)
+        )
+        for event in settlement.claim_events(tx.tx_hash):  # what was paid, not what we asked
+            warehouse.record_claim(
+                db,
+                account=event.account,
+                cumulative_amount=event.cumulative_amount,
+                paid=event.amount,
+                epoch=epoch,
+                tx_hash=tx.tx_hash,
+                block_number=tx.block_number,
+                gas_used=tx.gas_used,
+                contract=settlement.address,
+                chain_id=record.chain_id,
+            )
+            console.print(f"{event.account} +{event.amount} (cumulative {event.cumulative_amount})")
+        console.print(f"tx {tx.tx_hash}: {len(chunk)} claim(s), {tx.gas_used} gas")
+    if not todo:
+        console.print("nothing to claim")
+
+
+def _claims_owed(
+    settlement: Settlement, db: str, accounts: tuple[str, ...]
+) -> tuple[int, list[ClaimRequest]]:
+    """The active root's epoch and a claim for each of ``accounts`` (all if empty) still owed
+    something, with proofs from the warehouse's tree, which must be the active root's."""
+    from rewards import payouts
+
     active = settlement.active_root()
     if active is None:
         raise click.ClickException(
@@ -263,31 +298,7 @@ def claim_command(
         for a in wanted
         if owed[a] > settlement.claimed(a)
     ]
-    sender = _signer(keystore)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        tx = (
-            settlement.claim(sender, chunk[0])
-            if len(chunk) == 1
-            else settlement.claim_batch(sender, chunk)
-        )
-        for event in settlement.claim_events(tx.tx_hash):
-            warehouse.record_claim(
-                db,
-                account=event.account,
-                cumulative_amount=event.cumulative_amount,
-                paid=event.amount,
-                epoch=active.epoch,
-                tx_hash=tx.tx_hash,
-                block_number=tx.block_number,
-                gas_used=tx.gas_used,
-                contract=settlement.address,
-                chain_id=record.chain_id,
-            )
-            console.print(f"{event.account} +{event.amount} (cumulative {event.cumulative_amount})")
-        console.print(f"tx {tx.tx_hash}: {len(chunk)} claim(s), {tx.gas_used} gas")
-    if not todo:
-        console.print("nothing to claim")
+    return active.epoch, todo
 
 
 @click.command("verify-root")
