@@ -63,7 +63,7 @@ class ReexecConfig:
     check_chain: bool = True  # replay the rest of the window against its next state root
     usefulness: bool = True
     safety_factor: float = 16.0
-    calibration_threads: int = 1  # the reproduction run uses this many threads
+    calibration_threads: int | None = None  # None: 2 if this process uses 1 thread, else 1
 
     def __post_init__(self) -> None:
         if self.chunk_fraction is not None and not 0.0 < self.chunk_fraction <= 1.0:
@@ -220,7 +220,8 @@ class StepAuditor:
         repros = []
         threads = torch.get_num_threads()
         try:
-            torch.set_num_threads(self.config.calibration_threads)
+            other_threads = self.config.calibration_threads or (2 if threads == 1 else 1)
+            torch.set_num_threads(other_threads)
             other = self._recompute(self.model, step)
         finally:
             torch.set_num_threads(threads)

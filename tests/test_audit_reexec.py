@@ -4,10 +4,12 @@ named. Batch-job tests (signing, resume) are in test_audit_jobs.py."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from audit_runs import AUDITOR, copy_run, corpus, make_run, threads
 
 from audit.beacon import Beacon
 from audit.chunks import leaf_hash_map, verify_leaf_hashes
@@ -17,7 +19,6 @@ from audit.reexec import ReexecConfig, StepAuditor
 from audit.tolerance import Mode
 from audit.verdict import EvidenceKind, SignedVerdict, verify_verdict
 from proofs.merkle import MultiProof
-from audit_runs import AUDITOR, copy_run, corpus, make_run
 from trainer.artifact import PREFIX_SIZE
 from trainer.store import RunStore, object_name
 
@@ -28,11 +29,17 @@ TOLERANT = ReexecConfig(mode=Mode.TOLERANT)
 _VERIFIED: dict[str, VerifiedRun] = {}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with threads(1):
+        yield
+
+
 def _auditor(url: str, config: ReexecConfig) -> StepAuditor:
     # load_run costs two BLS verifications (~1 s): do it once per stored run.
     store = RunStore(url)
     if url not in _VERIFIED:
-        _VERIFIED[url] = load_run(store)
+        _VERIFIED[url] = load_run(store, check_signatures=url.endswith("honest"))
     return StepAuditor(store, _VERIFIED[url], corpus(), config)
 
 
@@ -109,7 +116,7 @@ def test_honest_run_passes_tolerant_mode() -> None:
 def test_changed_artifact_byte_is_invalid_naming_artifact_and_leaf() -> None:
     url = copy_run(make_run("honest"), "honest-corrupt")
     store = RunStore(url)
-    run = load_run(store)
+    run = load_run(store, check_signatures=False)
     record = run.record(2)
     index = store.read_index(record.grad_root)
     leaf = 3
@@ -133,7 +140,7 @@ def test_changed_artifact_byte_is_invalid_naming_artifact_and_leaf() -> None:
 def test_truncated_and_oversized_artifacts_are_invalid_not_crashes() -> None:
     url = copy_run(make_run("honest"), "honest-hostile")
     store = RunStore(url)
-    run = load_run(store)
+    run = load_run(store, check_signatures=False)
     truncated = Path(url) / object_name(run.record(1).grad_root)
     truncated.write_bytes(truncated.read_bytes()[:-100])
     huge = Path(url) / object_name(run.record(4).grad_root)
@@ -160,6 +167,7 @@ def test_chunk_sampling_catches_dense_cheat_and_fetches_less() -> None:
 
 def test_load_run_rejects_manifest_signed_by_another_key() -> None:
     from audit_runs import OTHER_PEER
+
     from trainer.manifest import sign_manifest
 
     url = copy_run(make_run("honest"), "honest-resigned")
@@ -172,3 +180,13 @@ def test_load_run_rejects_manifest_signed_by_another_key() -> None:
     store.put_bytes(manifest_name(last), canonical_json(forged.to_json()), exclusive=False)
     with pytest.raises(ArtifactInvalid, match="signature"):
         load_run(store)
+
+
+@pytest.mark.slow
+def test_no_false_positive_over_20_steps_when_thread_counts_differ() -> None:
+    # The peer trains with 2 threads; the auditor re-executes with 1 (calibrating against 2 and
+    # a float64 reference). Every step must pass.
+    url = make_run("honest-2-threads", steps=20, every=5, threads=2)
+    auditor = _auditor(url, TOLERANT)
+    failures = [(s, r.reason) for s in range(20) if not (r := auditor.audit(s)).passed]
+    assert failures == []
