@@ -12,16 +12,21 @@ from pathlib import Path
 import conftest_chain
 import pytest
 from conftest_chain import ACTIVATION_DELAY, Deployed, account
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from web3 import Web3
 
 from proofs.payout import PayoutTree
-from rewards.chain import RevertError, advance_time, send
+from rewards.chain import RevertError, advance_time, connect, fund_from_dev_account, send
 from rewards.settlement import (
     ClaimRequest,
     PostResult,
     RootConflictError,
     Settlement,
     SettlementError,
+    deploy_token,
 )
 
 INPUTS = b"\x5a" * 32
@@ -373,3 +378,47 @@ def test_a_token_cannot_reenter_a_claim(chain: conftest_chain.Chain) -> None:
     send(w3, admin, token.functions.arm("0x" + "00" * 20, b""))
     s.claim(chain.relayer, req(tree, who[0], 40))
     assert s.token_balance(who[0]) == 40
+
+
+@pytest.fixture(scope="module")
+def model_chain() -> tuple[Web3, LocalAccount]:
+    # Built outside hypothesis's run: py-evm raises the recursion limit when it first starts.
+    w3 = connect(None)
+    admin = account("model-admin")
+    fund_from_dev_account(w3, admin.address, 10**21)
+    return w3, admin
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_cumulative_claims_follow_a_model(
+    model_chain: tuple[Web3, LocalAccount], data: st.DataObject
+) -> None:
+    # Random top-ups over four epochs, random subsets claiming (some skip epochs): every account
+    # always holds exactly its cumulative amount as of the epoch it last claimed in.
+    w3, admin = model_chain
+    token = deploy_token(w3, admin, supply=10**30, holder=admin.address)
+    s, _ = Settlement.deploy(w3, admin, token=token, activation_delay=0)
+    who = [Account.create().address for _ in range(3)]
+    cumulative = dict.fromkeys(who, 0)
+    held = dict.fromkeys(who, 0)
+    for epoch in range(1, 5):
+        rises = data.draw(st.lists(st.integers(0, 10**6), min_size=3, max_size=3))
+        for a, rise in zip(who, rises, strict=True):
+            cumulative[a] += rise
+        entries = [(a, c) for a, c in cumulative.items() if c > 0]
+        if not entries:
+            continue
+        s.fund(admin, sum(rises) or 1)
+        tree = PayoutTree.build(entries)
+        total = sum(c for _, c in entries)
+        s.post_root(admin, epoch=epoch, root=tree.root, cumulative_total=total, inputs_hash=INPUTS)
+        for a in data.draw(st.lists(st.sampled_from([a for a, _ in entries]), unique=True)):
+            if cumulative[a] > held[a]:
+                s.claim(admin, req(tree, a, cumulative[a]))
+                held[a] = cumulative[a]
+            else:
+                with reverts("NothingToClaim"):
+                    s.claim(admin, req(tree, a, cumulative[a]))
+            assert s.token_balance(a) == held[a] == s.claimed(a)
+    assert s.total_claimed() == sum(held.values())
