@@ -163,3 +163,31 @@ class ChainBeacon:
         chain_id = int(self._web3.eth.chain_id)
         log.info("beacon for run %s: block %d on chain %d", self._run_id, number, chain_id)
         return Beacon(value=block_hash, source=f"chain:{chain_id}:{number}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StaticBeaconFor:
+    """The same command-line beacon for every run of a batch (picklable for worker processes)."""
+
+    value: bytes
+
+    def __call__(self, url: str) -> Beacon:
+        return Beacon(value=self.value, source="cli")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChainBeaconFor:
+    """A chain beacon per run: the block hash ``delay`` blocks after ``commit_block`` on the
+    JSON-RPC node at ``rpc_url`` (the settlement registry will supply per-run commit blocks)."""
+
+    rpc_url: str
+    commit_block: int
+    delay: int = 1
+
+    def __call__(self, url: str) -> Beacon:
+        return ChainBeacon.from_url(
+            self.rpc_url,
+            run_id=url,
+            locator=FixedCommitmentBlock(block=self.commit_block),
+            delay=self.delay,
+        ).fetch()

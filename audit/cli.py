@@ -1,0 +1,315 @@
+"""``python -m audit``: sample, re-execute and judge committed training runs.
+
+Thin layer: parse options, call the library, print with rich. Exit codes: 0 all good, 1 a run or
+verdict failed or is invalid, 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from audit.beacon import BeaconError, ChainBeaconFor, StaticBeaconFor, parse_beacon_hex
+from audit.evidence import check_verdict
+from audit.fetch import load_run
+from audit.jobs import JobSpec, RunOutcome, SampleSpec, run_job
+from audit.reexec import ReexecConfig
+from audit.sampling import SamplingError, detection_probability, plan_sample
+from audit.tolerance import Mode
+from audit.verdict import (
+    VerdictBundle,
+    VerdictError,
+    aggregate_verdicts,
+    load_signed_verdict,
+    verify_bundle,
+)
+from proofs.errors import VeritrainError
+from proofs.signatures import generate_keypair, load_keypair, save_keypair
+from trainer.store import HEADER_PATH, RunStore
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _beacon(
+    beacon: str | None, chain_url: str | None, commit_block: int | None, delay: int
+) -> StaticBeaconFor | ChainBeaconFor:
+    if beacon is not None and chain_url is None:
+        return StaticBeaconFor(value=parse_beacon_hex(beacon))
+    if chain_url is not None and commit_block is not None and beacon is None:
+        return ChainBeaconFor(rpc_url=chain_url, commit_block=commit_block, delay=delay)
+    raise click.UsageError("give --beacon HEX, or --chain-url URL with --commit-block N")
+
+
+def _beacon_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--beacon", help="beacon value (0x-hex, >= 16 bytes) agreed after commit")(f)
+    f = click.option("--chain-url", help="JSON-RPC URL: the beacon is a later block hash")(f)
+    f = click.option("--commit-block", type=int, help="block that recorded the commitment")(f)
+    f = click.option("--delay", type=int, default=1, show_default=True, help="blocks after it")(f)
+    return f
+
+
+def _sample_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--count", type=int, help="number of steps to sample")(f)
+    f = click.option("--confidence", type=float, help="or: target detection probability")(f)
+    f = click.option(
+        "--cheat-fraction", type=float, default=0.05, show_default=True,
+        help="fraction of cheated steps the detection probability is computed for",
+    )(f)  # fmt: skip
+    return f
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="more logging")
+def main(verbose: int) -> None:
+    """Audit committed training runs: sample steps, re-execute them, sign verdicts."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, handlers=[RichHandler(console=err)], format="%(message)s")
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(path: Path) -> None:
+    """Create an auditor BLS key file (mode 0600) at PATH."""
+    keypair = generate_keypair()
+    save_keypair(path, keypair)
+    console.print(f"auditor public key 0x{keypair.public.hex()}")
+
+
+@main.command()
+@click.option("--store", "store_url", required=True, help="run store URL")
+@click.option("--key", "key_path", type=click.Path(exists=True), help="auditor key file")
+@click.option("--auditor-pubkey", help="or: the auditor's public key (0x-hex)")
+@_beacon_options
+@_sample_options
+def sample(
+    store_url: str,
+    key_path: str | None,
+    auditor_pubkey: str | None,
+    beacon: str | None,
+    chain_url: str | None,
+    commit_block: int | None,
+    delay: int,
+    count: int | None,
+    confidence: float | None,
+    cheat_fraction: float,
+) -> None:
+    """Print which steps an auditor samples from a run, and the detection probability."""
+    try:
+        if key_path is not None:
+            pubkey = bytes(load_keypair(key_path).public)
+        elif auditor_pubkey is not None:
+            pubkey = bytes.fromhex(auditor_pubkey.removeprefix("0x"))
+        else:
+            raise click.UsageError("give --key or --auditor-pubkey")
+        value = _beacon(beacon, chain_url, commit_block, delay)(store_url)
+        run = load_run(RunStore(store_url))
+        plan = plan_sample(
+            beacon=value.value,
+            manifest_hash=run.final_hash,
+            auditor_pubkey=pubkey,
+            total_steps=run.total_steps,
+            count=count,
+            cheat_fraction=cheat_fraction,
+            confidence=confidence,
+        )
+    except (VeritrainError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    console.print(f"run {run.header.run_id}: {run.total_steps} steps, beacon {value.source}")
+    console.print(f"sample seed 0x{plan.seed.hex()}")
+    console.print(f"steps: {' '.join(str(s) for s in plan.steps)}")
+    console.print(
+        f"detection probability for a peer cheating on {cheat_fraction:.1%} of steps: "
+        f"{plan.detection_exact:.4f} (exact), {plan.detection_binomial:.4f} (1-(1-f)^n)"
+    )
+    table = Table(title="detection probability vs sample size (1-(1-f)^n)")
+    table.add_column("n", justify="right")
+    for f in (0.01, 0.05, 0.1):
+        table.add_column(f"f={f:.0%}", justify="right")
+    for n in (1, 5, 10, 20, 50, 100):
+        table.add_row(str(n), *(f"{detection_probability(f, n):.3f}" for f in (0.01, 0.05, 0.1)))
+    console.print(table)
+
+
+def _stores(stores: tuple[str, ...], under: str | None) -> tuple[str, ...]:
+    found = list(stores)
+    if under is not None:
+        root = Path(under)
+        found += sorted(str(p.parent) for p in root.glob(f"*/{HEADER_PATH}"))
+    if not found:
+        raise click.UsageError("no run stores: give --store URL or --stores-under DIR")
+    return tuple(dict.fromkeys(found))
+
+
+@main.command(name="run")
+@click.option("--store", "stores", multiple=True, help="run store URL (repeatable)")
+@click.option("--stores-under", help="audit every run folder under this directory")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--key", "key_path", required=True, type=click.Path(exists=True))
+@_beacon_options
+@_sample_options
+@click.option("--mode", type=click.Choice(["exact", "tolerant"]), default="tolerant")
+@click.option("--chunk-fraction", type=float, help="compare only this fraction of leaves")
+@click.option("--corpus", "corpus", multiple=True, help="corpus files/folders (default: stdlib)")
+@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--device", help="cpu or cuda (default: cuda when present)")
+@click.option("--no-chain-check", is_flag=True, help="skip replaying to the next state root")
+@click.option("--no-usefulness", is_flag=True, help="skip the held-out loss measurement")
+def run_cmd(
+    stores: tuple[str, ...],
+    stores_under: str | None,
+    out: Path,
+    key_path: str,
+    beacon: str | None,
+    chain_url: str | None,
+    commit_block: int | None,
+    delay: int,
+    count: int | None,
+    confidence: float | None,
+    cheat_fraction: float,
+    mode: str,
+    chunk_fraction: float | None,
+    corpus: tuple[str, ...],
+    workers: int,
+    device: str | None,
+    no_chain_check: bool,
+    no_usefulness: bool,
+) -> None:
+    """Audit runs (resumable: verdicts already in OUT are kept, never redone)."""
+    try:
+        if count is None and confidence is None:
+            raise click.UsageError("give --count N or --confidence C")
+        job = JobSpec(
+            urls=_stores(stores, stores_under),
+            out=out,
+            keypair=load_keypair(key_path),
+            beacon_for=_beacon(beacon, chain_url, commit_block, delay),
+            spec=SampleSpec(count=count, cheat_fraction=cheat_fraction, confidence=confidence),
+            config=ReexecConfig(
+                mode=Mode(mode),
+                device=device,
+                chunk_fraction=chunk_fraction,
+                check_chain=not no_chain_check,
+                usefulness=not no_usefulness,
+            ),
+            corpus_paths=corpus,
+            workers=workers,
+        )
+    except (VeritrainError, ValueError, BeaconError, SamplingError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("runs audited", total=len(job.urls))
+
+        def done(outcome: RunOutcome) -> None:
+            progress.advance(task)
+            progress.console.log(f"{outcome.run_id}: {_status(outcome)}")
+
+        results = run_job(job, on_run=done)
+    console.print(_summary(results))
+    sys.exit(0 if all(r.ok for r in results) else 1)
+
+
+def _status(r: RunOutcome) -> str:
+    if r.error is not None:
+        return f"[yellow]error[/yellow] {r.error}"
+    word = "[green]pass[/green]" if r.ok else "[red]FAIL[/red]"
+    return f"{word} ({r.passed} pass, {r.failed} fail, {r.invalid} invalid, {r.skipped} resumed)"
+
+
+def _summary(results: list[RunOutcome]) -> Table:
+    table = Table(title="audit summary")
+    for col in ("run", "steps", "pass", "fail", "invalid", "resumed", "detection", "status"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(
+            r.run_id if r.run_id != "?" else r.url,
+            str(len(r.steps)),
+            str(r.passed),
+            str(r.failed),
+            str(r.invalid),
+            str(r.skipped),
+            "-" if r.detection is None else f"{r.detection:.4f}",
+            _status(r).split(" (")[0],
+        )
+    return table
+
+
+def _verify_verdict(path: Path, store_url: str | None) -> None:
+    try:
+        signed = load_signed_verdict(path.read_bytes())
+    except (OSError, VerdictError) as exc:
+        err.print(f"[red]error:[/red] {path}: {exc}")
+        sys.exit(2)
+    problems = check_verdict(signed, store_url=store_url)
+    v = signed.verdict
+    console.print(f"{path}: run {v.run_id} step {v.step}: {v.outcome.value} ({v.reason})")
+    for p in problems:
+        console.print(f"  [red]problem:[/red] {p}")
+    if problems:
+        sys.exit(1)
+    console.print("  [green]signature and evidence check out[/green]")
+
+
+@main.command(name="verify-verdict")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--store", "store_url", help="run store to check the verdict against")
+def verify_verdict_cmd(path: Path, store_url: str | None) -> None:
+    """Re-check a verdict's signature and Merkle evidence offline (and against the run store)."""
+    _verify_verdict(path, store_url)
+
+
+@main.command(name="check-evidence")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--store", "store_url", help="run store to check the verdict against")
+def check_evidence_cmd(path: Path, store_url: str | None) -> None:
+    """Alias of verify-verdict (the name issue 4 uses)."""
+    _verify_verdict(path, store_url)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def aggregate(paths: tuple[Path, ...], out: Path) -> None:
+    """Aggregate several auditors' signed verdicts on one run into one signature."""
+    try:
+        signed = [load_signed_verdict(p.read_bytes()) for p in paths]
+        bundle = aggregate_verdicts(signed)
+    except (OSError, VeritrainError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    out.write_text(json.dumps(bundle.to_json(), indent=1) + "\n")
+    console.print(f"{len(signed)} verdicts on run {bundle.run_id} -> {out}")
+
+
+@main.command(name="verify-bundle")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def verify_bundle_cmd(path: Path) -> None:
+    """Check an aggregated verdict bundle's single signature."""
+    try:
+        bundle = VerdictBundle.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, VeritrainError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    ok = verify_bundle(bundle)
+    console.print(
+        f"{len(bundle.verdicts)} verdicts on {bundle.run_id}: {'valid' if ok else 'INVALID'}"
+    )
+    sys.exit(0 if ok else 1)
