@@ -19,6 +19,7 @@ any lr scheduler step, so the state checkpoint holds the lr that step used).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from torch import nn
 
 from proofs.errors import VeritrainError
 from proofs.hashing import Hash32
-from proofs.signatures import KeyPair
+from proofs.signatures import KeyPair, sign
 from trainer.checkpoint import (
     ParamLayout,
     capture_gradients,
@@ -38,17 +39,20 @@ from trainer.checkpoint import (
     param_layout,
 )
 from trainer.data import CorpusCommitment
-from trainer.pipeline import ChainPosition, Committer, GradientItem, StateItem, Stats, state_ref
-from trainer.recipe import (
-    HEADER_VERSION,
-    VERITRAIN_VERSION,
-    OptimizerSpec,
-    RunHeader,
-    SignedRunHeader,
-    sign_header,
+from trainer.pipeline import (
+    ChainPosition,
+    Committer,
+    GradientItem,
+    HeaderItem,
+    Sign,
+    StateItem,
+    Stats,
+    state_ref,
 )
+from trainer.recipe import HEADER_VERSION, VERITRAIN_VERSION, OptimizerSpec, RunHeader
 from trainer.resume import resume_position
 from trainer.seeds import check_run_seed, replay_seed, seed_generators
+from trainer.signer import SignerProcess
 from trainer.store import RunStore
 from trainer.tensors import dtype_name
 
@@ -72,6 +76,8 @@ class HookConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     grad_clip: float | None = None
     queue_depth: int = 4
+    sign_in_subprocess: bool = True
+    """Sign manifests in a child process (no GIL contention with training); False: in a thread."""
     model_name: str = ""
     """Registry name (trainer.models) or "" for a model the registry does not know."""
     model_config: Mapping[str, Any] = field(default_factory=dict)
@@ -111,6 +117,7 @@ class AuditHook:
         self.layout: ParamLayout = param_layout(model, optimizer)
         self.header: RunHeader | None = None
         self._committer: Committer | None = None
+        self._signer: SignerProcess | None = None
         self._next_step = -1
         self._in_step = False
         self._committed = False
@@ -127,28 +134,42 @@ class AuditHook:
         if self._committer is not None:
             raise HookStateError("start() was already called")
         built = self._build_header()
+        first: HeaderItem | None = None
         if self.store.has_header():
             signed = self.store.read_header()
             position, step = resume_position(
                 self.store, signed, built, self.model, self.optimizer, self.layout
             )
+            self.header = signed.header
         else:
-            signed = self._write_new_header(built)
-            position = ChainPosition(
-                window=0, prev_record=signed.header.hash(), prev_manifest=signed.header.hash()
-            )
-            step = 0
-        self.header = signed.header
+            first = self._new_header(built)
+            self.header = first.header
+            chain = first.header.hash()
+            position, step = ChainPosition(window=0, prev_record=chain, prev_manifest=chain), 0
         self._committer = Committer(
             store=self.store,
-            keypair=self.keypair,
+            sign=self._make_signer(),
             run_id=self.config.run_id,
             chunk_size=self.config.chunk_size,
             position=position,
             depth=self.config.queue_depth,
         )
+        if first is not None:
+            self._committer.submit(first)  # signed and written by the worker, before any manifest
         self._next_step = step
         return step
+
+    def _make_signer(self) -> Sign:
+        if not self.config.sign_in_subprocess:
+            keypair = self.keypair
+            return lambda domain, context, payload: bytes(sign(keypair, domain, context, payload))
+        self._signer = SignerProcess(self.keypair)
+        return self._signer.sign
+
+    def _stop_signer(self) -> None:
+        if self._signer is not None:
+            self._signer.close()
+            self._signer = None
 
     def close(self) -> None:
         """Checkpoint a partial window, wait for every write, raise any pipeline error."""
@@ -157,7 +178,10 @@ class AuditHook:
             raise HookStateError(f"close() inside step {self._next_step}: call step() first")
         if self._window_open():
             self._submit_state()
-        committer.close()
+        try:
+            committer.close()
+        finally:
+            self._stop_signer()
 
     def __enter__(self) -> AuditHook:
         return self
@@ -169,6 +193,7 @@ class AuditHook:
             self.close()
         else:
             self._committer.close_quietly()
+            self._stop_signer()
 
     # ---- per step -----------------------------------------------------------------------------
 
@@ -295,19 +320,15 @@ class AuditHook:
             aliases=dict(self.layout.aliases),
         )
 
-    def _write_new_header(self, built: RunHeader) -> SignedRunHeader:
+    def _new_header(self, built: RunHeader) -> HeaderItem:
+        """The complete header of a new run (initial state committed) for the worker to sign."""
         state = capture_state(
             self.model, self.optimizer, self.layout, run_seed=self.config.run_seed, step=0
         )
         encoded = encode_checkpoint(state, chunk_size=self.config.chunk_size)
-        self.store.put_object(encoded.root, encoded.payload)
         initial = state_ref(0, encoded.root, encoded.index.leaf_count, encoded.payload)
-        fields = {name: getattr(built, name) for name in RunHeader.__dataclass_fields__}
-        fields["initial_state"] = initial
-        signed = sign_header(self.keypair, RunHeader(**fields))
-        self.store.put_header(signed)
-        logger.info("run %s: header written", self.config.run_id)
-        return signed
+        header = dataclasses.replace(built, initial_state=initial)
+        return HeaderItem(header=header, initial=encoded)
 
     def chain_start(self) -> Hash32:
         """Hash of the run header (the root of the chain); only after ``start()``."""

@@ -14,21 +14,24 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from proofs.errors import VeritrainError
 from proofs.hashing import Hash32, Root
-from proofs.signatures import KeyPair
+from proofs.signatures import Domain
+from trainer.artifact import Encoded
 from trainer.checkpoint import encode_checkpoint
 from trainer.manifest import (
     MANIFEST_VERSION,
+    SignedWindowManifest,
     StateRef,
     StepRecord,
     WindowManifest,
-    sign_manifest,
 )
+from trainer.recipe import RunHeader, SignedRunHeader
 from trainer.store import RunStore
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,14 @@ class GradientItem:
     loss: torch.Tensor
     lrs: tuple[float, ...]
     grads: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HeaderItem:
+    """A new run's header and its initial state artifact: written before anything else."""
+
+    header: RunHeader
+    initial: Encoded
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,6 +89,12 @@ class Stats:
     errors: list[BaseException] = field(default_factory=list)
 
 
+Sign = Callable[[Domain, str, bytes], bytes]
+"""Signs (domain, context, payload): proofs.signatures.sign bound to a key, or a SignerProcess."""
+
+Item = HeaderItem | GradientItem | StateItem | None
+
+
 class Committer:
     """The worker thread and its queue. ``submit`` blocks while ``depth`` items are pending."""
 
@@ -85,19 +102,19 @@ class Committer:
         self,
         *,
         store: RunStore,
-        keypair: KeyPair,
+        sign: Sign,
         run_id: str,
         chunk_size: int,
         position: ChainPosition,
         depth: int = 4,
     ) -> None:
         self._store = store
-        self._keypair = keypair
+        self._sign = sign
         self._run_id = run_id
         self._chunk_size = chunk_size
         self._pos = position
         self._records: list[StepRecord] = []
-        self._queue: queue.Queue[GradientItem | StateItem | None] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[Item] = queue.Queue(maxsize=depth)
         self.stats = Stats()
         self._thread = threading.Thread(target=self._run, name="veritrain-committer", daemon=True)
         self._thread.start()
@@ -108,7 +125,7 @@ class Committer:
             exc = self.stats.errors[0]
             raise PipelineError(f"audit pipeline failed: {exc}") from exc
 
-    def submit(self, item: GradientItem | StateItem) -> None:
+    def submit(self, item: HeaderItem | GradientItem | StateItem) -> None:
         """Queue ``item`` (blocking when full); raises PipelineError if the worker failed."""
         self.check()
         self._queue.put(item)
@@ -136,11 +153,21 @@ class Committer:
             try:
                 if isinstance(item, GradientItem):
                     self._commit_gradient(item)
-                else:
+                elif isinstance(item, StateItem):
                     self._commit_window(item)
+                else:
+                    self._commit_header(item)
             except BaseException as exc:  # re-raised on the training thread by check()
                 logger.exception("audit pipeline failed")
                 self.stats.errors.append(exc)
+
+    def _commit_header(self, item: HeaderItem) -> None:
+        if self._store.put_object(item.initial.root, item.initial.payload):
+            self.stats.bytes_written += len(item.initial.payload)
+        h = item.header
+        signature = self._sign(Domain.RUN_HEADER, h.run_id, h.hash())
+        self._store.put_header(SignedRunHeader(header=h, signature=bytes(signature)))
+        logger.info("run %s: header written", h.run_id)
 
     def _commit_gradient(self, item: GradientItem) -> None:
         encoded = encode_checkpoint(item.grads, chunk_size=self._chunk_size)
@@ -179,7 +206,8 @@ class Committer:
             state=state_ref(item.step, encoded.root, encoded.index.leaf_count, encoded.payload),
             prev=self._pos.prev_manifest,
         )
-        signed = sign_manifest(self._keypair, manifest)
+        signature = self._sign(Domain.STEP_MANIFEST, manifest.run_id, manifest.hash())
+        signed = SignedWindowManifest(manifest=manifest, signature=bytes(signature))
         self._store.put_manifest(signed)
         self._records.clear()
         self._pos.window += 1
