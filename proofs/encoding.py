@@ -96,7 +96,12 @@ def _as_byte_view(name: str, dtype: str, data: object) -> memoryview:
             f"tensor {name!r}: buffer format {fmt!r} has itemsize {data.itemsize}, "
             f"dtype {dtype} needs {itemsize(dtype)}"
         )
-    return data.cast("B") if data.ndim != 1 or data.format != "B" else data
+    if data.ndim == 1 and data.format == "B":
+        return data
+    try:
+        return data.cast("B")
+    except (TypeError, ValueError) as exc:  # e.g. a struct format memoryview cannot re-view
+        raise EncodingError(f"tensor {name!r}: cannot view buffer as bytes: {exc}") from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
