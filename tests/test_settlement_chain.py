@@ -422,3 +422,11 @@ def test_cumulative_claims_follow_a_model(
                     s.claim(admin, req(tree, a, cumulative[a]))
             assert s.token_balance(a) == held[a] == s.claimed(a)
     assert s.total_claimed() == sum(held.values())
+
+
+def test_advance_time_moves_the_clock_and_mines(chain: conftest_chain.Chain) -> None:
+    w3 = chain.w3
+    height, before = w3.eth.block_number, w3.eth.get_block("latest")["timestamp"]
+    assert advance_time(w3, 0) >= before
+    assert advance_time(w3, 100) >= before + 100
+    assert w3.eth.block_number == height + 2
