@@ -429,4 +429,4 @@ def test_advance_time_moves_the_clock_and_mines(chain: conftest_chain.Chain) -> 
     height, before = w3.eth.block_number, w3.eth.get_block("latest")["timestamp"]
     assert advance_time(w3, 0) >= before
     assert advance_time(w3, 100) >= before + 100
-    assert w3.eth.block_number == height + 2
+    assert w3.eth.block_number >= height + 2  # at least one new block per call
