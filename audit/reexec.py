@@ -42,6 +42,7 @@ from trainer.checkpoint import (
     checkpoint_root,
 )
 from trainer.data import Corpus
+from trainer.loop import configure_determinism
 from trainer.models import build_model
 from trainer.replay import apply_gradients
 from trainer.seeds import replay_seed, seed_generators
@@ -112,10 +113,17 @@ class StepAuditor:
         h = run.header
         self.store, self.run, self.corpus, self.config = store, run, corpus, config
         self.device = auditor_device(config)
-        if config.mode is Mode.EXACT and self.device.type != h.device:
-            raise AuditSetupError(
-                f"exact mode needs a {h.device} device, this auditor has {self.device.type}"
-            )
+        if config.mode is Mode.EXACT:
+            if self.device.type != h.device:
+                raise AuditSetupError(
+                    f"exact mode needs a {h.device} device, this auditor has {self.device.type}"
+                )
+            configure_determinism(None)  # the trainer's own settings (deterministic kernels)
+        if self.device.type == "cuda":
+            # TF32 matmuls carry ~1e-3 relative error, far above the float32 noise calibrated
+            # against: an auditor must never run them.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         if not h.model:
             raise AuditSetupError("run uses a model outside the registry: cannot re-execute")
         if h.dataset is None or corpus is None:
