@@ -228,21 +228,24 @@ class TxResult:
 def _prepared(w3: Web3, sender: LocalAccount, call: ContractFunction | ContractConstructor) -> Any:
     """The unsigned transaction, checked: a revert raises here, before anything is sent.
 
-    A JSON-RPC node estimates the gas (+20 %). py-evm's estimate is a binary search costing ~8
-    executions (~60 ms), so on eth-tester one eth_call checks the transaction and the gas limit is
-    the block's: unused gas is refunded and gasUsed does not depend on the limit.
+    Checks run against the *pending* block: on a chain that mines only on demand (Anvil, a quiet
+    network) the latest block can be minutes old, and a root whose delay has passed would still
+    look pending to it. A JSON-RPC node estimates the gas (+20 %). py-evm's estimate is a binary
+    search costing ~8 executions (~60 ms), so on eth-tester one eth_call checks the transaction
+    and the gas limit is the block's: unused gas is refunded and gasUsed does not depend on it.
     """
     params: dict[str, Any] = {
         "from": sender.address,
         "nonce": w3.eth.get_transaction_count(sender.address, "pending"),
+        "gas": int(w3.eth.get_block("latest")["gasLimit"]),  # placeholder: no estimate in build
     }
-    if not is_tester(w3):
-        tx = call.build_transaction(params)  # type: ignore[arg-type]
-        tx["gas"] = int(tx["gas"]) * GAS_MARGIN_NUM // GAS_MARGIN_DEN
-        return tx
-    params["gas"] = int(w3.eth.get_block("latest")["gasLimit"])
     tx = call.build_transaction(params)  # type: ignore[arg-type]
-    w3.eth.call({k: tx[k] for k in ("from", "to", "data", "value") if k in tx})  # type: ignore[arg-type]
+    probe = {k: tx[k] for k in ("from", "to", "data", "value") if k in tx}
+    if is_tester(w3):
+        w3.eth.call(probe, "pending")  # type: ignore[arg-type]
+    else:
+        gas = w3.eth.estimate_gas(probe, "pending")  # type: ignore[arg-type]
+        tx["gas"] = int(gas) * GAS_MARGIN_NUM // GAS_MARGIN_DEN
     return tx
 
 
@@ -297,10 +300,10 @@ def _replayed_revert(w3: Web3, tx: Any, block: int, tx_hash: str) -> RevertError
     return RevertError("RevertedWithoutReason", {}, tx_hash)
 
 
-def call_view(call: ContractFunction) -> Any:
-    """``call.call()`` with reverts decoded into :class:`RevertError`."""
+def call_view(call: ContractFunction, block: str = "latest") -> Any:
+    """``call.call()`` at ``block`` with reverts decoded into :class:`RevertError`."""
     try:
-        return call.call()
+        return call.call(block_identifier=block)  # type: ignore[arg-type]
     except Exception as exc:
         revert = _as_revert(exc)
         if revert is None:

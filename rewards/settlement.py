@@ -23,7 +23,7 @@ from web3.logs import DISCARD
 from proofs.errors import VeritrainError
 from proofs.hashing import keccak256
 from proofs.payout import normalize_address
-from rewards.chain import TxResult, artifact, call_view, send
+from rewards.chain import RevertError, TxResult, artifact, call_view, send
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
@@ -343,14 +343,15 @@ class Settlement:
         return self.root_at(int(index)) if found else None
 
     def active_root(self) -> RootRecord | None:
-        """The newest root past its activation delay and not revoked; None if there is none."""
-        for record in reversed(self.roots()):
-            if not record.revoked and record.activated_at <= self._now():
-                return record
-        return None
-
-    def _now(self) -> int:
-        return int(self.w3.eth.get_block("latest")["timestamp"])
+        """The root a claim sent now would use: the newest past its delay and not revoked, as
+        of the pending block (the latest one may be old on a chain that mines on demand)."""
+        try:
+            index = call_view(self.contract.functions.activeRootIndex(), "pending")
+        except RevertError as exc:
+            if exc.name == "NoActiveRoot":
+                return None
+            raise
+        return self.root_at(int(index))
 
     def claimed(self, account: str) -> int:
         """Cumulative amount already paid to ``account``."""

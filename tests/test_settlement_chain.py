@@ -430,3 +430,22 @@ def test_advance_time_moves_the_clock_and_mines(chain: conftest_chain.Chain) -> 
     assert advance_time(w3, 0) >= before
     assert advance_time(w3, 100) >= before + 100
     assert w3.eth.block_number >= height + 2  # at least one new block per call
+
+
+@pytest.mark.parametrize("chain", ["anvil"], indirect=True)
+def test_a_root_is_claimable_once_due_even_if_no_block_was_mined(deployed: Deployed) -> None:
+    # On a chain that mines on demand the latest block can predate the activation time; checks
+    # must judge by the pending block, which the next transaction will actually be mined in.
+    # Anvil only: eth-tester's time_travel mines a block, so it cannot leave the head stale.
+    d, s = deployed, deployed.settlement
+    who = peers(1, "due")
+    s.fund(d.chain.admin, 10)
+    tree = post(d, 1, [(who[0], 10)])
+    latest = d.chain.w3.eth.get_block("latest")
+    d.chain.w3.provider.make_request("evm_increaseTime", [ACTIVATION_DELAY + 1])  # type: ignore[arg-type]
+    head = d.chain.w3.eth.get_block("latest")
+    assert head["number"] == latest["number"]  # nothing mined: the head still says "pending"
+    active = s.active_root()
+    assert active is not None and active.root == tree.root
+    s.claim(d.chain.relayer, req(tree, who[0], 10))
+    assert s.token_balance(who[0]) == 10
