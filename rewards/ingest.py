@@ -246,6 +246,15 @@ def _run_problem(con: Connection, run: VerifiedRun) -> str | None:
 def _write_runs(batch: _Batch, con: Connection) -> int:
     loaded = 0
     for source, run in batch.runs:
+        same = query(
+            con,
+            "SELECT 1 FROM runs"
+            " WHERE run_id = $r AND header_hash = $h AND final_manifest_hash = $f",
+            {"r": run.header.run_id, "h": _hex(run.header_hash), "f": _hex(run.final_hash)},
+        )
+        if same:  # the same run reached through two URLs of one batch
+            batch.duplicates += 1
+            continue
         problem = _run_problem(con, run)
         if problem is not None:
             batch.rejections.append(Rejection(kind="run", source=source, reason=problem))

@@ -4,7 +4,8 @@ The world, built once per session (~40 s on 2 cores, mostly BLS in pure Python):
   alice, bob: honest runs; carol: honest training, then a byte of a committed gradient is changed
   in her store (the auditor calls it invalid); dave: a run by an unregistered key; eve: a run whose
   last manifest carries a signature over another message. aud1 audits every step of alice, bob and
-  carol; aud2 audits two steps of alice. aud3 is not registered.
+  carol; aud2 audits two steps of alice and one of alice's second run (which stays pending).
+  aud3 is not registered.
   Epoch 0 ingests every store and aud1's verdicts on alice and carol, but only one of bob's.
   Epoch 1 ingests bob's other verdicts, aud2's, one verdict whose text was changed after signing,
   and one signed by aud3.
@@ -54,13 +55,13 @@ class RealWorld:
     reports: tuple[ingest.IngestReport, ingest.IngestReport]
 
 
-def _train(stores: Path, name: str) -> None:
+def _train(stores: Path, name: str, run: str = "r1") -> None:
     from trainer.data import Corpus
     from trainer.loop import TrainConfig, train
 
     config = TrainConfig(
-        run_id=f"{name}-r1",
-        run_seed=7,
+        run_id=f"{name}-{run}",
+        run_seed=7 if run == "r1" else 8,
         steps=STEPS,
         batch_size=2,
         model_config=TINY,
@@ -68,7 +69,7 @@ def _train(stores: Path, name: str) -> None:
         warmup_steps=1,
         threads=1,
     )
-    train(config, str(stores / f"{name}-r1"), key(name), corpus=Corpus.from_paths(CORPUS))
+    train(config, str(stores / f"{name}-{run}"), key(name), corpus=Corpus.from_paths(CORPUS))
 
 
 def _audit(stores: Path, runs: list[str], out: Path, auditor: str, count: int) -> None:
@@ -153,10 +154,12 @@ def _build(root: Path) -> RealWorld:
     stores, audits = root / "stores", root / "audits"
     for name in ("alice", "bob", "carol", "dave", "eve"):
         _train(stores, name)
+    _train(stores, "alice", "r2")
     _corrupt_gradient(stores / "carol-r1", STEPS - 1)
     _forge_last_manifest(stores / "eve-r1")
     _audit(stores, ["alice-r1", "bob-r1", "carol-r1"], audits / "aud1", "aud1", STEPS)
     _audit(stores, ["alice-r1"], audits / "aud2", "aud2", 2)
+    _audit(stores, ["alice-r2"], audits / "aud2", "aud2", 1)
     v0, v1 = root / "verdicts0", root / "verdicts1"
     shutil.copytree(audits / "aud1" / "alice-r1", v0 / "alice-r1")
     shutil.copytree(audits / "aud1" / "carol-r1", v0 / "carol-r1")
@@ -166,8 +169,8 @@ def _build(root: Path) -> RealWorld:
     (v1 / "bob-r1").mkdir(parents=True)
     for path in bob[1:]:
         shutil.copy(path, v1 / "bob-r1" / path.name)
-    shutil.copytree(audits / "aud2" / "alice-r1", v1 / "aud2-alice")
-    aud2_files = sorted((v1 / "aud2-alice").glob("step-*.json"))
+    shutil.copytree(audits / "aud2", v1 / "aud2")
+    aud2_files = sorted((v1 / "aud2" / "alice-r1").glob("step-*.json"))
     _tamper_verdict(aud2_files[0], v1 / "tampered.json")
     _resign(bob[0], v1 / "aud3.json", "aud3", auditor=key("aud3").public)
 
@@ -216,28 +219,35 @@ def snapshot(con: warehouse.Connection) -> dict[str, list[tuple[object, ...]]]:
 
 def test_batches_load_what_verifies_and_reject_the_rest(real_world: RealWorld) -> None:
     r0, r1 = real_world.reports
-    assert (r0.runs_loaded, r0.verdicts_loaded, r0.duplicates) == (3, 9, 0)
+    assert (r0.runs_loaded, r0.verdicts_loaded, r0.duplicates) == (4, 9, 0)
     reasons = {Path(r.source).name: r.reason for r in r0.rejections}
     assert set(reasons) == {"dave-r1", "eve-r1"}
     assert reasons["dave-r1"].startswith("unknown peer")
     assert "signature does not verify" in reasons["eve-r1"]
-    assert (r1.runs_loaded, r1.verdicts_loaded) == (0, 5)
+    assert (r1.runs_loaded, r1.verdicts_loaded) == (0, 6)
     reasons = {Path(r.source).name: r.reason for r in r1.rejections}
     assert set(reasons) == {"tampered.json", "aud3.json"}
     assert "signature does not verify" in reasons["tampered.json"]
     assert reasons["aud3.json"].startswith("unknown auditor")
     con = warehouse.connect_read_only(real_world.db)
     assert con.execute("SELECT count(*) FROM rejections").fetchall() == [(4,)]
-    assert con.execute("SELECT count(*) FROM steps").fetchall() == [(3 * STEPS,)]
+    assert con.execute("SELECT count(*) FROM steps").fetchall() == [(4 * STEPS,)]
     con.close()
 
 
 def test_policy_on_the_real_runs(real_world: RealWorld) -> None:
     con = warehouse.connect_read_only(real_world.db)
     states = dict(
-        con.execute("SELECT run_id, state || ':' || decided_epoch FROM run_outcomes").fetchall()
+        con.execute(
+            "SELECT run_id, state || ':' || coalesce(decided_epoch::VARCHAR, '-') FROM run_outcomes"
+        ).fetchall()
     )
-    assert states == {"alice-r1": "verified:0", "bob-r1": "verified:1", "carol-r1": "failed:0"}
+    assert states == {
+        "alice-r1": "verified:0",
+        "alice-r2": "pending:-",
+        "bob-r1": "verified:1",
+        "carol-r1": "failed:0",
+    }
     # The changed gradient is step 3's; steps 2 and 3 share its window (checkpoint_every=2), and
     # auditing either one reads it, so both are invalid, and steps 0-1 pass.
     outcomes = con.execute(
@@ -250,7 +260,7 @@ def test_policy_on_the_real_runs(real_world: RealWorld) -> None:
         ("carol", 5_000, 500)
     ]
     pending = con.execute("SELECT pending_runs FROM epoch_summaries ORDER BY epoch").fetchall()
-    assert pending == [(1,), (0,)]
+    assert pending == [(2,), (1,)]
     con.close()
     payout = payouts.epoch_payout(real_world.db, 1)
     assert payout.entries == ((address("alice"), POOLS[0]), (address("bob"), POOLS[1]))
@@ -265,7 +275,7 @@ def test_ingesting_again_changes_nothing(real_world: RealWorld, tmp_path: Path) 
         con, stores=[str(real_world.stores)], verdicts_dir=str(real_world.verdicts0)
     )
     assert (again.runs_loaded, again.verdicts_loaded) == (0, 0)
-    assert again.duplicates == 3 + 9
+    assert again.duplicates == 4 + 9
     assert snapshot(con) == before
     con.close()
 
@@ -277,7 +287,7 @@ def test_cli_ingest_and_rejections_are_reported(real_world: RealWorld, tmp_path:
         main, ["ingest", "--db", str(db), "--verdicts", str(real_world.verdicts1), "--epoch", "1"]
     )
     assert res.exit_code == 0, res.output
-    assert "0 runs, 0 verdicts loaded; 5 duplicates; 2 rejected" in res.stdout
+    assert "0 runs, 0 verdicts loaded; 6 duplicates; 2 rejected" in res.stdout
 
 
 def test_strict_batch_with_a_bad_record_changes_nothing(
