@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from audit.beacon import BeaconError, ChainBeaconFor, StaticBeaconFor, parse_beacon_hex
+from audit.bundle import VerdictBundle, aggregate_verdicts, verify_bundle
 from audit.evidence import check_verdict
 from audit.fetch import load_run
 from audit.jobs import JobSpec, RunOutcome, SampleSpec, run_job
@@ -27,11 +28,8 @@ from audit.reexec import ReexecConfig
 from audit.sampling import SamplingError, detection_probability, plan_sample
 from audit.tolerance import Mode
 from audit.verdict import (
-    VerdictBundle,
     VerdictError,
-    aggregate_verdicts,
     load_signed_verdict,
-    verify_bundle,
 )
 from proofs.errors import VeritrainError
 from proofs.signatures import generate_keypair, load_keypair, save_keypair

@@ -11,21 +11,34 @@ from __future__ import annotations
 
 import enum
 import json
-import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from audit.jsonform import VerdictError as VerdictError
+from audit.jsonform import (
+    canonical_json,
+    dict_field,
+    expect_header,
+    expect_keys,
+    float_in,
+    float_out,
+    hex_str,
+    list_field,
+    opt_float,
+    opt_hash,
+    opt_hex,
+    str_field,
+    uint_field,
+    unhex,
+)
 from audit.tolerance import Mode
-from proofs.errors import EncodingError, SignatureError
+from proofs.errors import SignatureError
 from proofs.hashing import Hash32, sha256
 from proofs.signatures import (
     BLSPubkey,
     BLSSignature,
     Domain,
     KeyPair,
-    aggregate,
-    aggregate_verify,
     sign,
     verify,
 )
@@ -34,10 +47,6 @@ VERDICT_VERSION = 1
 VERDICT_KIND = "veritrain-verdict"
 BUNDLE_KIND = "veritrain-verdict-bundle"
 MAX_VERDICT_JSON = 16 << 20  # a verdict with evidence is kilobytes; refuse absurd files early
-
-
-class VerdictError(EncodingError):
-    """A verdict JSON document is malformed or of an unknown version."""
 
 
 class Outcome(enum.Enum):
@@ -136,7 +145,7 @@ class Verdict:
 
     @classmethod
     def from_json(cls, obj: object) -> Verdict:
-        body = _expect_header(obj, VERDICT_KIND)
+        body = expect_header(obj, VERDICT_KIND)
         return _verdict_from(body)
 
 
@@ -146,7 +155,7 @@ class SignedVerdict:
     signature: BLSSignature
 
     def to_json(self) -> dict[str, Any]:
-        return {"verdict": self.verdict.to_json(), "signature": _hex(self.signature)}
+        return {"verdict": self.verdict.to_json(), "signature": hex_str(self.signature)}
 
     @classmethod
     def from_json(cls, obj: object) -> SignedVerdict:
@@ -154,12 +163,8 @@ class SignedVerdict:
             raise VerdictError("signed verdict must be an object with verdict and signature")
         return cls(
             verdict=Verdict.from_json(obj["verdict"]),
-            signature=BLSSignature(_unhex(obj["signature"], 96)),
+            signature=BLSSignature(unhex(obj["signature"], 96)),
         )
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 def sign_verdict(keypair: KeyPair, verdict: Verdict) -> SignedVerdict:
@@ -184,162 +189,26 @@ def verify_verdict(signed: SignedVerdict) -> bool:
         return False
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class VerdictBundle:
-    """Verdicts of several auditors on one run under one aggregate BLS signature."""
-
-    run_id: str
-    verdicts: tuple[Verdict, ...]
-    signature: BLSSignature
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": VERDICT_VERSION,
-            "kind": BUNDLE_KIND,
-            "run_id": self.run_id,
-            "verdicts": [v.to_json() for v in self.verdicts],
-            "signature": _hex(self.signature),
-        }
-
-    @classmethod
-    def from_json(cls, obj: object) -> VerdictBundle:
-        body = _expect_header(obj, BUNDLE_KIND)
-        _expect_keys(body, {"run_id", "verdicts", "signature"})
-        verdicts = body["verdicts"]
-        if not isinstance(verdicts, list):
-            raise VerdictError("bundle verdicts must be a list")
-        return cls(
-            run_id=_str(body["run_id"]),
-            verdicts=tuple(Verdict.from_json(v) for v in verdicts),
-            signature=BLSSignature(_unhex(body["signature"], 96)),
-        )
-
-
-def aggregate_verdicts(signed: Sequence[SignedVerdict]) -> VerdictBundle:
-    """One signature for many auditors' verdicts on the same run (no verification is done here).
-
-    Raises VerdictError when empty, when the verdicts name different runs, or when one
-    (auditor, step) appears twice.
-    """
-    if not signed:
-        raise VerdictError("nothing to aggregate")
-    runs = {s.verdict.run_id for s in signed}
-    if len(runs) != 1:
-        raise VerdictError(f"verdicts of one bundle must share a run, got {sorted(runs)[:3]}")
-    keys = [(s.verdict.auditor, s.verdict.step) for s in signed]
-    if len(set(keys)) != len(keys):
-        raise VerdictError("duplicate (auditor, step) in bundle")
-    return VerdictBundle(
-        run_id=next(iter(runs)),
-        verdicts=tuple(s.verdict for s in signed),
-        signature=aggregate([s.signature for s in signed]),
-    )
-
-
-def verify_bundle(bundle: VerdictBundle) -> bool:
-    """One pairing check over all verdicts (each a distinct message). Never raises."""
-    try:
-        if not bundle.verdicts or any(v.run_id != bundle.run_id for v in bundle.verdicts):
-            return False
-        return aggregate_verify(
-            [v.auditor for v in bundle.verdicts],
-            [(Domain.VERDICT, v.run_id, v.canonical_bytes()) for v in bundle.verdicts],
-            bundle.signature,
-        )
-    except Exception:
-        return False
-
-
-# --- JSON mapping -------------------------------------------------------------------------------
-
-
-def _hex(value: bytes) -> str:
-    return "0x" + bytes(value).hex()
-
-
-def _unhex(value: object, size: int | None = None) -> bytes:
-    if not isinstance(value, str) or not value.startswith("0x"):
-        raise VerdictError(f"expected a 0x-hex string, got {str(value)[:40]!r}")
-    try:
-        raw = bytes.fromhex(value[2:])
-    except ValueError as exc:
-        raise VerdictError(f"bad hex: {value[:40]!r}") from exc
-    if size is not None and len(raw) != size:
-        raise VerdictError(f"expected {size} bytes, got {len(raw)}")
-    return raw
-
-
-def _float_out(x: float) -> float | str:
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "Infinity" if x > 0 else "-Infinity"
-    return float(x)
-
-
-def _float_in(value: object) -> float:
-    specials = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-    if isinstance(value, str) and value in specials:
-        return specials[value]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise VerdictError(f"expected a number, got {str(value)[:40]!r}")
-    return float(value)
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise VerdictError(f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise VerdictError(f"expected a non-negative integer, got {str(value)[:40]!r}")
-    return value
-
-
-def _expect_keys(obj: Mapping[str, object], keys: set[str]) -> None:
-    if set(obj) != keys:
-        raise VerdictError(
-            f"unexpected fields {sorted(set(obj) - keys)[:5]}, "
-            f"missing {sorted(keys - set(obj))[:5]}"
-        )
-
-
-def _expect_header(obj: object, kind: str) -> dict[str, object]:
-    if not isinstance(obj, dict):
-        raise VerdictError("a verdict document must be a JSON object")
-    if obj.get("kind") != kind:
-        raise VerdictError(f"expected kind {kind!r}, got {str(obj.get('kind'))[:40]!r}")
-    if obj.get("version") != VERDICT_VERSION:
-        raise VerdictError(f"unsupported verdict version {obj.get('version')!r}")
-    return {k: v for k, v in obj.items() if k not in ("kind", "version")}
-
-
-def _opt_hex(value: bytes | None) -> str | None:
-    return None if value is None else _hex(value)
-
-
 def _to_obj(v: Verdict) -> dict[str, Any]:
     return {
         "run_id": v.run_id,
-        "peer": _hex(v.peer),
+        "peer": hex_str(v.peer),
         "step": v.step,
         "outcome": v.outcome.value,
         "mode": v.mode.value,
         "reason": v.reason,
-        "replay_seed": _hex(v.replay_seed),
-        "recipe_hash": _hex(v.recipe_hash),
-        "manifest_hash": _hex(v.manifest_hash),
-        "committed_root": _opt_hex(v.committed_root),
-        "recomputed_root": _opt_hex(v.recomputed_root),
+        "replay_seed": hex_str(v.replay_seed),
+        "recipe_hash": hex_str(v.recipe_hash),
+        "manifest_hash": hex_str(v.manifest_hash),
+        "committed_root": opt_hex(v.committed_root),
+        "recomputed_root": opt_hex(v.recomputed_root),
         "tensors": [
             {
                 "name": t.name,
-                "rel_l2": _float_out(t.rel_l2),
-                "cosine": _float_out(t.cosine),
-                "max_rel_l2": None if t.max_rel_l2 is None else _float_out(t.max_rel_l2),
-                "max_cosine": None if t.max_cosine is None else _float_out(t.max_cosine),
+                "rel_l2": float_out(t.rel_l2),
+                "cosine": float_out(t.cosine),
+                "max_rel_l2": None if t.max_rel_l2 is None else float_out(t.max_rel_l2),
+                "max_cosine": None if t.max_cosine is None else float_out(t.max_cosine),
                 "passed": t.passed,
             }
             for t in v.tensors
@@ -348,12 +217,12 @@ def _to_obj(v: Verdict) -> dict[str, Any]:
             {
                 "kind": e.kind.value,
                 "artifact": e.artifact,
-                "root": _hex(e.root),
+                "root": hex_str(e.root),
                 "leaf_count": e.leaf_count,
                 "indices": list(e.indices),
-                "leaf_hashes": [_hex(h) for h in e.leaf_hashes],
-                "observed_hashes": [_hex(h) for h in e.observed_hashes],
-                "proof_hashes": [_hex(h) for h in e.proof_hashes],
+                "leaf_hashes": [hex_str(h) for h in e.leaf_hashes],
+                "observed_hashes": [hex_str(h) for h in e.observed_hashes],
+                "proof_hashes": [hex_str(h) for h in e.proof_hashes],
             }
             for e in v.evidence
         ],
@@ -361,11 +230,11 @@ def _to_obj(v: Verdict) -> dict[str, Any]:
         if v.usefulness is None
         else {
             "heldout": v.usefulness.heldout,
-            "loss_before": _float_out(v.usefulness.loss_before),
-            "loss_after": _float_out(v.usefulness.loss_after),
+            "loss_before": float_out(v.usefulness.loss_before),
+            "loss_after": float_out(v.usefulness.loss_after),
         },
-        "auditor": _hex(v.auditor),
-        "sample_seed": _opt_hex(v.sample_seed),
+        "auditor": hex_str(v.auditor),
+        "sample_seed": opt_hex(v.sample_seed),
         "device": v.device,
         "torch_version": v.torch_version,
     }
@@ -378,40 +247,24 @@ _VERDICT_KEYS = {
 }  # fmt: skip
 
 
-def _list(value: object, what: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise VerdictError(f"{what} must be a list")
-    return value
-
-
-def _dict(value: object, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise VerdictError(f"{what} must be an object")
-    return value
-
-
-def _opt_float(value: object) -> float | None:
-    return None if value is None else _float_in(value)
-
-
 def _tensor_from(obj: object) -> TensorCheck:
-    d = _dict(obj, "tensor check")
-    _expect_keys(d, {"name", "rel_l2", "cosine", "max_rel_l2", "max_cosine", "passed"})
+    d = dict_field(obj, "tensor check")
+    expect_keys(d, {"name", "rel_l2", "cosine", "max_rel_l2", "max_cosine", "passed"})
     if not isinstance(d["passed"], bool):
         raise VerdictError("passed must be a boolean")
     return TensorCheck(
-        name=_str(d["name"]),
-        rel_l2=_float_in(d["rel_l2"]),
-        cosine=_float_in(d["cosine"]),
-        max_rel_l2=_opt_float(d["max_rel_l2"]),
-        max_cosine=_opt_float(d["max_cosine"]),
+        name=str_field(d["name"]),
+        rel_l2=float_in(d["rel_l2"]),
+        cosine=float_in(d["cosine"]),
+        max_rel_l2=opt_float(d["max_rel_l2"]),
+        max_cosine=opt_float(d["max_cosine"]),
         passed=d["passed"],
     )
 
 
 def _evidence_from(obj: object) -> Evidence:
-    d = _dict(obj, "evidence")
-    _expect_keys(
+    d = dict_field(obj, "evidence")
+    expect_keys(
         d,
         {"kind", "artifact", "root", "leaf_count", "indices", "leaf_hashes", "observed_hashes",
          "proof_hashes"},
@@ -422,15 +275,19 @@ def _evidence_from(obj: object) -> Evidence:
         raise VerdictError(f"unknown evidence kind {str(d['kind'])[:40]!r}") from exc
     ev = Evidence(
         kind=kind,
-        artifact=_str(d["artifact"]),
-        root=Hash32(_unhex(d["root"], 32)),
-        leaf_count=_int(d["leaf_count"]),
-        indices=tuple(_int(i) for i in _list(d["indices"], "indices")),
-        leaf_hashes=tuple(Hash32(_unhex(h, 32)) for h in _list(d["leaf_hashes"], "leaf_hashes")),
-        observed_hashes=tuple(
-            Hash32(_unhex(h, 32)) for h in _list(d["observed_hashes"], "observed_hashes")
+        artifact=str_field(d["artifact"]),
+        root=Hash32(unhex(d["root"], 32)),
+        leaf_count=uint_field(d["leaf_count"]),
+        indices=tuple(uint_field(i) for i in list_field(d["indices"], "indices")),
+        leaf_hashes=tuple(
+            Hash32(unhex(h, 32)) for h in list_field(d["leaf_hashes"], "leaf_hashes")
         ),
-        proof_hashes=tuple(Hash32(_unhex(h, 32)) for h in _list(d["proof_hashes"], "proof_hashes")),
+        observed_hashes=tuple(
+            Hash32(unhex(h, 32)) for h in list_field(d["observed_hashes"], "observed_hashes")
+        ),
+        proof_hashes=tuple(
+            Hash32(unhex(h, 32)) for h in list_field(d["proof_hashes"], "proof_hashes")
+        ),
     )
     if not len(ev.indices) == len(ev.leaf_hashes) == len(ev.observed_hashes):
         raise VerdictError("evidence indices, leaf hashes and observed hashes differ in length")
@@ -440,45 +297,41 @@ def _evidence_from(obj: object) -> Evidence:
 def _usefulness_from(obj: object) -> Usefulness | None:
     if obj is None:
         return None
-    d = _dict(obj, "usefulness")
-    _expect_keys(d, {"heldout", "loss_before", "loss_after"})
+    d = dict_field(obj, "usefulness")
+    expect_keys(d, {"heldout", "loss_before", "loss_after"})
     return Usefulness(
-        heldout=_str(d["heldout"]),
-        loss_before=_float_in(d["loss_before"]),
-        loss_after=_float_in(d["loss_after"]),
+        heldout=str_field(d["heldout"]),
+        loss_before=float_in(d["loss_before"]),
+        loss_after=float_in(d["loss_after"]),
     )
 
 
-def _opt_hash(value: object) -> Hash32 | None:
-    return None if value is None else Hash32(_unhex(value, 32))
-
-
 def _verdict_from(d: dict[str, object]) -> Verdict:
-    _expect_keys(d, _VERDICT_KEYS)
+    expect_keys(d, _VERDICT_KEYS)
     try:
         outcome = Outcome(d["outcome"])
         mode = Mode(d["mode"])
     except ValueError as exc:
         raise VerdictError(f"unknown outcome or mode: {exc}") from exc
     return Verdict(
-        run_id=_str(d["run_id"]),
-        peer=BLSPubkey(_unhex(d["peer"], 48)),
-        step=_int(d["step"]),
+        run_id=str_field(d["run_id"]),
+        peer=BLSPubkey(unhex(d["peer"], 48)),
+        step=uint_field(d["step"]),
         outcome=outcome,
         mode=mode,
-        reason=_str(d["reason"]),
-        replay_seed=_unhex(d["replay_seed"]),
-        recipe_hash=Hash32(_unhex(d["recipe_hash"], 32)),
-        manifest_hash=Hash32(_unhex(d["manifest_hash"], 32)),
-        committed_root=_opt_hash(d["committed_root"]),
-        recomputed_root=_opt_hash(d["recomputed_root"]),
-        tensors=tuple(_tensor_from(t) for t in _list(d["tensors"], "tensors")),
-        evidence=tuple(_evidence_from(e) for e in _list(d["evidence"], "evidence")),
+        reason=str_field(d["reason"]),
+        replay_seed=unhex(d["replay_seed"]),
+        recipe_hash=Hash32(unhex(d["recipe_hash"], 32)),
+        manifest_hash=Hash32(unhex(d["manifest_hash"], 32)),
+        committed_root=opt_hash(d["committed_root"]),
+        recomputed_root=opt_hash(d["recomputed_root"]),
+        tensors=tuple(_tensor_from(t) for t in list_field(d["tensors"], "tensors")),
+        evidence=tuple(_evidence_from(e) for e in list_field(d["evidence"], "evidence")),
         usefulness=_usefulness_from(d["usefulness"]),
-        auditor=BLSPubkey(_unhex(d["auditor"], 48)),
-        sample_seed=_opt_hash(d["sample_seed"]),
-        device=_str(d["device"]),
-        torch_version=_str(d["torch_version"]),
+        auditor=BLSPubkey(unhex(d["auditor"], 48)),
+        sample_seed=opt_hash(d["sample_seed"]),
+        device=str_field(d["device"]),
+        torch_version=str_field(d["torch_version"]),
     )
 
 

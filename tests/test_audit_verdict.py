@@ -14,14 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from py_ecc.bls import G2ProofOfPossession
 
+from audit.bundle import VerdictBundle, aggregate_verdicts, verify_bundle
 from audit.chunks import leaf_hash_map, verify_leaf_hashes
 from audit.verdict import (
     SignedVerdict,
-    VerdictBundle,
     VerdictError,
-    aggregate_verdicts,
     load_signed_verdict,
-    verify_bundle,
     verify_verdict,
 )
 from proofs.merkle import MultiProof

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from audit.bundle import aggregate_verdicts
 from audit.tolerance import Mode
 from audit.verdict import (
     Evidence,
@@ -19,7 +20,6 @@ from audit.verdict import (
     TensorCheck,
     Usefulness,
     Verdict,
-    aggregate_verdicts,
     sign_verdict,
 )
 from proofs.hashing import Hash32, leaf_hash, sha256

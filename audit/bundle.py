@@ -1,0 +1,77 @@
+"""Several auditors' verdicts on one run under one aggregate BLS signature."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from audit.jsonform import VerdictError, expect_header, expect_keys, hex_str, str_field, unhex
+from audit.verdict import BUNDLE_KIND, VERDICT_VERSION, SignedVerdict, Verdict
+from proofs.signatures import BLSSignature, Domain, aggregate, aggregate_verify
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VerdictBundle:
+    """Verdicts of several auditors on one run under one aggregate BLS signature."""
+
+    run_id: str
+    verdicts: tuple[Verdict, ...]
+    signature: BLSSignature
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": VERDICT_VERSION,
+            "kind": BUNDLE_KIND,
+            "run_id": self.run_id,
+            "verdicts": [v.to_json() for v in self.verdicts],
+            "signature": hex_str(self.signature),
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> VerdictBundle:
+        body = expect_header(obj, BUNDLE_KIND)
+        expect_keys(body, {"run_id", "verdicts", "signature"})
+        verdicts = body["verdicts"]
+        if not isinstance(verdicts, list):
+            raise VerdictError("bundle verdicts must be a list")
+        return cls(
+            run_id=str_field(body["run_id"]),
+            verdicts=tuple(Verdict.from_json(v) for v in verdicts),
+            signature=BLSSignature(unhex(body["signature"], 96)),
+        )
+
+
+def aggregate_verdicts(signed: Sequence[SignedVerdict]) -> VerdictBundle:
+    """One signature for many auditors' verdicts on the same run (no verification is done here).
+
+    Raises VerdictError when empty, when the verdicts name different runs, or when one
+    (auditor, step) appears twice.
+    """
+    if not signed:
+        raise VerdictError("nothing to aggregate")
+    runs = {s.verdict.run_id for s in signed}
+    if len(runs) != 1:
+        raise VerdictError(f"verdicts of one bundle must share a run, got {sorted(runs)[:3]}")
+    keys = [(s.verdict.auditor, s.verdict.step) for s in signed]
+    if len(set(keys)) != len(keys):
+        raise VerdictError("duplicate (auditor, step) in bundle")
+    return VerdictBundle(
+        run_id=next(iter(runs)),
+        verdicts=tuple(s.verdict for s in signed),
+        signature=aggregate([s.signature for s in signed]),
+    )
+
+
+def verify_bundle(bundle: VerdictBundle) -> bool:
+    """One pairing check over all verdicts (each a distinct message). Never raises."""
+    try:
+        if not bundle.verdicts or any(v.run_id != bundle.run_id for v in bundle.verdicts):
+            return False
+        return aggregate_verify(
+            [v.auditor for v in bundle.verdicts],
+            [(Domain.VERDICT, v.run_id, v.canonical_bytes()) for v in bundle.verdicts],
+            bundle.signature,
+        )
+    except Exception:
+        return False
