@@ -330,7 +330,8 @@ def _parse_verdict_file(path: Path) -> list[SignedVerdict]:
     """
     import json
 
-    from audit.verdict import BUNDLE_KIND, SignedVerdict, VerdictBundle, verify_bundle
+    from audit.bundle import VerdictBundle, verify_bundle
+    from audit.verdict import BUNDLE_KIND, SignedVerdict
 
     data = path.read_bytes()
     try:
@@ -368,8 +369,6 @@ def _bad_signatures(items: Sequence[SignedVerdict]) -> set[int]:
 
 
 def _read_verdicts(batch: _Batch, con: Connection, folder: str) -> None:
-    from audit.verdict import VerdictError
-
     known = {str(r[0]) for r in query(con, "SELECT verdict_id FROM verdicts")}
     pending: list[tuple[str, SignedVerdict]] = []
     bundled: list[tuple[str, SignedVerdict]] = []
@@ -377,7 +376,7 @@ def _read_verdicts(batch: _Batch, con: Connection, folder: str) -> None:
         source = str(path)
         try:
             signed = _parse_verdict_file(path)
-        except (IngestError, VerdictError, VeritrainError, OSError) as exc:
+        except (VeritrainError, OSError) as exc:  # VerdictError is an EncodingError
             batch.rejections.append(Rejection(kind="verdict", source=source, reason=str(exc)))
             continue
         for item in signed:

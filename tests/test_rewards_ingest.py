@@ -7,7 +7,8 @@ The world, built once per session (~40 s on 2 cores, mostly BLS in pure Python):
   carol; aud2 audits two steps of alice and one of alice's second run (which stays pending).
   aud3 is not registered.
   Epoch 0 ingests every store and aud1's verdicts on alice and carol, but only one of bob's.
-  Epoch 1 ingests bob's other verdicts, aud2's, one verdict whose text was changed after signing,
+  Epoch 1 ingests bob's other verdicts, aud2's (those on alice's first run as one bundle under an
+  aggregate signature), one verdict whose text was changed after signing,
   and one signed by aud3.
 """
 
@@ -127,6 +128,14 @@ def _resign(src: Path, dst: Path, signer: str, **changes: object) -> None:
     dst.write_text(json.dumps(sign_verdict(key(signer), verdict).to_json()))
 
 
+def _bundle(files: list[Path], dst: Path) -> None:
+    from audit.bundle import aggregate_verdicts
+    from audit.verdict import SignedVerdict
+
+    signed = [SignedVerdict.from_json(json.loads(f.read_text())) for f in files]
+    dst.write_text(json.dumps(aggregate_verdicts(signed).to_json()))
+
+
 def register_all(con: warehouse.Connection) -> None:
     for epoch, pool in enumerate(POOLS):
         policy.open_epoch(con, epoch, pool)
@@ -169,8 +178,9 @@ def _build(root: Path) -> RealWorld:
     (v1 / "bob-r1").mkdir(parents=True)
     for path in bob[1:]:
         shutil.copy(path, v1 / "bob-r1" / path.name)
-    shutil.copytree(audits / "aud2", v1 / "aud2")
-    aud2_files = sorted((v1 / "aud2" / "alice-r1").glob("step-*.json"))
+    shutil.copytree(audits / "aud2" / "alice-r2", v1 / "aud2" / "alice-r2")
+    aud2_files = sorted((audits / "aud2" / "alice-r1").glob("step-*.json"))
+    _bundle(aud2_files, v1 / "aud2" / "alice-r1-bundle.json")
     _tamper_verdict(aud2_files[0], v1 / "tampered.json")
     _resign(bob[0], v1 / "aud3.json", "aud3", auditor=key("aud3").public)
 
@@ -232,6 +242,11 @@ def test_batches_load_what_verifies_and_reject_the_rest(real_world: RealWorld) -
     con = warehouse.connect_read_only(real_world.db)
     assert con.execute("SELECT count(*) FROM rejections").fetchall() == [(4,)]
     assert con.execute("SELECT count(*) FROM steps").fetchall() == [(4 * STEPS,)]
+    # The bundle's two verdicts (one aggregate signature) were loaded like single ones.
+    by_aud2 = (
+        "SELECT run_id, count(*) FROM verdicts WHERE auditor_id = 'aud2' GROUP BY 1 ORDER BY 1"
+    )
+    assert con.execute(by_aud2).fetchall() == [("alice-r1", 2), ("alice-r2", 1)]
     con.close()
 
 
