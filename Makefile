@@ -4,10 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PKGS := proofs trainer audit rewards
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck pytest setup bench clean
+.PHONY: demo test lint typecheck pytest setup browser bench clean
 
-setup: $(STAMP) node_modules/.installed
+setup: $(STAMP) node_modules/.installed browser
+
+# The audit report test renders the page in a real headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing Debian's chromium for the report rendering test"; \
+	    $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
