@@ -41,7 +41,7 @@ pytest: setup
 
 test: lint typecheck pytest
 
-demo: setup
+demo: $(STAMP) node_modules/.installed
 	$(BIN)/python scripts/demo.py
 
 bench: setup
