@@ -11,6 +11,7 @@ the background committer competing for the cores.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import statistics
 import tempfile
@@ -105,27 +106,36 @@ def hooked(config: TrainConfig, corpus: Corpus, store: Path, times: dict[str, fl
     return time.perf_counter() - start
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (every thread) plus its reaped children (the signer process)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=None, help="default: the trainer's")
+    parser.add_argument("--checkpoint-every", type=int, default=100)
     args = parser.parse_args()
     configure_determinism(args.threads)
     corpus = Corpus.stdlib()
     config = TrainConfig(
         run_id="bench", run_seed=1, steps=args.steps, checkpoint_every=args.checkpoint_every
     )
-    ratios, plain_s, hooked_s, written = [], [], [], []
+    ratios, plain_s, hooked_s, written, cpu_ratios = [], [], [], [], []
     t_plain: dict[str, float] = defaultdict(float)
     t_hook: dict[str, float] = defaultdict(float)
     plain(TrainConfig(run_id="warm", steps=5), corpus, defaultdict(float))  # warm-up
     for _ in range(args.repeats):
         tmp = Path(tempfile.mkdtemp(prefix="veritrain-bench-"))
         try:
+            c0 = cpu_seconds()
             a = plain(config, corpus, t_plain)
+            c1 = cpu_seconds()
             b = hooked(config, corpus, tmp / "run", t_hook)
+            cpu_ratios.append((cpu_seconds() - c1) / (c1 - c0))
             written.append(sum(p.stat().st_size for p in (tmp / "run").rglob("*") if p.is_file()))
         finally:
             shutil.rmtree(tmp)
@@ -143,6 +153,10 @@ def main() -> None:
     print(
         f"ratio hooked/plain: median {statistics.median(ratios):.3f} "
         f"(all: {', '.join(f'{r:.3f}' for r in ratios)})"
+    )
+    print(
+        f"CPU-time ratio hooked/plain (all threads + signer process): median "
+        f"{statistics.median(cpu_ratios):.3f} (all: {', '.join(f'{r:.3f}' for r in cpu_ratios)})"
     )
     print(f"bytes written per step: {statistics.median(written) / args.steps / 1e6:.2f} MB")
     print("per-step time on the training thread (ms, mean over all repeats):")

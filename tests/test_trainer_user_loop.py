@@ -12,7 +12,7 @@ from proofs.hashing import Root
 from proofs.signatures import keypair_from_seed
 from trainer.hook import AuditHook, HookConfig, HookStateError
 from trainer.pipeline import PipelineError
-from trainer.store import RunStore
+from trainer.store import Data, RunStore
 from trainer.verify import check_store
 
 KEY = keypair_from_seed(b"trainer-user-loop-peer-key-seed-1")
@@ -115,7 +115,7 @@ class FailingStore(RunStore):
         super().__init__(url)
         self.left = fail_after
 
-    def put_object(self, root: Root, payload: bytes) -> bool:
+    def put_object(self, root: Root, payload: Data) -> bool:
         self.left -= 1
         if self.left < 0:
             raise OSError(28, "No space left on device")

@@ -65,11 +65,21 @@ class ArtifactIndex:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Encoded:
-    """An artifact ready to write: its file bytes, root and table."""
+    """An artifact ready to write: its file bytes (as parts, so leaves are never copied into one
+    buffer before the write), root and table."""
 
     root: Root
     index: ArtifactIndex
-    payload: bytes
+    parts: tuple[bytes | memoryview, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.nbytes
+
+    @property
+    def payload(self) -> bytes:
+        """The whole file as one bytes object (copies; writers use ``parts``)."""
+        return b"".join(self.parts)
 
 
 def encode_artifact(leaves: Sequence[bytes | memoryview]) -> Encoded:
@@ -84,7 +94,7 @@ def encode_artifact(leaves: Sequence[bytes | memoryview]) -> Encoded:
     parts.extend(_U64.pack(n) for n in lengths)
     parts.extend(hashes)
     parts.extend(leaves)
-    return Encoded(root=index.tree().root, index=index, payload=b"".join(parts))
+    return Encoded(root=index.tree().root, index=index, parts=tuple(parts))
 
 
 def parse_prefix(prefix: bytes) -> int:

@@ -62,9 +62,11 @@ def main(verbose: bool) -> None:
 @click.option("--dropout", type=float, default=0.1, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 disables.")
-@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--checkpoint-every", type=int, default=100, show_default=True)
 @click.option("--corpus", multiple=True, help="Corpus file/folder (repeatable; default stdlib).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (recorded).")
+@click.option(
+    "--threads", type=int, default=None, help="torch CPU threads (default: cores - 1; recorded)."
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 def run(
     store_url: str,

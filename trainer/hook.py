@@ -72,7 +72,7 @@ class HookConfig:
 
     run_id: str
     run_seed: int
-    checkpoint_every: int = 50
+    checkpoint_every: int = 100
     chunk_size: int = DEFAULT_CHUNK_SIZE
     grad_clip: float | None = None
     queue_depth: int = 4
@@ -292,7 +292,7 @@ class AuditHook:
         cfg = self.config
         params = list(self.model.parameters())
         first = params[0] if params else torch.empty(0)
-        placeholder = state_ref(0, bytes(32), 0, b"")
+        placeholder = state_ref(0, bytes(32), 0, 0)
         return RunHeader(
             version=HEADER_VERSION,
             run_id=cfg.run_id,
@@ -326,7 +326,7 @@ class AuditHook:
             self.model, self.optimizer, self.layout, run_seed=self.config.run_seed, step=0
         )
         encoded = encode_checkpoint(state, chunk_size=self.config.chunk_size)
-        initial = state_ref(0, encoded.root, encoded.index.leaf_count, encoded.payload)
+        initial = state_ref(0, encoded.root, encoded.index.leaf_count, encoded.nbytes)
         header = dataclasses.replace(built, initial_state=initial)
         return HeaderItem(header=header, initial=encoded)
 

@@ -43,11 +43,12 @@ class TrainConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0
-    checkpoint_every: int = 50
+    checkpoint_every: int = 100
     chunk_size: int = DEFAULT_CHUNK_SIZE
     corpus: tuple[str, ...] = ()
     """Files or folders; empty means the Python standard library's ``.py`` sources."""
     threads: int | None = None
+    """torch CPU threads; None leaves one core to the committer and signer (see default_threads)."""
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -91,14 +92,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def default_threads() -> int:
+    """All usable cores but one: the committer thread (hashing, writing) and the signer process
+    get a core of their own instead of preempting torch's workers."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 def configure_determinism(threads: int | None) -> None:
-    """Deterministic kernels everywhere torch has them; a fixed thread count if given."""
+    """Deterministic kernels everywhere torch has them, and a fixed CPU thread count (recorded
+    in the run header, since results can depend on it)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS determinism
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads if threads is not None else default_threads())
 
 
 def train(

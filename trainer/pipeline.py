@@ -162,17 +162,18 @@ class Committer:
                 self.stats.errors.append(exc)
 
     def _commit_header(self, item: HeaderItem) -> None:
-        if self._store.put_object(item.initial.root, item.initial.payload):
-            self.stats.bytes_written += len(item.initial.payload)
+        if self._store.put_object(item.initial.root, item.initial.parts):
+            self.stats.bytes_written += item.initial.nbytes
         h = item.header
         signature = self._sign(Domain.RUN_HEADER, h.run_id, h.hash())
+        self._store.sync()
         self._store.put_header(SignedRunHeader(header=h, signature=bytes(signature)))
         logger.info("run %s: header written", h.run_id)
 
     def _commit_gradient(self, item: GradientItem) -> None:
         encoded = encode_checkpoint(item.grads, chunk_size=self._chunk_size)
-        if self._store.put_object(encoded.root, encoded.payload):
-            self.stats.bytes_written += len(encoded.payload)
+        if self._store.put_object(encoded.root, encoded.parts):
+            self.stats.bytes_written += encoded.nbytes
         loss = float(item.loss.item())
         record = StepRecord(
             step=item.step,
@@ -191,8 +192,8 @@ class Committer:
 
     def _commit_window(self, item: StateItem) -> None:
         encoded = encode_checkpoint(item.tensors, chunk_size=self._chunk_size)
-        if self._store.put_object(encoded.root, encoded.payload):
-            self.stats.bytes_written += len(encoded.payload)
+        if self._store.put_object(encoded.root, encoded.parts):
+            self.stats.bytes_written += encoded.nbytes
         records = tuple(self._records)
         first = records[0].step if records else item.step
         if first + len(records) != item.step:
@@ -203,11 +204,12 @@ class Committer:
             window=self._pos.window,
             first_step=first,
             records=records,
-            state=state_ref(item.step, encoded.root, encoded.index.leaf_count, encoded.payload),
+            state=state_ref(item.step, encoded.root, encoded.index.leaf_count, encoded.nbytes),
             prev=self._pos.prev_manifest,
         )
         signature = self._sign(Domain.STEP_MANIFEST, manifest.run_id, manifest.hash())
         signed = SignedWindowManifest(manifest=manifest, signature=bytes(signature))
+        self._store.sync()  # every artifact the manifest names is durable before the manifest
         self._store.put_manifest(signed)
         self._records.clear()
         self._pos.window += 1
@@ -217,6 +219,6 @@ class Committer:
         logger.info("window %d committed (steps %d..%d)", manifest.window, first, item.step - 1)
 
 
-def state_ref(step: int, root: bytes, leaf_count: int, payload: bytes) -> StateRef:
+def state_ref(step: int, root: bytes, leaf_count: int, nbytes: int) -> StateRef:
     """A :class:`StateRef` for an encoded state artifact."""
-    return StateRef(step=step, root=Root(root), leaf_count=leaf_count, nbytes=len(payload))
+    return StateRef(step=step, root=Root(root), leaf_count=leaf_count, nbytes=nbytes)

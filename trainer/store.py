@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import fsspec
@@ -37,6 +37,9 @@ from trainer.manifest import SignedWindowManifest
 from trainer.recipe import SignedRunHeader
 
 logger = logging.getLogger(__name__)
+
+Data = bytes | Sequence[bytes | memoryview]
+"""File contents: one buffer, or parts written in order (no join copy on local stores)."""
 
 HEADER_PATH = "header.json"
 MANIFEST_DIR = "manifests"
@@ -68,29 +71,60 @@ class RunStore:
         self.fs = fs
         self.root = str(path).rstrip("/")
         self._local = isinstance(fs, LocalFileSystem)
+        self._unsynced: list[str] = []
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
     # ---- writes -------------------------------------------------------------------------------
 
-    def put_bytes(self, rel: str, data: bytes, *, exclusive: bool = True) -> bool:
+    def put_bytes(
+        self, rel: str, data: Data, *, exclusive: bool = True, durable: bool = True
+    ) -> bool:
         """Write ``data`` at ``rel`` atomically. Returns False (writing nothing) when ``rel``
         already exists and ``exclusive`` is set; with ``exclusive=False`` an existing file is
-        replaced atomically (used only for nothing committed)."""
+        replaced atomically. ``durable=False`` skips the fsync: the caller must call
+        :meth:`sync` before committing anything that names the file."""
         path = self._path(rel)
         if self._local:
-            return _put_local(path, data, exclusive=exclusive)
+            written = _put_local(path, data, exclusive=exclusive, durable=durable)
+            if written and not durable:
+                self._unsynced.append(path)
+            return written
         if exclusive and self.fs.exists(path):
             return False
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
-        self.fs.pipe_file(path, data)
+        self.fs.pipe_file(path, data if isinstance(data, bytes) else b"".join(data))
         return True
 
-    def put_object(self, root: Root, payload: bytes) -> bool:
-        """Store an artifact under its root; False when it is already there (never rewritten)."""
-        return self.put_bytes(object_name(root), payload)
+    def put_object(self, root: Root, payload: Data) -> bool:
+        """Store an artifact under its root, without fsync (see :meth:`sync`).
+
+        Returns False when it is already there with the right size (never rewritten). A file of
+        the wrong size under that name can only be a write that a power loss cut before any
+        manifest named it (manifests are written after :meth:`sync`), so it is replaced.
+        """
+        rel = object_name(root)
+        if self._local:
+            path = self._path(rel)
+            if os.path.exists(path) and os.path.getsize(path) != _size(payload):
+                logger.warning("replacing torn, never-committed artifact %s", rel)
+                return self.put_bytes(rel, payload, exclusive=False, durable=False)
+        return self.put_bytes(rel, payload, durable=False)
+
+    def sync(self) -> None:
+        """fsync every artifact written since the last call (local stores; a no-op elsewhere,
+        where a completed put is already durable). Called before each manifest is written."""
+        for path in self._unsynced:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if self._unsynced:
+            _fsync_dir(os.path.dirname(self._unsynced[0]))
+        self._unsynced.clear()
 
     def put_header(self, header: SignedRunHeader) -> None:
         """Write the run header; StoreError if a different header is already there."""
@@ -203,7 +237,11 @@ class RunStore:
             raise StoreError(f"{self.url}: {rel}: {exc}") from exc
 
 
-def _put_local(path: str, data: bytes, *, exclusive: bool) -> bool:
+def _size(data: Data) -> int:
+    return len(data) if isinstance(data, bytes) else sum(memoryview(p).nbytes for p in data)
+
+
+def _put_local(path: str, data: Data, *, exclusive: bool, durable: bool) -> bool:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     if exclusive and os.path.exists(path):
@@ -211,9 +249,13 @@ def _put_local(path: str, data: bytes, *, exclusive: bool) -> bool:
     tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if isinstance(data, bytes):
+                fh.write(data)
+            else:
+                fh.writelines(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         if exclusive:
             try:
                 os.link(tmp, path)  # atomic and fails if the name exists: never overwrites
@@ -224,7 +266,18 @@ def _put_local(path: str, data: bytes, *, exclusive: bool) -> bool:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    if durable:
+        _fsync_dir(parent)
     return True
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a directory's new entries durable (POSIX needs the directory itself fsynced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_store(url: str | os.PathLike[str]) -> RunStore:
