@@ -184,7 +184,7 @@ def run_cmd(
     no_chain_check: bool,
     no_usefulness: bool,
 ) -> None:
-    """Audit runs (resumable: verdicts already in OUT are kept, never redone)."""
+    """Audit runs (resumable: verdicts already in OUT are kept, never redone). Alias: batch."""
     try:
         if count is None and confidence is None:
             raise click.UsageError("give --count N or --confidence C")
@@ -223,6 +223,9 @@ def run_cmd(
         results = run_job(job, on_run=done)
     console.print(_summary(results))
     sys.exit(0 if all(r.ok for r in results) else 1)
+
+
+main.add_command(run_cmd, name="batch")  # the name issue 4 uses
 
 
 def _status(r: RunOutcome) -> str:

@@ -97,15 +97,21 @@ def _checks(
 
 
 def structure_problem(
-    committed: Mapping[str, torch.Tensor], recomputed: Mapping[str, torch.Tensor]
+    committed: Mapping[str, torch.Tensor],
+    recomputed: Mapping[str, torch.Tensor],
+    *,
+    allow_missing: bool = False,
 ) -> str | None:
-    """Why two gradients cannot be compared tensor by tensor (names, shapes, dtypes), or None."""
-    if set(committed) != set(recomputed):
-        missing = sorted(set(recomputed) - set(committed))[:3]
-        extra = sorted(set(committed) - set(recomputed))[:3]
+    """Why two gradients cannot be compared tensor by tensor (names, shapes, dtypes), or None.
+
+    ``allow_missing``: committed may lack names (a parameter that got no gradient).
+    """
+    missing = sorted(set(recomputed) - set(committed))[:3]
+    extra = sorted(set(committed) - set(recomputed))[:3]
+    if extra or (missing and not allow_missing):
         return f"committed gradient names differ: missing {missing}, unexpected {extra}"
-    for name, r in recomputed.items():
-        c = committed[name]
+    for name, c in committed.items():
+        r = recomputed[name]
         if c.shape != r.shape or c.dtype != r.dtype:
             return (
                 f"{name}: committed {dtype_name(c.dtype)}{tuple(c.shape)}, "

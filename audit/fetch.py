@@ -199,9 +199,15 @@ def _corrupt_evidence(
 
 
 def fetch_index(
-    store: RunStore, root: Root, *, leaf_count: int | None, max_bytes: int
+    store: RunStore,
+    root: Root,
+    *,
+    leaf_count: int | None,
+    max_bytes: int,
+    leaf_bytes: int | None = None,
 ) -> ArtifactIndex:
-    """The leaf table of artifact ``root``, checked against the root and the size limits."""
+    """The leaf table of artifact ``root``, checked against the root, the record's leaf count and
+    total leaf bytes (when given) and the size limit."""
     name = object_name(root)
     try:
         index = store.read_index(root)
@@ -209,6 +215,8 @@ def fetch_index(
         raise ArtifactInvalid(name, str(exc)) from exc
     if leaf_count is not None and index.leaf_count != leaf_count:
         raise ArtifactInvalid(name, f"{index.leaf_count} leaves, manifest says {leaf_count}")
+    if leaf_bytes is not None and sum(index.lengths) != leaf_bytes:
+        raise ArtifactInvalid(name, f"{sum(index.lengths)} leaf bytes, record says {leaf_bytes}")
     if index.nbytes > max_bytes:
         raise ArtifactInvalid(name, f"declares {index.nbytes} bytes, limit is {max_bytes}")
     if index.tree().root != root:
@@ -217,14 +225,21 @@ def fetch_index(
 
 
 def fetch_artifact(
-    store: RunStore, root: Root, *, leaf_count: int | None, max_bytes: int
+    store: RunStore,
+    root: Root,
+    *,
+    leaf_count: int | None,
+    max_bytes: int,
+    leaf_bytes: int | None = None,
 ) -> tuple[ArtifactIndex, list[bytes]]:
     """Every leaf of artifact ``root``, each checked against the committed table.
 
     Raises :class:`ArtifactInvalid` (with CORRUPT evidence for bad leaves).
     """
     name = object_name(root)
-    index = fetch_index(store, root, leaf_count=leaf_count, max_bytes=max_bytes)
+    index = fetch_index(
+        store, root, leaf_count=leaf_count, max_bytes=max_bytes, leaf_bytes=leaf_bytes
+    )
     try:
         got = store.read_leaves(root, range(index.leaf_count), index=index)
     except StoreError as exc:

@@ -154,3 +154,47 @@ def stored_gradient(url: str, step: int) -> dict[str, torch.Tensor]:
 def set_grads(model: nn.Module, grads: dict[str, torch.Tensor]) -> None:
     for name, p in model.named_parameters():
         p.grad = grads[name].clone().to(p.device)
+
+
+def rewrite_gradient(
+    src: str, name: str, step: int, grads: dict[str, torch.Tensor], keypair: KeyPair = PEER
+) -> str:
+    """A copy of run ``src`` whose step ``step`` commits ``grads`` instead, written with the
+    trainer's own encoder and store, hash chain rebuilt and every later manifest re-signed by
+    ``keypair``: a peer lying consistently about one stored gradient."""
+    from dataclasses import replace
+
+    from trainer.checkpoint import encode_checkpoint
+    from trainer.jsonform import canonical_json
+    from trainer.manifest import sign_manifest
+    from trainer.store import manifest_name
+
+    url = copy_run(src, name)
+    store = RunStore(url)
+    header = store.read_header().header
+    encoded = encode_checkpoint(grads, chunk_size=header.chunk_size)
+    store.put_object(encoded.root, encoded.payload)
+    prev_manifest = prev_record = header.hash()
+    touched = False
+    for w in store.manifest_windows():
+        manifest = store.read_manifest(w).manifest
+        records = []
+        for record in manifest.records:
+            if record.step == step:
+                touched = True
+                record = replace(
+                    record,
+                    grad_root=encoded.root,
+                    grad_leaves=encoded.index.leaf_count,
+                    grad_bytes=sum(encoded.index.lengths),
+                )
+            record = replace(record, prev=prev_record)
+            prev_record = record.hash()
+            records.append(record)
+        manifest = replace(manifest, records=tuple(records), prev=prev_manifest)
+        prev_manifest = manifest.hash()
+        if touched:
+            signed = sign_manifest(keypair, manifest)
+            data = canonical_json(signed.to_json())
+            store.put_bytes(manifest_name(w), data, exclusive=False)
+    return url

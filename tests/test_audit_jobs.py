@@ -180,3 +180,14 @@ def test_corrupted_copy_gives_invalid_verdict_file(tmp_path: Path) -> None:
     (path,) = _steps(out, "honest")
     signed: SignedVerdict = load_signed_verdict(path.read_bytes())
     assert signed.verdict.outcome is Outcome.INVALID and "objects/" in signed.verdict.reason
+
+
+def test_parallel_workers_audit_each_run(tmp_path: Path) -> None:
+    from audit_runs import OTHER_PEER
+
+    runs = [make_run("honest"), make_run("other-peer", run_seed=8, keypair=OTHER_PEER)]
+    out = tmp_path / "out"
+    args = [*_run_args(_key(tmp_path), out, *runs, count=1), "--workers", "2", "--no-usefulness"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert len(_steps(out, "honest")) == 1 and len(_steps(out, "other-peer")) == 1
