@@ -144,3 +144,20 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(schema.SchemaError, match="upgrade veritrain"):
         warehouse.connect(path)
+
+
+def test_every_column_is_documented() -> None:
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "warehouse.md").read_text()
+    documented: dict[str, list[str]] = {}
+    for name, body in re.findall(r"^### (\w+)[^\n]*\n(.*?)(?=^#|\Z)", doc, re.S | re.M):
+        documented[name] = re.findall(r"^- `(\w+)`: \S", body, re.M)
+    con = warehouse.connect(":memory:")
+    actual: dict[str, list[str]] = {}
+    for table, column in con.execute(
+        "SELECT table_name, column_name FROM information_schema.columns"
+        " WHERE table_schema = 'main' ORDER BY table_name, ordinal_position"
+    ).fetchall():
+        actual.setdefault(table, []).append(column)
+    assert documented == actual

@@ -246,8 +246,9 @@ def test_usefulness_weight_changes_the_split(world: World) -> None:
     # weights 1.0 and 0.25: scores 1000 and 250 weighted tokens.
     assert world.rewards(0) == {useful: 800_000, idle: 200_000}
     world.compute(PolicyParams(cheat_fraction=0.1, confidence=0.5, usefulness_ppm=500_000))
-    # weights 1.0 and 0.625: scores 1000 and 625.
+    # weights 1.0 and 0.625: scores 1000 and 625 (the table in docs/payout-policy.md).
     assert world.rewards(0) == largest_remainder(0, 1_000_000, {useful: 1000, idle: 625})
+    assert world.rewards(0) == {useful: 615_385, idle: 384_615}
 
 
 def test_negative_usefulness_counts_as_zero(world: World) -> None:
