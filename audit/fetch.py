@@ -215,10 +215,10 @@ def fetch_index(
         raise ArtifactInvalid(name, str(exc)) from exc
     if leaf_count is not None and index.leaf_count != leaf_count:
         raise ArtifactInvalid(name, f"{index.leaf_count} leaves, manifest says {leaf_count}")
-    if leaf_bytes is not None and sum(index.lengths) != leaf_bytes:
-        raise ArtifactInvalid(name, f"{sum(index.lengths)} leaf bytes, record says {leaf_bytes}")
     if index.nbytes > max_bytes:
         raise ArtifactInvalid(name, f"declares {index.nbytes} bytes, limit is {max_bytes}")
+    if leaf_bytes is not None and sum(index.lengths) != leaf_bytes:
+        raise ArtifactInvalid(name, f"{sum(index.lengths)} leaf bytes, record says {leaf_bytes}")
     if index.tree().root != root:
         raise ArtifactInvalid(name, "leaf table does not rebuild the committed root")
     return index

@@ -272,7 +272,7 @@ def _audit_run(
                 on_verdict(run.header.run_id, step, done.verdict.outcome)
             continue
         if auditor is None:
-            auditor = StepAuditor(store, run, corpus, config)
+            auditor = StepAuditor(store, run, corpus, config, sample_seed=plan.seed)
         result = auditor.audit(step)
         verdict = build_verdict(
             run=run,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from audit.chunks import choose_chunks
 from audit.compare import Comparison, compare_chunks, compare_full, structure_problem
 from audit.fetch import ArtifactInvalid, VerifiedRun, decode_checked, fetch_artifact, fetch_index
 from audit.fetch import fetch_leaves as fetch_some_leaves
-from audit.tolerance import Calibration, Mode, calibrate, distances
+from audit.tolerance import DEFAULT_SAFETY_FACTOR, Calibration, Mode, calibrate, distances
 from audit.usefulness import heldout_loss
 from audit.verdict import Evidence, TensorCheck
 from proofs.hashing import Root
@@ -63,7 +64,7 @@ class ReexecConfig:
     chunk_fraction: float | None = None  # compare only this fraction of the step's leaves
     check_chain: bool = True  # replay the rest of the window against its next state root
     usefulness: bool = True
-    safety_factor: float = 16.0
+    safety_factor: float = DEFAULT_SAFETY_FACTOR
     calibration_threads: int | None = None  # None: 2 if this process uses 1 thread, else 1
 
     def __post_init__(self) -> None:
@@ -109,8 +110,13 @@ class StepAuditor:
         run: VerifiedRun,
         corpus: Corpus | None,
         config: ReexecConfig,
+        *,
+        sample_seed: bytes | None = None,
     ) -> None:
+        """``sample_seed``: the audit's beacon-derived seed (chooses sampled chunks); a fresh
+        random one when not given, which keeps chunks unpredictable but not reproducible."""
         h = run.header
+        self.sample_seed = bytes(sample_seed) if sample_seed is not None else os.urandom(32)
         self.store, self.run, self.corpus, self.config = store, run, corpus, config
         self.device = auditor_device(config)
         if config.mode is Mode.EXACT:
@@ -277,31 +283,10 @@ class StepAuditor:
         )
         if tuple(record.batch) and tuple(record.batch) != batch.offsets:
             return self._fail(record.grad_root, "committed batch differs from the seed's batch")
-        recomputed = self._recompute(self.model, step)
-        calibration = None
-        if cfg.mode is Mode.TOLERANT:
-            if self.calibration is None:
-                self.calibration = self._calibrate(step, recomputed)
-            calibration = self.calibration
-        name = object_name(record.grad_root)
-        sampled = cfg.chunk_fraction is not None and cfg.chunk_fraction < 1.0
-        if sampled:
-            cmp = self._compare_sampled(step, recomputed, calibration)
-        else:
-            index, committed = self._gradient_with_index(step)
-            cmp = compare_full(
-                artifact=name,
-                committed_root=record.grad_root,
-                committed_index=index,
-                committed=committed,
-                recomputed=recomputed,
-                chunk_size=h.chunk_size,
-                calibration=calibration,
-            )
-        loss_after = None
-        reason = cmp.reason
-        passed = cmp.passed
-        if not sampled and (cfg.usefulness or cfg.check_chain):
+        cmp = self._compare(step, self._recompute(self.model, step))
+        passed, reason, loss_after = cmp.passed, cmp.reason, None
+        # Both need the whole committed gradient of the step, which chunk sampling does not fetch.
+        if not self._sampled() and (cfg.usefulness or cfg.check_chain):
             after = self._advance(state, step, step + 1)
             if cfg.usefulness:
                 self._load(self.model, after)
@@ -323,6 +308,29 @@ class StepAuditor:
             bytes_fetched=self.bytes_fetched,
         )
 
+    def _sampled(self) -> bool:
+        return self.config.chunk_fraction is not None and self.config.chunk_fraction < 1.0
+
+    def _compare(self, step: int, recomputed: Mapping[str, torch.Tensor]) -> Comparison:
+        calibration = None
+        if self.config.mode is Mode.TOLERANT:
+            if self.calibration is None:
+                self.calibration = self._calibrate(step, recomputed)
+            calibration = self.calibration
+        if self._sampled():
+            return self._compare_sampled(step, recomputed, calibration)
+        record = self.run.record(step)
+        index, committed = self._gradient_with_index(step)
+        return compare_full(
+            artifact=object_name(record.grad_root),
+            committed_root=record.grad_root,
+            committed_index=index,
+            committed=committed,
+            recomputed=recomputed,
+            chunk_size=self.run.header.chunk_size,
+            calibration=calibration,
+        )
+
     def _compare_sampled(
         self, step: int, recomputed: Mapping[str, torch.Tensor], calibration: Calibration | None
     ) -> Comparison:
@@ -335,8 +343,9 @@ class StepAuditor:
             leaf_bytes=record.grad_bytes,
         )
         self.bytes_fetched += 16 + 40 * index.leaf_count
+        # Chosen from the beacon-derived sample seed: the peer could not know them at commit time.
         picks = choose_chunks(
-            bytes(record.grad_root) + step.to_bytes(8, "big"),
+            self.sample_seed + step.to_bytes(8, "big"),
             leaf_count=index.leaf_count,
             fraction=self.config.chunk_fraction or 1.0,
         )
