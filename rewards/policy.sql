@@ -65,6 +65,15 @@ QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY at_epoch) = 1;
 
 -- 3. Usefulness of a run: the mean drop of held-out loss over its passing verdicts received up to
 --    its decision, in micro-units of loss (an integer), never below zero.
+CREATE OR REPLACE TEMP TABLE _usefulness AS
+SELECT d.run_id,
+       greatest(0, coalesce(round(1e6 * avg(v.loss_before - v.loss_after)), 0))::BIGINT AS micro
+FROM _run_decisions AS d
+JOIN verdicts AS v ON v.run_id = d.run_id AND v.outcome = 'pass' AND v.epoch <= d.decided_epoch
+                  AND isfinite(v.loss_before - v.loss_after)
+WHERE d.state = 'verified'
+GROUP BY d.run_id;
+
 INSERT INTO run_outcomes
 SELECT r.run_id, r.peer_id,
        coalesce(d.state, 'pending') AS state,
@@ -72,13 +81,10 @@ SELECT r.run_id, r.peer_id,
        coalesce(d.passed_steps, latest.passed_steps, 0) AS audited_steps,
        coalesce(d.confidence, latest.confidence, 0.0) AS confidence,
        CASE WHEN d.state = 'verified' THEN r.step_count * r.tokens_per_step ELSE 0 END,
-       CASE WHEN d.state = 'verified' THEN greatest(0, coalesce(round(1e6 * (
-                SELECT avg(v.loss_before - v.loss_after) FROM verdicts AS v
-                WHERE v.run_id = r.run_id AND v.outcome = 'pass' AND v.epoch <= d.decided_epoch
-                  AND isfinite(v.loss_before - v.loss_after)
-           )), 0))::BIGINT ELSE 0 END
+       coalesce(u.micro, 0)
 FROM runs AS r
 LEFT JOIN _run_decisions AS d USING (run_id)
+LEFT JOIN _usefulness AS u USING (run_id)
 LEFT JOIN (SELECT run_id, arg_max(passed_steps, at_epoch) AS passed_steps,
                   arg_max(confidence, at_epoch) AS confidence
            FROM _run_checks GROUP BY run_id) AS latest USING (run_id)
@@ -160,8 +166,9 @@ WITH accounts AS (
     WHERE p.total_score > 0
     GROUP BY s.epoch, s.account, p.pool, p.carry_in, p.total_score
 ), floors AS (
+    -- remainder < total < 2**63: a BIGINT, which sorts much faster than a HUGEINT.
     SELECT *, (payable // total) * score + ((payable % total) * score) // total AS base,
-           ((payable % total) * score) % total AS remainder
+           (((payable % total) * score) % total)::BIGINT AS remainder
     FROM accounts
 ), ranked AS (
     SELECT *, payable - sum(base) OVER (PARTITION BY epoch) AS leftover,
