@@ -28,6 +28,7 @@ from audit.reexec import ReexecConfig
 from audit.sampling import SamplingError, detection_probability, plan_sample
 from audit.tolerance import Mode
 from audit.verdict import (
+    Outcome,
     VerdictError,
     load_signed_verdict,
 )
@@ -215,12 +216,16 @@ def run_cmd(
     )
     with Progress(*columns, console=err) as progress:
         task = progress.add_task("runs audited", total=len(job.urls))
+        steps = progress.add_task("steps judged", total=None)
 
         def done(outcome: RunOutcome) -> None:
             progress.advance(task)
             progress.console.log(f"{outcome.run_id}: {_status(outcome)}")
 
-        results = run_job(job, on_run=done)
+        def judged(run_id: str, step: int, outcome: Outcome | None) -> None:
+            progress.advance(steps)
+
+        results = run_job(job, on_run=done, on_verdict=judged)
     console.print(_summary(results))
     sys.exit(0 if all(r.ok for r in results) else 1)
 

@@ -171,7 +171,7 @@ def build_verdict(
 
 
 def _invalid_run_verdict(
-    url: str, exc: ArtifactInvalid, store: RunStore, auditor: BLSPubkey, config: ReexecConfig
+    exc: ArtifactInvalid, store: RunStore, auditor: BLSPubkey, config: ReexecConfig
 ) -> Verdict | None:
     """A run-level invalid verdict (step 0) when the header at least parses; else None."""
     try:
@@ -246,47 +246,37 @@ def _audit_run(
     try:
         run = load_run(store)
     except ArtifactInvalid as exc:
-        verdict = _invalid_run_verdict(url, exc, store, me, config)
-        if verdict is None:
-            return RunOutcome(url=url, run_id="?", error=str(exc))
-        path = run_folder(out, verdict.run_id) / "run-invalid.json"
-        if _existing(path, me) is None:
-            signed = sign_verdict(keypair, verdict)
-            write_atomic(path, json.dumps(signed.to_json(), indent=1).encode())
-        return RunOutcome(url=url, run_id=verdict.run_id, invalid=1, verdict_files=(str(path),))
+        return _run_invalid(url, exc, store, out, keypair, config)
     plan = plan_for(run, beacon, me, spec)
     folder = run_folder(out, run.header.run_id)
     write_atomic(folder / "plan.json", json.dumps(_plan_json(plan, beacon, url), indent=1).encode())
     counts = {Outcome.PASS: 0, Outcome.FAIL: 0, Outcome.INVALID: 0}
     skipped = 0
-    files = []
     auditor: StepAuditor | None = None
     for step in plan.steps:
         path = verdict_path(out, run.header.run_id, step)
-        files.append(str(path))
         done = _existing(path, me)
-        if done is not None:
-            counts[done.verdict.outcome] += 1
+        if done is not None:  # finished before a crash or by an earlier job: never redone
+            outcome = done.verdict.outcome
             skipped += 1
-            if on_verdict is not None:
-                on_verdict(run.header.run_id, step, done.verdict.outcome)
-            continue
-        if auditor is None:
-            auditor = StepAuditor(store, run, corpus, config, sample_seed=plan.seed)
-        result = auditor.audit(step)
-        verdict = build_verdict(
-            run=run,
-            step=step,
-            result=result,
-            config=config,
-            auditor=me,
-            sample_seed=plan.seed,
-            device=auditor.device.type,
-        )
-        write_atomic(path, json.dumps(sign_verdict(keypair, verdict).to_json(), indent=1).encode())
-        counts[verdict.outcome] += 1
+        else:
+            if auditor is None:
+                auditor = StepAuditor(store, run, corpus, config, sample_seed=plan.seed)
+            verdict = build_verdict(
+                run=run,
+                step=step,
+                result=auditor.audit(step),
+                config=config,
+                auditor=me,
+                sample_seed=plan.seed,
+                device=auditor.device.type,
+            )
+            signed = sign_verdict(keypair, verdict)
+            write_atomic(path, json.dumps(signed.to_json(), indent=1).encode())
+            outcome = verdict.outcome
+        counts[outcome] += 1
         if on_verdict is not None:
-            on_verdict(run.header.run_id, step, verdict.outcome)
+            on_verdict(run.header.run_id, step, outcome)
     return RunOutcome(
         url=url,
         run_id=run.header.run_id,
@@ -296,8 +286,27 @@ def _audit_run(
         invalid=counts[Outcome.INVALID],
         skipped=skipped,
         detection=plan.detection_exact,
-        verdict_files=tuple(files),
+        verdict_files=tuple(str(verdict_path(out, run.header.run_id, s)) for s in plan.steps),
     )
+
+
+def _run_invalid(
+    url: str,
+    exc: ArtifactInvalid,
+    store: RunStore,
+    out: Path,
+    keypair: KeyPair,
+    config: ReexecConfig,
+) -> RunOutcome:
+    """Sign and write ``run-invalid.json`` for a run whose records fail (once)."""
+    me = BLSPubkey(keypair.public)
+    verdict = _invalid_run_verdict(exc, store, me, config)
+    if verdict is None:
+        return RunOutcome(url=url, run_id="?", error=str(exc))
+    path = run_folder(out, verdict.run_id) / "run-invalid.json"
+    if _existing(path, me) is None:
+        write_atomic(path, json.dumps(sign_verdict(keypair, verdict).to_json(), indent=1).encode())
+    return RunOutcome(url=url, run_id=verdict.run_id, invalid=1, verdict_files=(str(path),))
 
 
 def _plan_json(plan: SamplePlan, beacon: Beacon, url: str) -> dict[str, object]:
@@ -352,9 +361,16 @@ def _worker(job: JobSpec, url: str) -> RunOutcome:
 
 
 def run_job(
-    job: JobSpec, *, on_run: Callable[[RunOutcome], None] | None = None
+    job: JobSpec,
+    *,
+    on_run: Callable[[RunOutcome], None] | None = None,
+    on_verdict: Callable[[str, int, Outcome | None], None] | None = None,
 ) -> list[RunOutcome]:
-    """Audit every run of ``job``; ``workers`` > 1 uses that many processes (one run each)."""
+    """Audit every run of ``job``; ``workers`` > 1 uses that many processes (one run each).
+
+    ``on_run`` is called after each run; ``on_verdict(run id, step, outcome)`` after each step
+    (single-process jobs only: worker processes report per run).
+    """
     results: list[RunOutcome] = []
     if job.workers <= 1:
         corpus = _corpus(job.corpus_paths)
@@ -372,6 +388,7 @@ def run_job(
                     spec=job.spec,
                     config=job.config,
                     corpus=corpus,
+                    on_verdict=on_verdict,
                 )
             results.append(outcome)
             if on_run is not None:
