@@ -82,7 +82,7 @@ def keygen(path: Path) -> None:
     """Create an auditor BLS key file (mode 0600) at PATH."""
     keypair = generate_keypair()
     save_keypair(path, keypair)
-    console.print(f"auditor public key 0x{keypair.public.hex()}")
+    console.print(f"auditor public key 0x{keypair.public.hex()}", soft_wrap=True)
 
 
 @main.command()
@@ -226,7 +226,7 @@ def run_cmd(
             progress.advance(steps)
 
         results = run_job(job, on_run=done, on_verdict=judged)
-    console.print(_summary(results))
+    console.print(_summary(results, cheat_fraction))
     sys.exit(0 if all(r.ok for r in results) else 1)
 
 
@@ -240,8 +240,12 @@ def _status(r: RunOutcome) -> str:
     return f"{word} ({r.passed} pass, {r.failed} fail, {r.invalid} invalid, {r.skipped} resumed)"
 
 
-def _summary(results: list[RunOutcome]) -> Table:
-    table = Table(title="audit summary")
+def _summary(results: list[RunOutcome], cheat_fraction: float) -> Table:
+    caption = (
+        f"detection: exact probability that the sample hits a cheated step "
+        f"if {cheat_fraction:.1%} of a run's steps are cheated"
+    )
+    table = Table(title="audit summary", caption=caption)
     for col in ("run", "steps", "pass", "fail", "invalid", "resumed", "detection", "status"):
         table.add_column(col)
     for r in results:
