@@ -190,3 +190,30 @@ def test_no_false_positive_over_20_steps_when_thread_counts_differ() -> None:
     auditor = _auditor(url, TOLERANT)
     failures = [(s, r.reason) for s in range(20) if not (r := auditor.audit(s)).passed]
     assert failures == []
+
+
+def test_usefulness_matches_loss_of_the_committed_next_state() -> None:
+    # Step 2 is the last of window 0: the state after it is the committed checkpoint at step 3,
+    # so its held-out loss can be computed independently from that artifact.
+    from audit.usefulness import HELDOUT_SEED, HELDOUT_STEP
+    from trainer.checkpoint import PARAM, decode_checkpoint
+    from trainer.models import build_model
+
+    url = make_run("honest")
+    auditor = _auditor(url, EXACT)
+    result = auditor.audit(2)
+    assert result.passed and result.loss_before is not None and result.loss_after is not None
+    run = _VERIFIED[url]
+    state_ref = run.state_at(3)
+    assert state_ref is not None
+    _, leaves = RunStore(url).read_artifact(state_ref.root)
+    state = decode_checkpoint(leaves)
+    model = build_model(run.header.model, run.header.model_config)
+    model.load_state_dict({k[len(PARAM) :]: v for k, v in state.items() if k.startswith(PARAM)})
+    model.eval()
+    batch = corpus().batch_for_step(HELDOUT_SEED, HELDOUT_STEP, batch_size=4, context=16)
+    with torch.no_grad():
+        logits, _ = model(batch.inputs)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), batch.targets.reshape(-1))
+    assert result.loss_after == pytest.approx(float(loss), rel=1e-6)
+    assert result.loss_after != result.loss_before
