@@ -14,6 +14,8 @@ from proofs.signatures import keypair_from_seed
 from trainer.checkpoint import PARAM, decode_checkpoint
 from trainer.data import Corpus
 from trainer.loop import TrainConfig, train
+from trainer.reader import RunReader
+from trainer.seeds import seed_generators
 from trainer.store import RunStore
 from trainer.verify import check_store
 
@@ -112,3 +114,25 @@ def test_resume_refuses_a_different_recipe(tmp_path: Path, corpus: Corpus) -> No
     with pytest.raises(OSError, match="different run"):
         train(small_config(2, steps=3), url, KEY, corpus=corpus)
     assert sorted(os.listdir(url)) == before
+
+
+def test_reader_reexecutes_a_step_to_the_committed_gradient(tmp_path: Path, corpus: Corpus) -> None:
+    url = str(tmp_path / "run")
+    train(small_config(9), url, KEY, corpus=corpus)
+    reader = RunReader(url)
+    assert reader.committed_steps == 6
+    for step in (0, 4):  # a window start, and a step the reader reaches by replaying gradients
+        model = reader.model_at(step)
+        model.train()
+        batch = reader.batch(step, corpus)
+        seed_generators(reader.replay_seed(step))
+        _, loss = model(batch.inputs, batch.targets)
+        assert loss is not None
+        loss.backward()
+        committed = reader.gradients(step)
+        assert set(committed) == {n for n, _ in model.named_parameters()}
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.equal(p.grad, committed[name]), name
+        assert loss.item() == reader.record(step).loss
+    with pytest.raises(KeyError):
+        reader.record(6)

@@ -78,14 +78,18 @@ def param_layout(model: nn.Module, optimizer: torch.optim.Optimizer) -> ParamLay
     return ParamLayout(names=tuple(named), groups=tuple(groups), aliases=aliases)
 
 
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A private CPU copy: a clone on CPU, the device-to-host copy itself on an accelerator."""
+    t = t.detach()
+    return t.clone() if t.device.type == "cpu" else t.to("cpu")
+
+
 def capture_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Private copies of every parameter gradient (the only cost the training thread pays).
+    """Private CPU copies of every parameter gradient (the only cost the training thread pays).
 
     Copies, because clipping and the optimizer may change ``.grad`` in place after the commit.
     """
-    return {
-        name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
-    }
+    return {name: _host_copy(p.grad) for name, p in model.named_parameters() if p.grad is not None}
 
 
 def capture_state(
@@ -100,10 +104,10 @@ def capture_state(
     out: dict[str, torch.Tensor] = {}
     params = dict(model.named_parameters())
     for name in layout.names:
-        out[PARAM + name] = params[name].detach().clone()
+        out[PARAM + name] = _host_copy(params[name])
     for key, value in model.state_dict().items():
         if key not in params and key not in layout.aliases:
-            out[BUFFER + key] = value.detach().clone()
+            out[BUFFER + key] = _host_copy(value)
     out.update(optimizer_tensors(optimizer.state_dict()))
     out[RNG_CPU] = cpu_rng_state(replay_seed(run_seed, step))
     out[STEP] = torch.tensor(step, dtype=torch.int64)
@@ -117,7 +121,7 @@ def optimizer_tensors(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     for index, entry in state_dict["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                out[f"{OPTIM_STATE}{index}/{key}"] = value.detach().clone()
+                out[f"{OPTIM_STATE}{index}/{key}"] = _host_copy(value)
             else:
                 scalars.setdefault(str(index), {})[key] = value
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state_dict["param_groups"]]
