@@ -191,3 +191,31 @@ def test_parallel_workers_audit_each_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert len(_steps(out, "honest")) == 1 and len(_steps(out, "other-peer")) == 1
+
+
+def test_invalid_verdict_evidence_rechecks_against_the_damaged_store(tmp_path: Path) -> None:
+    from audit.fetch import load_run
+    from trainer.store import RunStore, object_name
+
+    url = copy_run(make_run("honest"), "jobs-flipped")
+    store = RunStore(url)
+    root = load_run(store, check_signatures=False).record(5).grad_root
+    start, _ = store.read_index(root).leaf_range(2)
+    path = Path(url) / object_name(root)
+    data = bytearray(path.read_bytes())
+    data[start] ^= 0xFF
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, _run_args(_key(tmp_path), out, url, count=6))
+    assert result.exit_code == 1
+    verdicts = [load_signed_verdict(p.read_bytes()) for p in _steps(out, "honest")]
+    # Step 5 and the steps whose chain check replays it (window 3..5) are invalid, not the rest.
+    invalid = {v.verdict.step for v in verdicts if v.verdict.outcome is Outcome.INVALID}
+    assert invalid == {3, 4, 5}
+    signed = next(v for v in verdicts if v.verdict.step == 5)
+    assert "leaf 2" in signed.verdict.reason
+    assert check_verdict(signed, store_url=url) == []
+    # Once the store is repaired, the cited corrupt bytes are gone: the evidence no longer holds.
+    data[start] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert check_verdict(signed, store_url=url)
