@@ -22,8 +22,8 @@ from proofs.errors import VeritrainError
 from rewards import analyst, payouts, policy, warehouse
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # hashes and roots must stay on one line
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _db_option(func: F) -> F:
@@ -124,10 +124,8 @@ def params(db: str, **given: Any) -> None:
 @_friendly
 def register_peer(db: str, peer_id: str, pubkey: str, role: str, address: str | None) -> None:
     """Register a trainer or auditor by its BLS public key."""
-    from rewards import ingest
-
     with warehouse.opened(db) as con:
-        added = ingest.register_peer(
+        added = warehouse.register_peer(
             con, peer_id=peer_id, pubkey=pubkey, role=role, payout_address=address
         )
     console.print(f"{peer_id}: {'registered' if added else 'already registered'}")
@@ -141,10 +139,8 @@ def register_peer(db: str, peer_id: str, pubkey: str, role: str, address: str | 
 @_friendly
 def stake(db: str, peer_id: str, epoch: int, amount: int) -> None:
     """Record PEER_ID's stake deposit in EPOCH."""
-    from rewards import ingest
-
     with warehouse.opened(db) as con:
-        ingest.record_stake(con, peer_id=peer_id, epoch=epoch, amount=amount)
+        warehouse.record_stake(con, peer_id=peer_id, epoch=epoch, amount=amount)
     console.print(f"{peer_id}: stake {amount} in epoch {epoch}")
 
 

@@ -18,7 +18,6 @@ import hashlib
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,6 @@ from proofs.errors import VeritrainError
 from proofs.signatures import Domain, aggregate, aggregate_verify
 from rewards.warehouse import (
     Connection,
-    WarehouseValueError,
-    check_amount,
-    normalize_address,
     query,
     transaction,
 )
@@ -41,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PUBKEY = re.compile(r"0x[0-9a-f]{96}")
 PLAN_KIND = "veritrain-audit-plan"  # audit/jobs.py writes these next to the verdicts
 
 
@@ -68,60 +63,6 @@ class IngestReport:
     verdicts_loaded: int
     duplicates: int
     rejections: tuple[Rejection, ...]
-
-
-def register_peer(
-    con: Connection, *, peer_id: str, pubkey: str, role: str, payout_address: str | None
-) -> bool:
-    """Register a peer; returns False when the same registration exists already.
-
-    Raises WarehouseValueError for a malformed key or address, a trainer without a payout
-    address, or a peer id or key already registered differently.
-    """
-    key = pubkey.lower()
-    if not _PUBKEY.fullmatch(key):
-        raise WarehouseValueError(f"pubkey must be 0x + 96 hex digits (48 bytes), got {pubkey!r}")
-    if role not in ("trainer", "auditor"):
-        raise WarehouseValueError(f"role must be trainer or auditor, got {role!r}")
-    if not peer_id or len(peer_id) > 100:
-        raise WarehouseValueError("peer id must be 1..100 characters")
-    address = None if payout_address is None else normalize_address(payout_address)
-    if role == "trainer" and address is None:
-        raise WarehouseValueError("a trainer needs a payout address")
-    existing = query(
-        con,
-        "SELECT peer_id, role, bls_pubkey, payout_address FROM peers"
-        " WHERE peer_id = $p OR bls_pubkey = $k",
-        {"p": peer_id, "k": key},
-    )
-    if existing:
-        if [tuple(r) for r in existing] == [(peer_id, role, key, address)]:
-            return False
-        raise WarehouseValueError(
-            f"peer {peer_id!r} or key {key[:14]}... is already registered as {existing[0][:2]}"
-        )
-    query(
-        con,
-        "INSERT INTO peers VALUES ($p, $r, $k, $a, $at)",
-        {"p": peer_id, "r": role, "k": key, "a": address, "at": _now()},
-    )
-    return True
-
-
-def record_stake(con: Connection, *, peer_id: str, epoch: int, amount: int) -> None:
-    """Set ``peer_id``'s stake deposit in ``epoch`` (base units). Errors on unknown peer/epoch."""
-    check_amount("stake", amount)
-    if not query(con, "SELECT 1 FROM peers WHERE peer_id = $p", {"p": peer_id}):
-        raise WarehouseValueError(f"unknown peer {peer_id!r}")
-    if not query(con, "SELECT 1 FROM epochs WHERE epoch = $e", {"e": epoch}):
-        raise WarehouseValueError(f"epoch {epoch} is not open")
-    with transaction(con):
-        query(
-            con, "DELETE FROM stakes WHERE peer_id = $p AND epoch = $e", {"p": peer_id, "e": epoch}
-        )
-        query(
-            con, "INSERT INTO stakes VALUES ($p, $e, $a)", {"p": peer_id, "e": epoch, "a": amount}
-        )
 
 
 def _now() -> _dt.datetime:
@@ -483,9 +424,10 @@ def _verdict_problem(con: Connection, v: Verdict, verdict_id: str) -> str | None
     """Why a (signature-checked) verdict cannot be loaded, or None."""
     run = query(
         con,
-        "SELECT p.bls_pubkey, r.step_count FROM runs AS r JOIN peers AS p USING (peer_id)"
-        " WHERE r.run_id = $r",
-        {"r": v.run_id},
+        "SELECT p.bls_pubkey, r.step_count, r.header_hash, s.manifest_hash"
+        " FROM runs AS r JOIN peers AS p USING (peer_id)"
+        " LEFT JOIN steps AS s ON s.run_id = r.run_id AND s.step = $s WHERE r.run_id = $r",
+        {"r": v.run_id, "s": v.step},
     )
     if not run:
         return f"unknown run {v.run_id!r} (ingest its store first or in the same batch)"
@@ -493,6 +435,8 @@ def _verdict_problem(con: Connection, v: Verdict, verdict_id: str) -> str | None
         return f"verdict names peer {_hex(v.peer)[:14]}..., not the run's key"
     if v.step >= int(run[0][1]):
         return f"step {v.step} is outside the run's {run[0][1]} steps"
+    if run[0][2] != _hex(v.recipe_hash) or run[0][3] != _hex(v.manifest_hash):
+        return "verdict is about another recipe or manifest than the ingested run's"
     auditor = query(
         con,
         "SELECT peer_id FROM peers WHERE bls_pubkey = $k AND role = 'auditor'",
@@ -529,45 +473,20 @@ def _write_verdicts(batch: _Batch, con: Connection) -> int:
         auditor = query(
             con, "SELECT peer_id FROM peers WHERE bls_pubkey = $k", {"k": _hex(v.auditor)}
         )
-        rel = [t.rel_l2 for t in v.tensors]
-        cos = [t.cosine for t in v.tensors]
-        query(
-            con,
-            "INSERT INTO verdicts VALUES ($id, $run, $step, $aud, $epoch, $outcome, $mode, $l2,"
-            " $cos, $lb, $la, $seed, $recipe, $manifest, $device, $reason, $batch)",
-            {
-                "id": verdict_id,
-                "run": v.run_id,
-                "step": v.step,
-                "aud": auditor[0][0],
-                "epoch": batch.epoch,
-                "outcome": v.outcome.value,
-                "mode": v.mode.value,
-                "l2": _worst(rel),
-                "cos": _worst(cos),
-                "lb": v.usefulness.loss_before if v.usefulness else None,
-                "la": v.usefulness.loss_after if v.usefulness else None,
-                "seed": _hex(v.replay_seed),
-                "recipe": _hex(v.recipe_hash),
-                "manifest": _hex(v.manifest_hash),
-                "device": v.device,
-                "reason": v.reason,
-                "batch": batch.batch_id,
-            },
-        )
-        for t in v.tensors:
-            query(
-                con,
-                "INSERT INTO verdict_tensors VALUES ($id, $n, $l2, $cos, $ml2, $mcos, $ok)",
-                {
-                    "id": verdict_id,
-                    "n": t.name,
-                    "l2": t.rel_l2,
-                    "cos": t.cosine,
-                    "ml2": t.max_rel_l2,
-                    "mcos": t.max_cosine,
-                    "ok": t.passed,
-                },
-            )
+        useful = v.usefulness
+        row = (
+            verdict_id, v.run_id, v.step, auditor[0][0], batch.epoch, v.outcome.value,
+            v.mode.value, _worst([t.rel_l2 for t in v.tensors]),
+            _worst([t.cosine for t in v.tensors]), useful.loss_before if useful else None,
+            useful.loss_after if useful else None, _hex(v.replay_seed), _hex(v.recipe_hash),
+            _hex(v.manifest_hash), v.device, v.reason, batch.batch_id,
+        )  # fmt: skip
+        con.execute(f"INSERT INTO verdicts VALUES ({', '.join('?' * len(row))})", row).fetchall()
+        tensors = [
+            (verdict_id, t.name, t.rel_l2, t.cosine, t.max_rel_l2, t.max_cosine, t.passed)
+            for t in v.tensors
+        ]
+        if tensors:
+            con.executemany("INSERT INTO verdict_tensors VALUES (?, ?, ?, ?, ?, ?, ?)", tensors)
         loaded += 1
     return loaded

@@ -30,6 +30,7 @@ Connection: TypeAlias = duckdb.DuckDBPyConnection
 PathOrConnection: TypeAlias = "str | os.PathLike[str] | duckdb.DuckDBPyConnection"
 
 _HEX32 = re.compile(r"0x[0-9a-f]{64}")
+_PUBKEY = re.compile(r"0x[0-9a-f]{96}")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 MAX_AMOUNT = 10**38 - 1
 """The largest amount a DECIMAL(38,0) column holds (about 2**126, well inside uint256)."""
@@ -185,7 +186,7 @@ def record_settlement_post(
         "gas": gas_used,
         "contract": normalize_address(contract),
         "chain": chain_id,
-        "at": _dt.datetime.now(_dt.UTC).replace(tzinfo=None),
+        "at": _now(),
     }
     with opened(con_or_path) as con, transaction(con):
         if query(con, "SELECT 1 FROM settlement_posts WHERE tx_hash = $tx", {"tx": values["tx"]}):
@@ -234,7 +235,7 @@ def record_claim(
         "gas": gas_used,
         "contract": normalize_address(contract),
         "chain": chain_id,
-        "at": _dt.datetime.now(_dt.UTC).replace(tzinfo=None),
+        "at": _now(),
     }
     with opened(con_or_path) as con, transaction(con):
         if query(
@@ -250,3 +251,61 @@ def record_claim(
             values,
         )
     return True
+
+
+def register_peer(
+    con: Connection, *, peer_id: str, pubkey: str, role: str, payout_address: str | None
+) -> bool:
+    """Register a peer; returns False when the same registration exists already.
+
+    Raises WarehouseValueError for a malformed key or address, a trainer without a payout
+    address, or a peer id or key already registered differently.
+    """
+    key = pubkey.lower()
+    if not _PUBKEY.fullmatch(key):
+        raise WarehouseValueError(f"pubkey must be 0x + 96 hex digits (48 bytes), got {pubkey!r}")
+    if role not in ("trainer", "auditor"):
+        raise WarehouseValueError(f"role must be trainer or auditor, got {role!r}")
+    if not peer_id or len(peer_id) > 100:
+        raise WarehouseValueError("peer id must be 1..100 characters")
+    address = None if payout_address is None else normalize_address(payout_address)
+    if role == "trainer" and address is None:
+        raise WarehouseValueError("a trainer needs a payout address")
+    existing = query(
+        con,
+        "SELECT peer_id, role, bls_pubkey, payout_address FROM peers"
+        " WHERE peer_id = $p OR bls_pubkey = $k",
+        {"p": peer_id, "k": key},
+    )
+    if existing:
+        if [tuple(r) for r in existing] == [(peer_id, role, key, address)]:
+            return False
+        raise WarehouseValueError(
+            f"peer {peer_id!r} or key {key[:14]}... is already registered as {existing[0][:2]}"
+        )
+    query(
+        con,
+        "INSERT INTO peers VALUES ($p, $r, $k, $a, $at)",
+        {"p": peer_id, "r": role, "k": key, "a": address, "at": _now()},
+    )
+    return True
+
+
+def record_stake(con: Connection, *, peer_id: str, epoch: int, amount: int) -> None:
+    """Set ``peer_id``'s stake deposit in ``epoch`` (base units). Errors on unknown peer/epoch."""
+    check_amount("stake", amount)
+    if not query(con, "SELECT 1 FROM peers WHERE peer_id = $p", {"p": peer_id}):
+        raise WarehouseValueError(f"unknown peer {peer_id!r}")
+    if not query(con, "SELECT 1 FROM epochs WHERE epoch = $e", {"e": epoch}):
+        raise WarehouseValueError(f"epoch {epoch} is not open")
+    with transaction(con):
+        query(
+            con, "DELETE FROM stakes WHERE peer_id = $p AND epoch = $e", {"p": peer_id, "e": epoch}
+        )
+        query(
+            con, "INSERT INTO stakes VALUES ($p, $e, $a)", {"p": peer_id, "e": epoch, "a": amount}
+        )
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC).replace(tzinfo=None)

@@ -140,7 +140,7 @@ def register_all(con: warehouse.Connection) -> None:
     for epoch, pool in enumerate(POOLS):
         policy.open_epoch(con, epoch, pool)
     for name in ("alice", "bob", "carol", "eve"):
-        ingest.register_peer(
+        warehouse.register_peer(
             con,
             peer_id=name,
             pubkey="0x" + key(name).public.hex(),
@@ -148,15 +148,15 @@ def register_all(con: warehouse.Connection) -> None:
             payout_address=address(name),
         )
     for name in ("aud1", "aud2"):
-        ingest.register_peer(
+        warehouse.register_peer(
             con,
             peer_id=name,
             pubkey="0x" + key(name).public.hex(),
             role="auditor",
             payout_address=None,
         )
-    ingest.record_stake(con, peer_id="carol", epoch=0, amount=5_000)
-    ingest.record_stake(con, peer_id="alice", epoch=0, amount=5_000)
+    warehouse.record_stake(con, peer_id="carol", epoch=0, amount=5_000)
+    warehouse.record_stake(con, peer_id="alice", epoch=0, amount=5_000)
 
 
 def _build(root: Path) -> RealWorld:
@@ -358,6 +358,7 @@ def test_conflicting_unknown_run_and_malformed_verdicts(
     alice0 = sorted((real_world.verdicts0 / "alice-r1").glob("step-*.json"))[0]
     _resign(alice0, folder / "conflict.json", "aud1", reason="a different finding")
     _resign(alice0, folder / "norun.json", "aud1", run_id="nobody-r9")
+    _resign(alice0, folder / "recipe.json", "aud1", step=1, recipe_hash=b"\x07" * 32)
     (folder / "truncated.json").write_text(alice0.read_text()[:200])
     (folder / "not-a-verdict.json").write_text('{"hello": 1}')
     before = snapshot(con)
@@ -365,6 +366,7 @@ def test_conflicting_unknown_run_and_malformed_verdicts(
     reasons = {Path(r.source).name: r.reason for r in report.rejections}
     assert reasons["conflict.json"].startswith("conflicts with verdict 0x")
     assert reasons["norun.json"].startswith("unknown run 'nobody-r9'")
+    assert reasons["recipe.json"].startswith("verdict is about another recipe")
     assert reasons["truncated.json"].startswith("not JSON")
     assert "not-a-verdict.json" in reasons
     assert report.verdicts_loaded == 0
@@ -372,7 +374,7 @@ def test_conflicting_unknown_run_and_malformed_verdicts(
     assert {t: rows for t, rows in after.items() if t not in ("rejections", "ingest_batches")} == {
         t: rows for t, rows in before.items() if t not in ("rejections", "ingest_batches")
     }
-    assert len(after["rejections"]) == len(before["rejections"]) + 4
+    assert len(after["rejections"]) == len(before["rejections"]) + 5
     con.close()
 
 
@@ -391,7 +393,7 @@ def test_no_epoch_and_missing_folders(tmp_path: Path) -> None:
 
 def test_registration_errors(fresh: warehouse.Connection) -> None:
     good = "0x" + key("zed").public.hex()
-    register: Callable[..., bool] = ingest.register_peer
+    register: Callable[..., bool] = warehouse.register_peer
     assert (
         register(
             fresh,
@@ -413,6 +415,47 @@ def test_registration_errors(fresh: warehouse.Connection) -> None:
     with pytest.raises(warehouse.WarehouseValueError, match="EVM address"):
         register(fresh, peer_id="zed", pubkey=good, role="trainer", payout_address="0x12")
     with pytest.raises(warehouse.WarehouseValueError, match="unknown peer"):
-        ingest.record_stake(fresh, peer_id="zed", epoch=0, amount=1)
+        warehouse.record_stake(fresh, peer_id="zed", epoch=0, amount=1)
     with pytest.raises(warehouse.WarehouseValueError, match="negative"):
-        ingest.record_stake(fresh, peer_id="alice", epoch=0, amount=-1)
+        warehouse.record_stake(fresh, peer_id="alice", epoch=0, amount=-1)
+
+
+def test_cli_end_to_end(real_world: RealWorld, tmp_path: Path) -> None:
+    db = str(tmp_path / "cli.duckdb")
+    run = CliRunner().invoke
+
+    def ok(*args: str) -> str:
+        result = run(main, [*args, "--db", db])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    ok("migrate")
+    ok("open-epoch", "0", "--pool", "1000")
+    ok("params", "--cheat-fraction", "0.25", "--confidence", "0.7")
+    ok(
+        "register-peer",
+        "alice",
+        "--pubkey",
+        "0x" + key("alice").public.hex(),
+        "--address",
+        address("alice"),
+    )
+    ok("register-peer", "aud1", "--pubkey", "0x" + key("aud1").public.hex(), "--role", "auditor")
+    ok("stake", "alice", "--epoch", "0", "--amount", "10")
+    out = ok(
+        "ingest",
+        "--store",
+        str(real_world.stores / "alice-r1"),
+        "--verdicts",
+        str(real_world.verdicts0 / "alice-r1"),
+    )
+    assert f"1 runs, {STEPS} verdicts loaded" in out
+    ok("compute")
+    out = ok("root", "0", "--out", str(tmp_path / "tree"))
+    payout = payouts.epoch_payout(db, 0)
+    assert f"root 0x{payout.root.hex()} total 1000" in out
+    assert json.loads((tmp_path / "tree" / "proofs.json").read_text())["root"] == (
+        "0x" + payout.root.hex()
+    )
+    bad = run(main, ["open-epoch", "1", "--pool", "0", "--db", db])
+    assert bad.exit_code == 1 and "pool must be positive" in bad.output
