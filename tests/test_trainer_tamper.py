@@ -6,9 +6,12 @@ import dataclasses
 import json
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proofs.signatures import keypair_from_seed
 from trainer.data import Corpus
@@ -172,3 +175,24 @@ def test_missing_gradient_artifact_is_named(run: Path) -> None:
     (run / object_name(record.grad_root)).unlink()
     broken = check_store(str(run)).broken
     assert broken is not None and (broken.check, broken.step) == ("gradient", 2)
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_flipped_byte_anywhere_is_caught(pristine: Path, data: st.DataObject) -> None:
+    files = sorted(p.relative_to(pristine) for p in pristine.rglob("*") if p.is_file())
+    rel = data.draw(st.sampled_from(files), label="file")
+    size = (pristine / rel).stat().st_size
+    offset = data.draw(st.integers(0, size - 1), label="offset")
+    mask = data.draw(st.integers(1, 255), label="xor")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        shutil.copytree(pristine, run)
+        raw = bytearray((run / rel).read_bytes())
+        raw[offset] ^= mask
+        (run / rel).write_bytes(bytes(raw))
+        report = check_store(str(run))  # must report, never raise
+    assert not report.ok
+    assert report.broken is not None

@@ -25,6 +25,7 @@ from proofs.hashing import Hash32
 from trainer.artifact import first_bad_leaf
 from trainer.checkpoint import BUFFER, decode_checkpoint, encode_checkpoint
 from trainer.data import batch_offsets
+from trainer.jsonform import canonical_json
 from trainer.manifest import StepRecord, WindowManifest
 from trainer.recipe import RunHeader
 from trainer.replay import apply_gradients
@@ -124,6 +125,9 @@ def check_store(
     except _Broken as exc:
         logger.info("verify-store: %s", exc.link.describe())
         return walker.report(exc.link)
+    except Exception as exc:  # bad input must give a report, never an exception
+        reason = f"unreadable: {type(exc).__name__}: {exc}"
+        return walker.report(BrokenLink(artifact=walker.current, check="format", reason=reason))
     return walker.report(None)
 
 
@@ -136,6 +140,8 @@ class _Walker:
         self.chain = chain
         self.progress = progress
         self.run_id: str | None = None
+        self.current = HEADER_PATH
+        """The file being checked (named in the report if something unexpected fails)."""
         self.windows = 0
         self.steps = 0
 
@@ -181,10 +187,12 @@ class _Walker:
             _fail(HEADER_PATH, "key", "header names another public key than the expected one")
         if not signed.verify():
             _fail(HEADER_PATH, "signature", "header signature does not verify")
+        if self.store.read_bytes(HEADER_PATH) != canonical_json(signed.to_json()):
+            _fail(HEADER_PATH, "format", "file is not the canonical JSON of what it holds")
         return signed.header
 
     def _manifest(self, header: RunHeader, w: int, step: int, prev: Hash32) -> WindowManifest:
-        path = manifest_name(w)
+        path = self.current = manifest_name(w)
         try:
             signed = self.store.read_manifest(w)
         except VeritrainError as exc:
@@ -205,6 +213,8 @@ class _Walker:
                 "manifest signature does not verify under the header key",
                 window=w,
             )
+        if self.store.read_bytes(path) != canonical_json(signed.to_json()):
+            _fail(path, "format", "file is not the canonical JSON of what it holds", window=w)
         return m
 
     def _records(
@@ -223,7 +233,7 @@ class _Walker:
     def _artifact(
         self, root: bytes, check: str, *, step: int, window: int | None
     ) -> dict[str, torch.Tensor]:
-        path = object_name(root)
+        path = self.current = object_name(root)
         try:
             index, leaves = self.store.read_artifact(root)
         except VeritrainError as exc:
@@ -250,6 +260,7 @@ class _Walker:
         target: Mapping[str, torch.Tensor],
     ) -> None:
         path, check = object_name(m.state.root), "gradient-to-state chain"
+        self.current = path
         try:
             expected = apply_gradients(header, start, list(zip(m.records, grads, strict=True)))
         except (VeritrainError, ValueError, KeyError, RuntimeError) as exc:
