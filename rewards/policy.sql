@@ -4,9 +4,10 @@
 --   $confidence      probability of catching such a peer a run's audit must reach (0 <= c < 1)
 --   $slash_bps       share of its stake a peer loses in an epoch with a failed run, in 1/10000
 --   $usefulness_ppm  weight W of usefulness in the score, in millionths (0: tokens only)
--- It rewrites run_outcomes, slashes, epoch_summaries, rewards and payouts whole. Every result for
--- epoch E depends only on inputs recorded with an epoch <= E, so later data never changes an epoch
--- that was already paid. Money is HUGEINT / DECIMAL(38,0) integer arithmetic throughout; the only
+-- It rewrites run_outcomes, slashes, epoch_summaries, rewards and payouts whole; their rows are
+-- identical on every recomputation (read them ORDER BY their key, as any SQL table). Every result
+-- for epoch E depends only on inputs recorded with an epoch <= E, so later data never changes an
+-- epoch that was already paid. Money is HUGEINT / DECIMAL(38,0) integer arithmetic throughout; the only
 -- floating point is the audit confidence, which decides eligibility and never touches an amount.
 -- See docs/payout-policy.md for the rules in prose and worked examples.
 
@@ -87,8 +88,7 @@ LEFT JOIN _run_decisions AS d USING (run_id)
 LEFT JOIN _usefulness AS u USING (run_id)
 LEFT JOIN (SELECT run_id, arg_max(passed_steps, at_epoch) AS passed_steps,
                   arg_max(confidence, at_epoch) AS confidence
-           FROM _run_checks GROUP BY run_id) AS latest USING (run_id)
-ORDER BY r.run_id;
+           FROM _run_checks GROUP BY run_id) AS latest USING (run_id);
 
 -- 4. Slashing: in each epoch where a peer has a failed run, it loses floor(stake * slash_bps /
 --    10000) of the stake it holds then (deposits up to that epoch minus earlier slashes).
@@ -203,5 +203,4 @@ SELECT e.epoch, a.account, coalesce(w.amount, 0),
        sum(coalesce(w.amount, 0)) OVER (PARTITION BY a.account ORDER BY e.epoch)
 FROM epochs AS e
 JOIN paid AS a ON a.first_epoch <= e.epoch
-LEFT JOIN rewards AS w ON w.epoch = e.epoch AND w.account = a.account
-ORDER BY e.epoch, a.account;
+LEFT JOIN rewards AS w ON w.epoch = e.epoch AND w.account = a.account;
