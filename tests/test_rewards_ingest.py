@@ -14,6 +14,7 @@ The world, built once per session (~40 s on 2 cores, mostly BLS in pure Python):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -23,8 +24,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from audit.beacon import Beacon
+from proofs.errors import VeritrainError
 from proofs.signatures import KeyPair, keypair_from_seed
 from rewards import ingest, payouts, policy, warehouse
 from rewards.cli import main
@@ -459,3 +463,27 @@ def test_cli_end_to_end(real_world: RealWorld, tmp_path: Path) -> None:
     )
     bad = run(main, ["open-epoch", "1", "--pool", "0", "--db", db])
     assert bad.exit_code == 1 and "pool must be positive" in bad.output
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(["verdict", "signature", "kind", "version", "run_id", "x"]),
+                inner,
+                max_size=4,
+            )
+        ),
+        max_leaves=8,
+    )
+)
+def test_hostile_verdict_files_are_rejected_not_crashing(tmp_path: Path, doc: object) -> None:
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps(doc))
+    with contextlib.suppress(VeritrainError, OSError):
+        assert ingest._parse_verdict_file(path) == []  # only a plan file parses to nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_rewards_policy import World
 
 from proofs.payout import PayoutTree, verify_payout
@@ -218,3 +221,27 @@ def test_write_back_through_a_path(tmp_path: Path) -> None:
     con = warehouse.connect_read_only(db)
     assert con.execute("SELECT account, paid FROM claims").fetchall() == [("0x" + "aa" * 20, 3)]
     con.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(
+        st.binary(min_size=20, max_size=20),
+        st.integers(min_value=0, max_value=2**256 - 1),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_csv_round_trip(tmp_path_factory: pytest.TempPathFactory, rows: dict[bytes, int]) -> None:
+    path = tmp_path_factory.mktemp("csv") / "p.csv"
+    _write_csv(path, [("0x" + a.hex(), str(m)) for a, m in rows.items()])
+    assert payouts.read_csv(path) == tuple(("0x" + a.hex(), m) for a, m in rows.items())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=80))
+def test_csv_parser_never_crashes(tmp_path_factory: pytest.TempPathFactory, junk: str) -> None:
+    path = tmp_path_factory.mktemp("junk") / "p.csv"
+    path.write_text("account,amount\n" + junk, encoding="utf-8")
+    with contextlib.suppress(PayoutDataError):
+        payouts.read_csv(path)
