@@ -151,14 +151,16 @@ def to_csv(frame: pl.DataFrame) -> str:
 
 
 def write_output(frame: pl.DataFrame, fmt: OutputFormat, out: str | os.PathLike[str]) -> Path:
-    """Write ``frame`` to ``out`` in ``fmt`` (table is written as CSV) atomically."""
+    """Write ``frame`` to ``out`` as csv, json or parquet, atomically (temp file + rename)."""
     path = Path(out)
     tmp = path.with_name(path.name + ".tmp")
     if fmt == "parquet":
         frame.write_parquet(tmp)
     elif fmt == "json":
         tmp.write_text(to_json(frame) + "\n", encoding="utf-8")
-    else:
+    elif fmt == "csv":
         tmp.write_text(to_csv(frame), encoding="utf-8")
+    else:
+        raise QueryError(f"cannot write format {fmt!r} to a file (csv, json or parquet)")
     os.replace(tmp, path)
     return path

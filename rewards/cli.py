@@ -233,10 +233,12 @@ def sql(db: str, query: str | None, file: str | None, fmt: str, out: str | None)
     text = query if query is not None else Path(file or "").read_text(encoding="utf-8")
     if fmt == "parquet" and out is None:
         raise click.UsageError("--format parquet needs --out")
+    if fmt == "table" and out is not None:
+        raise click.UsageError("--format table prints; with --out use csv, json or parquet")
     with analyst.Analyst(db) as a:
         frame = a.sql(text)
     if out is not None:
-        analyst.write_output(frame, fmt if fmt != "table" else "csv", out)  # type: ignore[arg-type]
+        analyst.write_output(frame, fmt, out)  # type: ignore[arg-type]
         err_console.print(f"{frame.height} rows written to {out}")
     elif fmt == "csv":
         sys.stdout.write(analyst.to_csv(frame))

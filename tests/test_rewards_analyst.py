@@ -84,6 +84,11 @@ def test_formats(db: Path, tmp_path: Path) -> None:
     assert pl.read_parquet(out).equals(expected)
     table = run(main, ["sql", "--db", str(db), q])
     assert all(a in table.stdout for a in expected["account"])
+    out_json = tmp_path / "r.json"
+    res = run(main, ["sql", "--db", str(db), q, "--format", "json", "--out", str(out_json)])
+    assert json.loads(out_json.read_text()) == as_json
+    res = run(main, ["sql", "--db", str(db), q, "--out", str(tmp_path / "t.txt")])
+    assert res.exit_code == 2 and "--format table prints" in res.output
     qfile = tmp_path / "q.sql"
     qfile.write_text(q)
     res = run(main, ["sql", "--db", str(db), "--file", str(qfile), "--format", "csv"])
