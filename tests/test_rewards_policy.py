@@ -453,3 +453,20 @@ def test_float_money_is_refused(world: World) -> None:
         world.epoch(0, 1.5)  # type: ignore[arg-type]
     with pytest.raises(warehouse.WarehouseValueError, match="integer"):
         world.epoch(0, True)  # type: ignore[arg-type]
+
+
+def test_preview_shows_a_what_if_and_changes_nothing(world: World) -> None:
+    useful, idle = world.peer("useful"), world.peer("idle")
+    world.peer("aud", role="auditor")
+    world.epoch(0, 1_000)
+    world.run("ru", "useful", 0)
+    world.run("ri", "idle", 0)
+    world.audit("ru", range(5), "aud", 0, gain=0.2)
+    world.audit("ri", range(5), "aud", 0, gain=0.05)
+    world.compute()
+    before = world.exec("SELECT * FROM rewards ORDER BY account")
+    what_if = PolicyParams(cheat_fraction=0.1, confidence=0.5, usefulness_ppm=1_000_000)
+    rows = policy.preview(world.con, what_if, "SELECT account, amount FROM rewards")
+    assert {str(a): int(m) for a, m in rows} == {useful: 800, idle: 200}
+    assert world.exec("SELECT * FROM rewards ORDER BY account") == before
+    assert policy.stored_params(world.con) == LENIENT
