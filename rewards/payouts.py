@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
 from proofs.errors import VeritrainError
 from proofs.hashing import Root
 from proofs.payout import PayoutTree, normalize_address
@@ -258,13 +256,3 @@ def write_tree(tree: PayoutTree, out_dir: str | os.PathLike[str]) -> tuple[Path,
         tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     return paths
-
-
-def roots_of(con: duckdb.DuckDBPyConnection) -> list[tuple[int, str, int]]:
-    """(epoch, root, cumulative total) of every cached root, by epoch."""
-    return [
-        (int(e), str(r), int(t))
-        for e, r, t in query(
-            con, "SELECT epoch, root, cumulative_total FROM payout_roots ORDER BY epoch"
-        )
-    ]

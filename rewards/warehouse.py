@@ -48,11 +48,6 @@ class WarehouseValueError(VeritrainError, ValueError):
     """A value given to the warehouse is malformed (bad address, hash, negative amount...)."""
 
 
-def default_path() -> str:
-    """The warehouse path from $VERITRAIN_DB, else ``veritrain.duckdb`` in the working directory."""
-    return os.environ.get(DB_ENV, DEFAULT_DB)
-
-
 def connect(path: str | os.PathLike[str]) -> Connection:
     """Open (creating if needed) the warehouse read-write and apply pending migrations.
 
