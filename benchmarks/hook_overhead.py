@@ -128,14 +128,19 @@ def main() -> None:
     t_plain: dict[str, float] = defaultdict(float)
     t_hook: dict[str, float] = defaultdict(float)
     plain(TrainConfig(run_id="warm", steps=5), corpus, defaultdict(float))  # warm-up
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
         tmp = Path(tempfile.mkdtemp(prefix="veritrain-bench-"))
         try:
-            c0 = cpu_seconds()
-            a = plain(config, corpus, t_plain)
-            c1 = cpu_seconds()
-            b = hooked(config, corpus, tmp / "run", t_hook)
-            cpu_ratios.append((cpu_seconds() - c1) / (c1 - c0))
+            # Alternate the order (AB, BA, ...) so drift in background load cancels out.
+            cpu: dict[str, float] = {}
+            for kind in ("plain", "hooked") if rep % 2 == 0 else ("hooked", "plain"):
+                c0 = cpu_seconds()
+                if kind == "plain":
+                    a = plain(config, corpus, t_plain)
+                else:
+                    b = hooked(config, corpus, tmp / "run", t_hook)
+                cpu[kind] = cpu_seconds() - c0
+            cpu_ratios.append(cpu["hooked"] / cpu["plain"])
             written.append(sum(p.stat().st_size for p in (tmp / "run").rglob("*") if p.is_file()))
         finally:
             shutil.rmtree(tmp)
