@@ -9,15 +9,22 @@ up again). Two sources:
   commitment. The peer cannot predict it when it commits; a miner/validator could bias one block
   hash, hence ``delay`` (use a block several blocks later to raise the cost of grinding).
 
-Where the commitment block comes from is a :class:`CommitmentLocator`: the settlement component
-(issue 6) looks it up in its on-chain registry; :class:`FixedCommitmentBlock` takes it as given.
+Where the commitment block comes from is a :class:`CommitmentLocator`: :class:`FixedCommitmentBlock`
+takes it as given; ``audit/registry.py`` reads it from the settlement contract's commitment
+registry (issue 6) and also checks that the recorded root is the run's final manifest hash.
+
+A batch job needs one beacon per run, possibly in worker processes: a *beacon-for* is either a
+picklable callable of the store URL (:class:`StaticBeaconFor`, :class:`ChainBeaconFor`) or a
+:class:`BeaconForRun`, called with the run's :class:`RunCommitment` once the run is loaded and
+authenticated (the registry beacon, which must compare roots).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 from proofs.errors import VeritrainError
 
@@ -71,6 +78,35 @@ class CommitmentLocator(Protocol):
     def commitment_block(self, run_id: str) -> int:
         """Block number of the record of ``run_id``; raise :class:`BeaconError` if unrecorded."""
         ...
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunCommitment:
+    """What a run commits to: its id and ``root``, the final manifest hash (the head of the signed
+    hash chain that also seeds the sample). The on-chain registry must hold exactly this root."""
+
+    run_id: str
+    root: bytes
+
+
+@runtime_checkable
+class BeaconForRun(Protocol):
+    """A per-run beacon that needs the loaded run's commitment (e.g. to check it on chain)."""
+
+    def for_run(self, run: RunCommitment) -> Beacon:
+        """The beacon of ``run``; raise :class:`BeaconError` (or its not-ready subclass)."""
+        ...
+
+
+BeaconFor: TypeAlias = Callable[[str], Beacon] | BeaconForRun
+"""A batch job's beacon per run: a callable of the store URL, or a :class:`BeaconForRun`."""
+
+
+def beacon_for_run(beacon_for: BeaconFor, url: str, run: RunCommitment) -> Beacon:
+    """The beacon ``beacon_for`` gives the run loaded from ``url`` whose commitment is ``run``."""
+    if isinstance(beacon_for, BeaconForRun):
+        return beacon_for.for_run(run)
+    return beacon_for(url)
 
 
 def parse_beacon_hex(text: str) -> bytes:
@@ -178,11 +214,13 @@ class StaticBeaconFor:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ChainBeaconFor:
     """A chain beacon per run: the block hash ``delay`` blocks after ``commit_block`` on the
-    JSON-RPC node at ``rpc_url`` (the settlement registry will supply per-run commit blocks)."""
+    JSON-RPC node at ``rpc_url``. The block is taken on trust: nothing checks what was recorded
+    there (``audit.registry.RegistryBeaconFor`` looks it up and checks the root)."""
 
     rpc_url: str
     commit_block: int
     delay: int = 1
+    confirmations: int = 0
 
     def __call__(self, url: str) -> Beacon:
         return ChainBeacon.from_url(
@@ -190,4 +228,5 @@ class ChainBeaconFor:
             run_id=url,
             locator=FixedCommitmentBlock(block=self.commit_block),
             delay=self.delay,
+            confirmations=self.confirmations,
         ).fetch()

@@ -19,12 +19,21 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from audit.beacon import BeaconError, ChainBeaconFor, StaticBeaconFor, parse_beacon_hex
+from audit.beacon import (
+    BeaconError,
+    BeaconFor,
+    ChainBeaconFor,
+    RunCommitment,
+    StaticBeaconFor,
+    beacon_for_run,
+    parse_beacon_hex,
+)
 from audit.bundle import VerdictBundle, aggregate_verdicts, verify_bundle
 from audit.evidence import check_verdict
 from audit.fetch import load_run
 from audit.jobs import JobSpec, RunOutcome, SampleSpec, run_job
 from audit.reexec import ReexecConfig
+from audit.registry import RegistryBeaconFor
 from audit.sampling import SamplingError, detection_probability, plan_sample
 from audit.tolerance import Mode
 from audit.verdict import (
@@ -33,6 +42,7 @@ from audit.verdict import (
     load_signed_verdict,
 )
 from proofs.errors import VeritrainError
+from proofs.payout import normalize_address
 from proofs.signatures import generate_keypair, load_keypair, save_keypair
 from trainer.store import HEADER_PATH, RunStore
 
@@ -40,21 +50,59 @@ console = Console()
 err = Console(stderr=True)
 
 
+DEFAULT_DEPLOYMENT = ".veritrain/deployment.json"  # as `python -m rewards deploy` writes it
+
+
 def _beacon(
-    beacon: str | None, chain_url: str | None, commit_block: int | None, delay: int
-) -> StaticBeaconFor | ChainBeaconFor:
-    if beacon is not None and chain_url is None:
+    beacon: str | None,
+    chain_url: str | None,
+    commit_block: int | None,
+    deployment: Path,
+    committer: str | None,
+    delay: int,
+    confirmations: int,
+) -> BeaconFor:
+    if beacon is not None:
+        if chain_url is not None or commit_block is not None:
+            raise click.UsageError("give --beacon HEX or --chain-url URL, not both")
         return StaticBeaconFor(value=parse_beacon_hex(beacon))
-    if chain_url is not None and commit_block is not None and beacon is None:
-        return ChainBeaconFor(rpc_url=chain_url, commit_block=commit_block, delay=delay)
-    raise click.UsageError("give --beacon HEX, or --chain-url URL with --commit-block N")
+    if chain_url is None:
+        raise click.UsageError("give --beacon HEX, or --chain-url URL (registry or --commit-block)")
+    if commit_block is not None:
+        return ChainBeaconFor(
+            rpc_url=chain_url, commit_block=commit_block, delay=delay, confirmations=confirmations
+        )
+    from rewards.settlement import Deployment  # web3 only where a chain is used
+
+    if not deployment.is_file():
+        raise click.UsageError(
+            f"no deployment record at {deployment}: give --deployment FILE (written by "
+            "`python -m rewards deploy`) or --commit-block N"
+        )
+    return RegistryBeaconFor.from_deployment(
+        chain_url,
+        Deployment.from_json(deployment.read_text()),
+        committer=None if committer is None else normalize_address(committer),
+        delay=delay,
+        confirmations=confirmations,
+    )
 
 
 def _beacon_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--beacon", help="beacon value (0x-hex, >= 16 bytes) agreed after commit")(f)
     f = click.option("--chain-url", help="JSON-RPC URL: the beacon is a later block hash")(f)
-    f = click.option("--commit-block", type=int, help="block that recorded the commitment")(f)
+    f = click.option(
+        "--deployment", type=click.Path(dir_okay=False, path_type=Path),
+        default=DEFAULT_DEPLOYMENT, show_default=True, envvar="VERITRAIN_DEPLOYMENT",
+        help="settlement deployment record: the run's commitment block comes from its registry",
+    )(f)  # fmt: skip
+    f = click.option("--committer", help="address whose registry record counts (the peer's)")(f)
+    f = click.option("--commit-block", type=int, help="or: block that recorded the commitment")(f)
     f = click.option("--delay", type=int, default=1, show_default=True, help="blocks after it")(f)
+    f = click.option(
+        "--confirmations", type=int, default=0, show_default=True,
+        help="blocks required on top of the beacon block",
+    )(f)  # fmt: skip
     return f
 
 
@@ -97,8 +145,11 @@ def sample(
     auditor_pubkey: str | None,
     beacon: str | None,
     chain_url: str | None,
+    deployment: Path,
+    committer: str | None,
     commit_block: int | None,
     delay: int,
+    confirmations: int,
     count: int | None,
     confidence: float | None,
     cheat_fraction: float,
@@ -111,8 +162,12 @@ def sample(
             pubkey = bytes.fromhex(auditor_pubkey.removeprefix("0x"))
         else:
             raise click.UsageError("give --key or --auditor-pubkey")
-        value = _beacon(beacon, chain_url, commit_block, delay)(store_url)
+        beacon_for = _beacon(
+            beacon, chain_url, commit_block, deployment, committer, delay, confirmations
+        )
         run = load_run(RunStore(store_url))
+        commitment = RunCommitment(run_id=run.header.run_id, root=run.final_hash)
+        value = beacon_for_run(beacon_for, store_url, commitment)
         plan = plan_sample(
             beacon=value.value,
             manifest_hash=run.final_hash,
@@ -125,7 +180,9 @@ def sample(
     except (VeritrainError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
-    console.print(f"run {run.header.run_id}: {run.total_steps} steps, beacon {value.source}")
+    console.print(f"run {run.header.run_id}: {run.total_steps} steps")
+    console.print(f"commitment root (final manifest hash) 0x{run.final_hash.hex()}")
+    console.print(f"beacon 0x{value.value.hex()} from {value.source}", soft_wrap=True)
     console.print(f"sample seed 0x{plan.seed.hex()}")
     console.print(f"steps: {' '.join(str(s) for s in plan.steps)}")
     console.print(
@@ -172,8 +229,11 @@ def run_cmd(
     key_path: str,
     beacon: str | None,
     chain_url: str | None,
+    deployment: Path,
+    committer: str | None,
     commit_block: int | None,
     delay: int,
+    confirmations: int,
     count: int | None,
     confidence: float | None,
     cheat_fraction: float,
@@ -193,7 +253,9 @@ def run_cmd(
             urls=_stores(stores, stores_under),
             out=out,
             keypair=load_keypair(key_path),
-            beacon_for=_beacon(beacon, chain_url, commit_block, delay),
+            beacon_for=_beacon(
+                beacon, chain_url, commit_block, deployment, committer, delay, confirmations
+            ),
             spec=SampleSpec(count=count, cheat_fraction=cheat_fraction, confidence=confidence),
             config=ReexecConfig(
                 mode=Mode(mode),

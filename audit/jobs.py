@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from audit.beacon import Beacon
+from audit.beacon import Beacon, BeaconFor, RunCommitment, beacon_for_run
 from audit.fetch import ArtifactInvalid, VerifiedRun, load_run
 from audit.reexec import ReexecConfig, StepAuditor, StepResult
 from audit.sampling import SamplePlan, plan_sample
@@ -217,13 +217,17 @@ def audit_run(
     *,
     out: Path,
     keypair: KeyPair,
-    beacon: Beacon,
+    beacon: Beacon | BeaconFor,
     spec: SampleSpec,
     config: ReexecConfig,
     corpus: Corpus | None,
     on_verdict: Callable[[str, int, Outcome | None], None] | None = None,
 ) -> RunOutcome:
-    """Audit the sampled steps of the run at ``url``; never raises for a bad run."""
+    """Audit the sampled steps of the run at ``url``; never raises for a bad run.
+
+    ``beacon`` is the value itself or a beacon-for (``audit.beacon``), asked once the run is
+    loaded and authenticated; a beacon it cannot give (not yet mined, registry root mismatch)
+    is this run's ``error``."""
     try:
         return _audit_run(url, out, keypair, beacon, spec, config, corpus, on_verdict)
     except Exception as exc:  # one hostile or unreadable run must never stop the batch
@@ -235,7 +239,7 @@ def _audit_run(
     url: str,
     out: Path,
     keypair: KeyPair,
-    beacon: Beacon,
+    beacon_for: Beacon | BeaconFor,
     spec: SampleSpec,
     config: ReexecConfig,
     corpus: Corpus | None,
@@ -247,6 +251,11 @@ def _audit_run(
         run = load_run(store)
     except ArtifactInvalid as exc:
         return _run_invalid(url, exc, store, out, keypair, config)
+    try:
+        beacon = _beacon(beacon_for, url, run)
+    except Exception as exc:  # not ready yet, refused, node down: this run waits, not the job
+        log.warning("run %s: no beacon: %s", url, exc)
+        return RunOutcome(url=url, run_id=run.header.run_id, error=f"beacon: {exc}")
     plan = plan_for(run, beacon, me, spec)
     folder = run_folder(out, run.header.run_id)
     write_atomic(folder / "plan.json", json.dumps(_plan_json(plan, beacon, url), indent=1).encode())
@@ -287,6 +296,14 @@ def _audit_run(
         skipped=skipped,
         detection=plan.detection_exact,
         verdict_files=tuple(str(verdict_path(out, run.header.run_id, s)) for s in plan.steps),
+    )
+
+
+def _beacon(beacon_for: Beacon | BeaconFor, url: str, run: VerifiedRun) -> Beacon:
+    if isinstance(beacon_for, Beacon):
+        return beacon_for
+    return beacon_for_run(
+        beacon_for, url, RunCommitment(run_id=run.header.run_id, root=run.final_hash)
     )
 
 
@@ -332,7 +349,7 @@ class JobSpec:
     urls: tuple[str, ...]
     out: Path
     keypair: KeyPair
-    beacon_for: Callable[[str], Beacon]
+    beacon_for: BeaconFor
     spec: SampleSpec
     config: ReexecConfig
     corpus_paths: tuple[str, ...]
@@ -345,15 +362,11 @@ def _corpus(paths: Sequence[str]) -> Corpus:
 
 def _worker(job: JobSpec, url: str) -> RunOutcome:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, job.workers)))
-    try:
-        beacon = job.beacon_for(url)
-    except Exception as exc:  # a beacon not yet available skips this run, not the job
-        return RunOutcome(url=url, run_id="?", error=f"beacon: {exc}")
     return audit_run(
         url,
         out=job.out,
         keypair=job.keypair,
-        beacon=beacon,
+        beacon=job.beacon_for,
         spec=job.spec,
         config=job.config,
         corpus=_corpus(job.corpus_paths),
@@ -375,21 +388,16 @@ def run_job(
     if job.workers <= 1:
         corpus = _corpus(job.corpus_paths)
         for url in job.urls:
-            try:
-                beacon = job.beacon_for(url)
-            except Exception as exc:
-                outcome = RunOutcome(url=url, run_id="?", error=f"beacon: {exc}")
-            else:
-                outcome = audit_run(
-                    url,
-                    out=job.out,
-                    keypair=job.keypair,
-                    beacon=beacon,
-                    spec=job.spec,
-                    config=job.config,
-                    corpus=corpus,
-                    on_verdict=on_verdict,
-                )
+            outcome = audit_run(
+                url,
+                out=job.out,
+                keypair=job.keypair,
+                beacon=job.beacon_for,
+                spec=job.spec,
+                config=job.config,
+                corpus=corpus,
+                on_verdict=on_verdict,
+            )
             results.append(outcome)
             if on_run is not None:
                 on_run(outcome)
