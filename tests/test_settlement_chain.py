@@ -209,6 +209,55 @@ def test_claims_cannot_exceed_the_root_total(deployed: Deployed) -> None:
         s.claim(d.chain.relayer, req(tree, who[1], 70))
 
 
+def test_an_older_root_pays_while_the_newest_waits(deployed: Deployed) -> None:
+    # While epoch 2 waits out its delay, claims go to epoch 1 (the history walk, not the one-slot
+    # fast path) and stop at epoch 1's total; once epoch 2 is active it pays the difference.
+    d, s = deployed, deployed.settlement
+    who = peers(3, "older")
+    s.fund(d.chain.admin, 1_000)
+    tree1 = post(d, 1, [(who[0], 50), (who[1], 40), (who[2], 30)], total=100)
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    s.claim(d.chain.relayer, req(tree1, who[0], 50))
+    tree2 = post(d, 2, [(who[0], 80), (who[1], 40), (who[2], 30)], total=150)
+    active = s.active_root()
+    assert active is not None and active.index == 0
+    with reverts("InvalidProof"):  # epoch 2 is not claimable yet
+        s.claim(d.chain.relayer, req(tree2, who[0], 80))
+    s.claim(d.chain.relayer, req(tree1, who[1], 40))
+    assert s.total_claimed() == 90
+    with reverts("ClaimExceedsRootTotal"):  # 90 + 30 > epoch 1's declared 100
+        s.claim(d.chain.relayer, req(tree1, who[2], 30))
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    s.claim_batch(d.chain.relayer, [req(tree2, who[0], 80), req(tree2, who[2], 30)])
+    assert [s.token_balance(a) for a in who] == [80, 40, 30]
+    assert s.total_claimed() == 150 and s.token_balance(s.address) == 850
+    with reverts("InvalidProof"):
+        s.claim(d.chain.relayer, req(tree1, who[2], 30))
+
+
+def test_totals_may_not_decrease_and_revoking_restores_the_older_root(deployed: Deployed) -> None:
+    d, s = deployed, deployed.settlement
+    who = peers(2, "decr")
+    s.fund(d.chain.admin, 1_000)
+    tree1 = post(d, 1, [(who[0], 60), (who[1], 40)])
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    s.claim(d.chain.relayer, req(tree1, who[0], 60))
+    with reverts("TotalDecreasing"):  # cumulative payouts cannot shrink
+        post(d, 2, [(who[0], 60), (who[1], 30)])
+    post(d, 2, [(who[0], 500), (who[1], 400)])
+    assert s.total_claimed() == 60
+    s.revoke_root(d.chain.guardian, 1)
+    assert s.total_claimed() == 60  # the paid-out sum moves back to epoch 1 unchanged
+    with reverts("TotalDecreasing"):
+        post(d, 2, [(who[0], 60), (who[1], 39)])
+    tree2 = post(d, 2, [(who[0], 70), (who[1], 45)])  # lower than the revoked one: fine
+    s.claim(d.chain.relayer, req(tree1, who[1], 40))  # epoch 1 still pays during the delay
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    s.claim_batch(d.chain.relayer, [req(tree2, a, amt) for a, amt in [(who[0], 70), (who[1], 45)]])
+    assert [s.token_balance(a) for a in who] == [70, 45]
+    assert s.total_claimed() == 115
+
+
 def test_pause_stops_claims_only_admin_resumes(deployed: Deployed) -> None:
     d, s = deployed, deployed.settlement
     who = peers(1, "pause")
@@ -228,6 +277,58 @@ def test_pause_stops_claims_only_admin_resumes(deployed: Deployed) -> None:
     s.unpause(d.chain.admin)
     s.claim(d.chain.relayer, req(tree, who[0], 100))
     assert s.token_balance(who[0]) == 100
+
+
+def test_pause_holds_across_posting_and_revoking(deployed: Deployed) -> None:
+    # The fast path reads a copy of the pause flag in the reference root's word: a root posted or
+    # restored by a revocation while paused must carry it.
+    d, s = deployed, deployed.settlement
+    who = peers(2, "pausepost")
+    s.fund(d.chain.admin, 1_000)
+    tree1 = post(d, 1, [(who[0], 10), (who[1], 20)])
+    s.pause(d.chain.guardian)
+    tree2 = post(d, 2, [(who[0], 30), (who[1], 40)])
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    with reverts("EnforcedPause"):
+        s.claim(d.chain.relayer, req(tree2, who[0], 30))
+    with reverts("EnforcedPause"):
+        s.pause(d.chain.guardian)
+    tree3 = post(d, 3, [(who[0], 50), (who[1], 60)])
+    s.revoke_root(d.chain.guardian, 2)  # epoch 2 becomes the reference again, still paused
+    with reverts("EnforcedPause"):
+        s.claim(d.chain.relayer, req(tree2, who[0], 30))
+    s.unpause(d.chain.admin)
+    with reverts("ExpectedPause"):
+        s.unpause(d.chain.admin)
+    with reverts("InvalidProof"):
+        s.claim(d.chain.relayer, req(tree3, who[0], 50))
+    with reverts("InvalidProof"):
+        s.claim(d.chain.relayer, req(tree1, who[0], 10))
+    s.claim(d.chain.relayer, req(tree2, who[0], 30))
+    assert s.token_balance(who[0]) == 30 and not s.paused()
+
+
+def test_the_same_root_posted_for_two_epochs(deployed: Deployed) -> None:
+    # An epoch with no new payouts repeats the previous root: one claim word serves both postings.
+    d, s = deployed, deployed.settlement
+    who = peers(2, "same")
+    entries = [(who[0], 25), (who[1], 35)]
+    s.fund(d.chain.admin, 100)
+    tree = post(d, 1, entries)
+    advance_time(d.chain.w3, ACTIVATION_DELAY)
+    post(d, 2, entries)  # pending: the word now describes index 1, so epoch 1 pays via the walk
+    slow = s.claim(d.chain.relayer, req(tree, who[0], 25))
+    s.revoke_root(d.chain.guardian, 1)  # the word goes back to index 0
+    fast = s.claim(d.chain.relayer, req(tree, who[1], 35))
+    assert [e.root_index for e in s.claim_events(slow.tx_hash)] == [0]
+    assert [e.root_index for e in s.claim_events(fast.tx_hash)] == [0]
+    assert fast.gas_used < slow.gas_used  # one slot read instead of the walk
+    assert s.total_claimed() == 60
+    with reverts("EmptyBatch"):
+        s.claim_batch(d.chain.relayer, [])
+    with reverts("NothingToClaim"):
+        s.claim(d.chain.relayer, req(tree, who[1], 35))
+    assert [s.token_balance(a) for a in who] == [25, 35]
 
 
 def test_recover_excess_keeps_promised_funds(deployed: Deployed) -> None:
@@ -356,6 +457,9 @@ def test_a_taken_nonce_is_retried(deployed: Deployed, monkeypatch: pytest.Monkey
 
 
 def test_a_token_cannot_reenter_a_claim(chain: conftest_chain.Chain) -> None:
+    # No reentrancy guard: claims write every effect before the transfer (checks-effects-
+    # interactions), so a token that calls back mid-payment meets the updated state. It cannot
+    # be paid twice, and a legitimate inner claim pays exactly once.
     art = json.loads(
         (Path(__file__).resolve().parents[1] / "rewards/contracts/test/artifacts.json").read_text()
     )["contracts"]["ReentrantToken"]
@@ -365,19 +469,32 @@ def test_a_token_cannot_reenter_a_claim(chain: conftest_chain.Chain) -> None:
     address = w3.eth.get_transaction_receipt(created.tx_hash)["contractAddress"]  # type: ignore[arg-type]
     token = w3.eth.contract(address=address, abi=art["abi"])
     s, _ = Settlement.deploy(w3, admin, token=str(address), activation_delay=ACTIVATION_DELAY)
-    who = peers(2, "reenter")
-    s.fund(admin, 100)
-    tree = PayoutTree.build([(who[0], 40), (who[1], 60)])
-    s.post_root(admin, epoch=1, root=tree.root, cumulative_total=100, inputs_hash=INPUTS)
+    who = peers(3, "reenter")
+    s.fund(admin, 1_000)
+    tree = PayoutTree.build([(who[0], 40), (who[1], 60), (who[2], 70)])
+    s.post_root(admin, epoch=1, root=tree.root, cumulative_total=170, inputs_hash=INPUTS)
     advance_time(w3, ACTIVATION_DELAY)
-    inner = s.contract.encode_abi("claim", [who[1], 60, list(tree.proof_for(who[1]))])
-    send(w3, admin, token.functions.arm(s.address, inner))
-    with reverts("ReentrancyGuardReentrantCall"):
+
+    def arm(account_: str, amount: int) -> None:
+        inner = s.contract.encode_abi("claim", [account_, amount, list(tree.proof_for(account_))])
+        send(w3, admin, token.functions.arm(s.address, inner))
+
+    arm(who[0], 40)  # the same claim again from inside its own payment
+    with reverts("NothingToClaim"):
         s.claim(chain.relayer, req(tree, who[0], 40))
+    assert s.claimed(who[0]) == 0 and s.token_balance(who[0]) == 0
+    arm(who[1], 60)  # inside a batch: the second entry's effects are already written
+    with reverts("NothingToClaim"):
+        s.claim_batch(chain.relayer, [req(tree, who[0], 40), req(tree, who[1], 60)])
     assert s.claimed(who[0]) == s.claimed(who[1]) == 0
-    send(w3, admin, token.functions.arm("0x" + "00" * 20, b""))
+    arm(who[1], 60)  # another account's valid claim from inside a payment: each paid once
     s.claim(chain.relayer, req(tree, who[0], 40))
-    assert s.token_balance(who[0]) == 40
+    assert [s.token_balance(a) for a in who[:2]] == [40, 60]
+    assert [s.claimed(a) for a in who[:2]] == [40, 60]
+    assert s.total_claimed() == 100 and s.token_balance(s.address) == 900
+    send(w3, admin, token.functions.arm("0x" + "00" * 20, b""))
+    s.claim(chain.relayer, req(tree, who[2], 70))
+    assert s.token_balance(who[2]) == 70 and s.total_claimed() == 170
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
-import {Pausable} from "@openzeppelin/contracts/utils/Pausable.sol";
-import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
 /// @title veritrain settlement: commitment registry and cumulative Merkle payouts.
 /// @notice Peers record training commitments; a poster publishes cumulative payout roots that
@@ -15,14 +13,23 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// @dev Leaves follow OpenZeppelin's StandardMerkleTree for ["address", "uint256"]:
 /// keccak256(bytes.concat(keccak256(abi.encode(account, cumulativeAmount)))). The double hash keeps
 /// a 64-byte internal node from passing as a leaf.
-contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransient {
+/// @dev Gas layout. The "reference root" is the newest root that is not revoked. Its claim word
+/// (`_claimWord`, keyed by the root hash itself) holds everything a claim against it needs in one
+/// storage slot: headroom = its cumulative total minus everything ever paid, its activation time,
+/// its index, a reference flag and a copy of the pause flag. A claim computes the root from its
+/// proof and reads that one word: if it is the reference root's, active and not paused, the root
+/// is the newest active one and no other slot is read. Otherwise (paused, reference root still in
+/// its delay, bad proof) the claim takes the history walk of `activeRootIndex`, as before.
+/// Keying by the full 256-bit root means a proof is accepted exactly when its computed root equals
+/// a posted root, as MerkleProof.verify would decide.
+contract VeritrainSettlement is AccessControl {
     using SafeERC20 for IERC20;
 
     bytes32 public constant POSTER_ROLE = keccak256("POSTER_ROLE");
     bytes32 public constant GUARDIAN_ROLE = keccak256("GUARDIAN_ROLE");
 
-    /// @dev Slot 0 is the Merkle root; slot 1 packs everything a claim reads next to it, so a claim
-    /// touches two slots of its root. inputsHash sits in slot 2, which claims never read.
+    /// @dev Slot 0 is the Merkle root; slot 1 packs total, activation, epoch and revocation;
+    /// inputsHash sits in slot 2. Claims on the fast path read none of them.
     struct PayoutRoot {
         bytes32 root;
         uint128 cumulativeTotal;
@@ -32,20 +39,34 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
         bytes32 inputsHash;
     }
 
+    /// @dev What a batch learned from its first entry (see _resolve).
+    struct Resolution {
+        bytes32 root;
+        uint256 index;
+        bytes32 key;
+        uint256 word;
+        uint256 limit;
+    }
+
     struct Commitment {
         bytes32 root;
         uint64 blockNumber;
     }
 
+    // Claim word fields: headroom in the low 128 bits (so paying subtracts from the word itself),
+    // then activation time, index and the two flags.
+    uint256 private constant AT_SHIFT = 128; // uint48 activatedAt
+    uint256 private constant INDEX_SHIFT = 176; // uint64 index
+    uint256 private constant REF_BIT = 1 << 240; // this word describes the reference root
+    uint256 private constant PAUSED_BIT = 1 << 241; // mirrors _paused while REF_BIT is set
+
     IERC20 public immutable token;
     uint48 public immutable activationDelay;
 
-    /// @dev Declared first so that they share Pausable's `_paused` slot: a claim reads the pause
-    /// flag, the paid-out sum and the root count with one storage read and writes back the same
-    /// slot. _totalClaimed is the sum of every payment ever made; with the balance it bounds what
-    /// a root may promise (cumulative totals are capped at uint128, so it cannot overflow).
-    uint128 private _totalClaimed;
+    /// @dev One slot: the pause flag, the history length and 1 + the reference root's index.
+    bool private _paused;
     uint64 private _rootCount;
+    uint64 private _refPlusOne;
     /// @notice Largest cumulative total any root ever promised (revoked ones included, which only
     /// makes recoverExcess more conservative).
     uint256 public maxPostedTotal;
@@ -53,6 +74,7 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
 
     mapping(uint256 index => PayoutRoot) private _roots;
     mapping(uint64 epoch => uint256 indexPlusOne) private _epochRoot;
+    mapping(bytes32 root => uint256 word) private _claimWord;
     mapping(address committer => mapping(bytes32 runId => Commitment)) private _commitments;
 
     event CommitmentRecorded(
@@ -67,16 +89,22 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
         uint256 activatedAt
     );
     event RootRevoked(uint256 indexed index, uint64 indexed epoch, address guardian);
+    /// @dev rootIndex is data, not a topic: a topic costs 375 gas on every claim, and claims are
+    /// found by account.
     event Claimed(
-        address indexed account, uint256 indexed rootIndex, uint256 amount, uint256 cumulativeAmount
+        address indexed account, uint256 rootIndex, uint256 amount, uint256 cumulativeAmount
     );
     event ExcessRecovered(address indexed to, uint256 amount);
+    /// @dev Same signatures as OpenZeppelin's Pausable, whose flag could not share the claim word.
+    event Paused(address account);
+    event Unpaused(address account);
 
     error ZeroAddress();
     error ZeroRoot();
     error CommitmentExists(address committer, bytes32 runId);
     error EpochNotIncreasing(uint64 epoch, uint64 lastEpoch);
     error TotalTooLarge(uint256 cumulativeTotal);
+    error TotalDecreasing(uint256 cumulativeTotal, uint256 previousTotal);
     error InsufficientFunding(uint256 cumulativeTotal, uint256 available);
     error UnknownRoot(uint256 index);
     error RootAlreadyActive(uint256 index, uint256 activatedAt);
@@ -86,7 +114,10 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
     error NothingToClaim(address account, uint256 cumulativeAmount, uint256 alreadyClaimed);
     error ClaimExceedsRootTotal(uint256 rootIndex, uint256 cumulativeTotal);
     error LengthMismatch();
+    error EmptyBatch();
     error ExcessTooSmall(uint256 requested, uint256 excess);
+    error EnforcedPause();
+    error ExpectedPause();
 
     constructor(IERC20 token_, uint48 activationDelay_, address admin, address poster, address guardian) {
         if (address(token_) == address(0) || admin == address(0)) revert ZeroAddress();
@@ -124,8 +155,9 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
     // ------------------------------------------------------------------ payout roots
 
     /// @notice Append a payout root. Epochs strictly increase, except that the newest epoch may be
-    /// posted again once its root was revoked. The root must be fully funded: its cumulative total
-    /// may not exceed the token balance plus everything already paid out.
+    /// posted again once its root was revoked. Cumulative totals never decrease from one live root
+    /// to the next. The root must be fully funded: its cumulative total may not exceed the token
+    /// balance plus everything already paid out.
     function postRoot(uint64 epoch, bytes32 root, uint256 cumulativeTotal, bytes32 inputsHash)
         external
         onlyRole(POSTER_ROLE)
@@ -140,7 +172,19 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
                 revert EpochNotIncreasing(epoch, last.epoch);
             }
         }
-        uint256 available = token.balanceOf(address(this)) + _totalClaimed;
+        uint256 paid;
+        uint256 refPlusOne = _refPlusOne;
+        if (refPlusOne != 0) {
+            PayoutRoot storage ref = _roots[refPlusOne - 1];
+            // Headroom stays non-negative only if totals do not fall; cumulative payouts never do.
+            if (cumulativeTotal < ref.cumulativeTotal) {
+                revert TotalDecreasing(cumulativeTotal, ref.cumulativeTotal);
+            }
+            uint256 word = _claimWord[ref.root];
+            paid = ref.cumulativeTotal - uint128(word);
+            _claimWord[ref.root] = word & ~REF_BIT; // the new root takes over as reference
+        }
+        uint256 available = token.balanceOf(address(this)) + paid;
         if (cumulativeTotal > available) revert InsufficientFunding(cumulativeTotal, available);
         uint48 activatedAt = uint48(block.timestamp) + activationDelay;
         _roots[index] = PayoutRoot({
@@ -151,6 +195,7 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
             revoked: false,
             inputsHash: inputsHash
         });
+        _setReference(index, root, cumulativeTotal - paid, activatedAt);
         _rootCount = uint64(index + 1);
         _epochRoot[epoch] = index + 1;
         if (cumulativeTotal > maxPostedTotal) maxPostedTotal = cumulativeTotal;
@@ -165,6 +210,7 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
         if (r.revoked) revert RootAlreadyRevoked(index);
         if (r.activatedAt <= block.timestamp) revert RootAlreadyActive(index, r.activatedAt);
         r.revoked = true;
+        if (index + 1 == _refPlusOne) _retireReference(index, r);
         emit RootRevoked(index, r.epoch, msg.sender);
     }
 
@@ -172,8 +218,12 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
         return _rootCount;
     }
 
-    function totalClaimed() external view returns (uint256) {
-        return _totalClaimed;
+    /// @notice Everything ever paid out by claims: the reference root's total minus its headroom.
+    function totalClaimed() public view returns (uint256) {
+        uint256 refPlusOne = _refPlusOne;
+        if (refPlusOne == 0) return 0; // no live root was ever claimable (see _retireReference)
+        PayoutRoot storage ref = _roots[refPlusOne - 1];
+        return ref.cumulativeTotal - uint128(_claimWord[ref.root]);
     }
 
     function rootAt(uint256 index) external view returns (PayoutRoot memory) {
@@ -198,22 +248,24 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
         revert NoActiveRoot();
     }
 
+    function paused() external view returns (bool) {
+        return _paused;
+    }
+
     // ------------------------------------------------------------------ claims
 
     /// @notice Pay `account` the difference between `cumulativeAmount` (its leaf in the newest
     /// active root) and what it already received. Anyone may submit; tokens always go to `account`.
-    function claim(address account, uint256 cumulativeAmount, bytes32[] calldata proof)
-        external
-        whenNotPaused
-        nonReentrant
-    {
-        uint256 index = activeRootIndex();
-        PayoutRoot storage r = _roots[index];
-        uint256 amount = _settle(r.root, index, account, cumulativeAmount, proof);
-        uint256 newTotal = _totalClaimed + amount;
-        if (newTotal > r.cumulativeTotal) revert ClaimExceedsRootTotal(index, r.cumulativeTotal);
-        _totalClaimed = uint128(newTotal); // <= cumulativeTotal <= uint128 max
-        token.safeTransfer(account, amount);
+    function claim(address account, uint256 cumulativeAmount, bytes32[] calldata proof) external {
+        bytes32 root = MerkleProof.processProofCalldata(proof, _leaf(account, cumulativeAmount));
+        (uint256 index, bytes32 key, uint256 word, uint256 limit) =
+            _resolve(root, account, cumulativeAmount);
+        uint256 amount = _settle(index, account, cumulativeAmount);
+        if (amount > limit) revert ClaimExceedsRootTotal(index, _roots[index].cumulativeTotal);
+        unchecked {
+            _claimWord[key] = word - amount; // amount <= limit <= headroom, the word's low bits
+        }
+        token.safeTransfer(account, amount); // interaction last: every effect is written
     }
 
     /// @notice Several claims against the newest active root in one transaction. All or nothing:
@@ -222,62 +274,162 @@ contract VeritrainSettlement is AccessControl, Pausable, ReentrancyGuardTransien
         address[] calldata accounts,
         uint256[] calldata cumulativeAmounts,
         bytes32[][] calldata proofs
-    ) external whenNotPaused nonReentrant {
-        uint256 n = accounts.length;
-        if (cumulativeAmounts.length != n || proofs.length != n) revert LengthMismatch();
-        uint256 index = activeRootIndex();
-        PayoutRoot storage r = _roots[index];
-        bytes32 root = r.root;
-        uint256[] memory amounts = new uint256[](n);
-        uint256 sum;
-        for (uint256 i; i < n; ++i) {
-            amounts[i] = _settle(root, index, accounts[i], cumulativeAmounts[i], proofs[i]);
-            sum += amounts[i];
+    ) external {
+        if (cumulativeAmounts.length != accounts.length || proofs.length != accounts.length) {
+            revert LengthMismatch();
         }
-        uint256 newTotal = _totalClaimed + sum;
-        if (newTotal > r.cumulativeTotal) revert ClaimExceedsRootTotal(index, r.cumulativeTotal);
-        _totalClaimed = uint128(newTotal); // <= cumulativeTotal <= uint128 max
+        if (accounts.length == 0) revert EmptyBatch();
+        Resolution memory res;
+        res.root =
+            MerkleProof.processProofCalldata(proofs[0], _leaf(accounts[0], cumulativeAmounts[0]));
+        (res.index, res.key, res.word, res.limit) =
+            _resolve(res.root, accounts[0], cumulativeAmounts[0]);
+        (uint256[] memory amounts, uint256 sum) =
+            _settleBatch(res, accounts, cumulativeAmounts, proofs);
+        if (sum > res.limit) {
+            revert ClaimExceedsRootTotal(res.index, _roots[res.index].cumulativeTotal);
+        }
+        unchecked {
+            _claimWord[res.key] = res.word - sum; // sum <= limit <= headroom
+        }
         // Interactions last, after every effect of the batch is written.
-        for (uint256 i; i < n; ++i) {
+        for (uint256 i; i < amounts.length; ++i) {
             token.safeTransfer(accounts[i], amounts[i]);
         }
     }
 
-    /// @dev Checks and effects of one claim; returns the amount owed. No token transfer here.
-    function _settle(
-        bytes32 root,
-        uint256 index,
-        address account,
-        uint256 cumulativeAmount,
-        bytes32[] calldata proof
-    ) private returns (uint256 amount) {
-        bytes32 leaf = keccak256(bytes.concat(keccak256(abi.encode(account, cumulativeAmount))));
-        if (!MerkleProof.verifyCalldata(proof, root, leaf)) {
-            revert InvalidProof(account, cumulativeAmount);
+    /// @dev Checks and effects of every claim of a batch (the first entry's proof was checked by
+    /// _resolve, the others against the same root); returns the amounts owed and their sum.
+    function _settleBatch(
+        Resolution memory res,
+        address[] calldata accounts,
+        uint256[] calldata cumulativeAmounts,
+        bytes32[][] calldata proofs
+    ) private returns (uint256[] memory amounts, uint256 sum) {
+        uint256 n = accounts.length;
+        amounts = new uint256[](n);
+        for (uint256 i; i < n; ++i) {
+            if (i > 0) {
+                bytes32 leaf = _leaf(accounts[i], cumulativeAmounts[i]);
+                if (!MerkleProof.verifyCalldata(proofs[i], res.root, leaf)) {
+                    revert InvalidProof(accounts[i], cumulativeAmounts[i]);
+                }
+            }
+            amounts[i] = _settle(res.index, accounts[i], cumulativeAmounts[i]);
+            sum += amounts[i];
         }
+    }
+
+    /// @dev OpenZeppelin StandardMerkleTree leaf for ["address", "uint256"].
+    function _leaf(address account, uint256 cumulativeAmount) private pure returns (bytes32) {
+        return keccak256(bytes.concat(keccak256(abi.encode(account, cumulativeAmount))));
+    }
+
+    /// @dev Which root a claim whose proof computes `root` is paid from, checked to be the newest
+    /// active root; and where its headroom lives: the claim word `key` (read as `word`) and how
+    /// much the claim may pay in all (`limit`) without the paid-out sum exceeding that root's
+    /// total. Reverts EnforcedPause, NoActiveRoot or InvalidProof, in that order.
+    function _resolve(bytes32 root, address account, uint256 cumulativeAmount)
+        private
+        view
+        returns (uint256 index, bytes32 key, uint256 word, uint256 limit)
+    {
+        word = _claimWord[root];
+        // Fast path: the reference root (every newer root is revoked), past its delay, not paused.
+        if (word & (REF_BIT | PAUSED_BIT) == REF_BIT && uint48(word >> AT_SHIFT) <= block.timestamp) {
+            return (uint64(word >> INDEX_SHIFT), root, word, uint128(word));
+        }
+        if (_paused) revert EnforcedPause();
+        index = activeRootIndex();
+        PayoutRoot storage r = _roots[index];
+        if (r.root != root) revert InvalidProof(account, cumulativeAmount);
+        // An older root is active while the reference root waits out its delay (had the reference
+        // root been active, its own word would have taken the fast path). Totals do not decrease
+        // and nothing was paid from a revoked root, so paid <= r.cumulativeTotal <= ref total.
+        PayoutRoot storage ref = _roots[_refPlusOne - 1];
+        key = ref.root;
+        word = _claimWord[key];
+        uint256 paid = ref.cumulativeTotal - uint128(word);
+        limit = r.cumulativeTotal - paid;
+    }
+
+    /// @dev Checks and effects of one claim; returns the amount owed. No token transfer here.
+    function _settle(uint256 index, address account, uint256 cumulativeAmount)
+        private
+        returns (uint256 amount)
+    {
         uint256 already = cumulativeClaimed[account];
         if (cumulativeAmount <= already) revert NothingToClaim(account, cumulativeAmount, already);
-        amount = cumulativeAmount - already;
+        unchecked {
+            amount = cumulativeAmount - already; // strictly positive: checked just above
+        }
         cumulativeClaimed[account] = cumulativeAmount;
         emit Claimed(account, index, amount, cumulativeAmount);
     }
 
+    /// @dev Make root `index` the reference: its claim word gets the headroom, activation time,
+    /// index, the reference flag and the current pause flag.
+    function _setReference(uint256 index, bytes32 root, uint256 headroom, uint48 activatedAt)
+        private
+    {
+        uint256 word = headroom | (uint256(activatedAt) << AT_SHIFT) | (index << INDEX_SHIFT)
+            | REF_BIT;
+        if (_paused) word |= PAUSED_BIT;
+        _claimWord[root] = word;
+        _refPlusOne = uint64(index + 1);
+    }
+
+    /// @dev The reference root `index` was just revoked: the newest earlier root that is not
+    /// revoked takes over, with the same paid-out sum.
+    function _retireReference(uint256 index, PayoutRoot storage r) private {
+        uint256 word = _claimWord[r.root];
+        uint256 paid = r.cumulativeTotal - uint128(word);
+        _claimWord[r.root] = word & ~REF_BIT;
+        for (uint256 i = index; i > 0; --i) {
+            PayoutRoot storage q = _roots[i - 1];
+            if (!q.revoked) {
+                // paid <= q.cumulativeTotal: every payment came from q or an earlier live root.
+                _setReference(i - 1, q.root, q.cumulativeTotal - paid, q.activatedAt);
+                return;
+            }
+        }
+        // No live root left. Then nothing was ever paid (paid == 0): a root that paid was active,
+        // and an active root can no longer be revoked.
+        _refPlusOne = 0;
+    }
+
     // ------------------------------------------------------------------ administration
 
+    /// @notice Stop claims. Posting, revoking and the registry keep working.
     function pause() external onlyRole(GUARDIAN_ROLE) {
-        _pause();
+        if (_paused) revert EnforcedPause();
+        _paused = true;
+        _mirrorPause(true);
+        emit Paused(msg.sender);
     }
 
     /// @notice Unpausing needs the admin, not the guardian: stopping is fast, resuming deliberate.
     function unpause() external onlyRole(DEFAULT_ADMIN_ROLE) {
-        _unpause();
+        if (!_paused) revert ExpectedPause();
+        _paused = false;
+        _mirrorPause(false);
+        emit Unpaused(msg.sender);
+    }
+
+    /// @dev Copy the pause flag into the reference root's claim word, which the fast path reads.
+    function _mirrorPause(bool on) private {
+        uint256 refPlusOne = _refPlusOne;
+        if (refPlusOne == 0) return;
+        bytes32 key = _roots[refPlusOne - 1].root;
+        uint256 word = _claimWord[key];
+        _claimWord[key] = on ? word | PAUSED_BIT : word & ~PAUSED_BIT;
     }
 
     /// @notice Send tokens no root ever promised (balance + paid - largest posted total) to `to`,
     /// so funds do not stay stuck after a distribution ends.
     function recoverExcess(address to, uint256 amount) external onlyRole(DEFAULT_ADMIN_ROLE) {
         if (to == address(0)) revert ZeroAddress();
-        uint256 backing = token.balanceOf(address(this)) + _totalClaimed;
+        uint256 backing = token.balanceOf(address(this)) + totalClaimed();
         uint256 excess = backing > maxPostedTotal ? backing - maxPostedTotal : 0;
         if (amount > excess) revert ExcessTooSmall(amount, excess);
         emit ExcessRecovered(to, amount);
