@@ -177,7 +177,7 @@ WITH accounts AS (
     FROM floors
 )
 SELECT epoch, account, score, base + CASE WHEN place <= leftover THEN 1 ELSE 0 END
-FROM ranked ORDER BY epoch, account;
+FROM ranked;
 
 INSERT INTO epoch_summaries
 SELECT p.epoch, p.pool, p.carry_in,
