@@ -247,7 +247,8 @@ class Settlement:
         """Post ``root`` for ``epoch``. Idempotent: if the same live root, total and inputs hash
         are already posted for ``epoch`` nothing is sent (``tx`` None). Raises
         :class:`RootConflictError` if a different live root holds the epoch, :class:`RevertError`
-        if the contract refuses (e.g. ``InsufficientFunding``, ``EpochNotIncreasing``)."""
+        if the contract refuses (e.g. ``InsufficientFunding``, ``EpochNotIncreasing``,
+        ``TotalDecreasing``)."""
         existing = self.root_for_epoch(epoch)
         if existing is not None and not existing.revoked:
             same = (existing.root, existing.cumulative_total, existing.inputs_hash) == (
