@@ -102,8 +102,11 @@ BeaconFor: TypeAlias = Callable[[str], Beacon] | BeaconForRun
 """A batch job's beacon per run: a callable of the store URL, or a :class:`BeaconForRun`."""
 
 
-def beacon_for_run(beacon_for: BeaconFor, url: str, run: RunCommitment) -> Beacon:
-    """The beacon ``beacon_for`` gives the run loaded from ``url`` whose commitment is ``run``."""
+def beacon_for_run(beacon_for: Beacon | BeaconFor, url: str, run: RunCommitment) -> Beacon:
+    """The beacon ``beacon_for`` gives the run loaded from ``url`` whose commitment is ``run``
+    (a :class:`Beacon` is its own value)."""
+    if isinstance(beacon_for, Beacon):
+        return beacon_for
     if isinstance(beacon_for, BeaconForRun):
         return beacon_for.for_run(run)
     return beacon_for(url)

@@ -252,7 +252,8 @@ def _audit_run(
     except ArtifactInvalid as exc:
         return _run_invalid(url, exc, store, out, keypair, config)
     try:
-        beacon = _beacon(beacon_for, url, run)
+        commitment = RunCommitment(run_id=run.header.run_id, root=run.final_hash)
+        beacon = beacon_for_run(beacon_for, url, commitment)
     except Exception as exc:  # not ready yet, refused, node down: this run waits, not the job
         log.warning("run %s: no beacon: %s", url, exc)
         return RunOutcome(url=url, run_id=run.header.run_id, error=f"beacon: {exc}")
@@ -296,14 +297,6 @@ def _audit_run(
         skipped=skipped,
         detection=plan.detection_exact,
         verdict_files=tuple(str(verdict_path(out, run.header.run_id, s)) for s in plan.steps),
-    )
-
-
-def _beacon(beacon_for: Beacon | BeaconFor, url: str, run: VerifiedRun) -> Beacon:
-    if isinstance(beacon_for, Beacon):
-        return beacon_for
-    return beacon_for_run(
-        beacon_for, url, RunCommitment(run_id=run.header.run_id, root=run.final_hash)
     )
 
 
