@@ -62,6 +62,10 @@ def _beacon(
     delay: int,
     confirmations: int,
 ) -> BeaconFor:
+    if committer is not None and (beacon is not None or commit_block is not None):
+        raise click.UsageError(
+            "--committer selects a registry record: not with --beacon/--commit-block"
+        )
     if beacon is not None:
         if chain_url is not None or commit_block is not None:
             raise click.UsageError("give --beacon HEX or --chain-url URL, not both")

@@ -283,6 +283,7 @@ def test_cli_beacon_options_are_checked(tmp_path: Path) -> None:
     cases = [
         ([], "give --beacon HEX"),
         (["--beacon", "0x" + "ab" * 32, "--chain-url", "http://127.0.0.1:1"], "not both"),
+        (["--beacon", "0x" + "ab" * 32, "--committer", PEER_ADDRESS], "--committer selects"),
         (
             ["--chain-url", "http://127.0.0.1:1", "--deployment", str(tmp_path / "no.json")],
             "no deployment record",
