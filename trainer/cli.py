@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -124,14 +125,18 @@ def run(
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=steps, loss=float("nan"), rate=0.0, mb=0.0)
 
+        first: list[tuple[int, float]] = []  # (step, time) of the first step of this process
+
         def on_step(step: int, stats: Stats) -> None:
-            elapsed = progress.tasks[task].elapsed or 1e-9
-            done = step + 1 - (progress.tasks[task].fields.get("start") or 0)
+            now = time.monotonic()
+            if not first:
+                first.append((step, now))
+            done, since = step - first[0][0], now - first[0][1]
             progress.update(
                 task,
                 completed=step + 1,
-                loss=stats.last_loss,
-                rate=done / elapsed,
+                loss=stats.last_loss,  # from the committer: may trail the step by a few
+                rate=done / since if since > 0 else 0.0,
                 mb=stats.bytes_written / 1e6,
             )
 
@@ -139,6 +144,7 @@ def run(
             result = train(config, store_url, keypair, on_step=on_step)
         except (VeritrainError, ValueError, OSError) as exc:
             raise click.ClickException(str(exc)) from exc
+        progress.update(task, loss=result.last_loss, mb=result.bytes_written / 1e6)
     console.print(
         f"steps {result.start_step}..{result.end_step} committed; last loss "
         f"{result.last_loss:.4f}; {result.bytes_written / 1e6:.1f} MB written"
