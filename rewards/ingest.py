@@ -310,22 +310,34 @@ def _bad_signatures(items: Sequence[SignedVerdict]) -> set[int]:
 
 
 def _read_verdicts(batch: _Batch, con: Connection, folder: str) -> None:
-    known = {str(r[0]) for r in query(con, "SELECT verdict_id FROM verdicts")}
-    pending: list[tuple[str, SignedVerdict]] = []
-    bundled: list[tuple[str, SignedVerdict]] = []
+    parsed: list[tuple[str, SignedVerdict, bool]] = []  # (source, verdict, from a bundle)
     for path in verdict_files(folder):
-        source = str(path)
         try:
             signed = _parse_verdict_file(path)
         except (VeritrainError, OSError) as exc:  # VerdictError is an EncodingError
-            batch.rejections.append(Rejection(kind="verdict", source=source, reason=str(exc)))
+            batch.rejections.append(Rejection(kind="verdict", source=str(path), reason=str(exc)))
             continue
-        for item in signed:
-            if _hex(item.verdict.digest()) in known:
-                batch.duplicates += 1
-                continue
-            known.add(_hex(item.verdict.digest()))
-            (bundled if len(signed) > 1 else pending).append((source, item))
+        parsed.extend((str(path), item, len(signed) > 1) for item in signed)
+    ids = [_hex(item.verdict.digest()) for _, item, _ in parsed]
+    # Only this batch's ids are looked up: the warehouse may hold millions of verdicts.
+    known = {
+        str(r[0])
+        for r in query(
+            con,
+            "SELECT verdict_id FROM verdicts WHERE list_contains($ids, verdict_id)",
+            {"ids": ids},
+        )
+    }
+    pending: list[tuple[str, SignedVerdict]] = []
+    for (source, item, bundled), verdict_id in zip(parsed, ids, strict=True):
+        if verdict_id in known:
+            batch.duplicates += 1
+            continue
+        known.add(verdict_id)
+        if bundled:  # the bundle's aggregate signature was checked when it was parsed
+            batch.verdicts.append((source, item))
+        else:
+            pending.append((source, item))
     bad = _bad_signatures([s for _, s in pending])
     for i, (source, item) in enumerate(pending):
         if i in bad:
@@ -333,7 +345,6 @@ def _read_verdicts(batch: _Batch, con: Connection, folder: str) -> None:
             batch.rejections.append(Rejection(kind="verdict", source=source, reason=reason))
         else:
             batch.verdicts.append((source, item))
-    batch.verdicts.extend(bundled)
 
 
 # --- writing --------------------------------------------------------------------------------------
