@@ -7,8 +7,11 @@ conflicting verdict, malformed file) is not loaded: it is rejected with its reas
 recorded in ``rejections``. Ingesting the same data again changes nothing.
 
 Runs are authenticated with audit.fetch.load_run (header signature, hash chain through every
-manifest and step record, last manifest signature: two BLS verifications per run); verdicts with
-one aggregate BLS check for the whole batch, bisected only when it fails.
+manifest and step record, last manifest signature: two BLS verifications per run), after checking
+that their key is a registered trainer (no BLS work for unknown keys). Verdicts get one aggregate
+BLS check for the whole batch, bisected only when it fails (a bundle file's aggregate is checked
+as it is read); a verdict must then name the run's key, header hash and step manifest, a step of
+the run and a registered auditor, and not contradict that auditor's earlier verdict on the step.
 """
 
 from __future__ import annotations
