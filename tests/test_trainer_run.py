@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from proofs.encoding import chunk_layout
 from proofs.merkle import verify_multiproof
 from proofs.signatures import keypair_from_seed
 from trainer.checkpoint import PARAM, decode_checkpoint
@@ -17,6 +18,7 @@ from trainer.loop import TrainConfig, train
 from trainer.reader import RunReader
 from trainer.seeds import seed_generators
 from trainer.store import RunStore
+from trainer.tensors import to_tensor_bytes_list
 from trainer.verify import check_store
 
 SMALL = {"n_layer": 1, "n_head": 2, "d_model": 32, "context": 16, "dropout": 0.1}
@@ -87,6 +89,10 @@ def test_memory_store_and_leaf_level_reads(corpus: Corpus) -> None:
     assert verify_multiproof(record.grad_root, leaves, proof)
     leaves[3] = leaves[3][:-1] + bytes([leaves[3][-1] ^ 1])
     assert not verify_multiproof(record.grad_root, leaves, proof)
+    # the layout read from header leaves alone matches the encoder's own layout
+    grads = RunReader(url).gradients(3)
+    expected = chunk_layout(to_tensor_bytes_list(grads), chunk_size=4096)
+    assert RunReader(url).leaf_layout(record.grad_root) == expected
     assert check_store(url).ok
 
 

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from proofs.encoding import ChunkRef, parse_header
+from proofs.hashing import leaf_hash
 from trainer.artifact import first_bad_leaf
 from trainer.checkpoint import BUFFER, PARAM, decode_checkpoint
 from trainer.data import Batch, Corpus
@@ -87,6 +89,39 @@ class RunReader:
         if bad is not None:
             raise StoreError(f"{object_name(root)}: gradient of step {step} corrupt (leaf {bad})")
         return decode_checkpoint(leaves)
+
+    def leaf_layout(self, root: bytes) -> list[ChunkRef]:
+        """Which tensor and byte range each leaf of artifact ``root`` holds, reading only the
+        header leaves (one small range read per tensor). Use it to pick the leaves of the tensors
+        you want, then ``store.read_leaves`` and ``index.tree().multiproof`` for just those."""
+        index = self.store.read_index(root)
+        refs: list[ChunkRef] = []
+        i = 0
+        while i < index.leaf_count:
+            leaf = self.store.read_leaves(root, [i], index=index)[i]
+            if leaf_hash(leaf) != index.hashes[i]:
+                raise StoreError(f"{object_name(root)}: header leaf {i} does not match its hash")
+            header = parse_header(leaf)
+            refs.append(
+                ChunkRef(index=i, tensor=header.name, kind="header", offset=0, length=len(leaf))
+            )
+            for offset in range(0, header.nbytes, header.chunk_size):
+                length = min(header.chunk_size, header.nbytes - offset)
+                refs.append(
+                    ChunkRef(
+                        index=len(refs),
+                        tensor=header.name,
+                        kind="data",
+                        offset=offset,
+                        length=length,
+                    )
+                )
+            i = len(refs)
+        if i != index.leaf_count:
+            raise StoreError(
+                f"{object_name(root)}: headers describe {i} leaves, table has {index.leaf_count}"
+            )
+        return refs
 
     def state(self, ref: StateRef) -> dict[str, torch.Tensor]:
         """A state checkpoint's tensors, checked against ``ref.root``."""
