@@ -261,8 +261,10 @@ class _Walker:
     ) -> None:
         path, check = object_name(m.state.root), "gradient-to-state chain"
         self.current = path
+        device = replay_device(header)
         try:
-            expected = apply_gradients(header, start, list(zip(m.records, grads, strict=True)))
+            steps = list(zip(m.records, grads, strict=True))
+            expected = apply_gradients(header, start, steps, device=device)
         except (VeritrainError, ValueError, KeyError, RuntimeError) as exc:
             _fail(path, check, f"replay failed: {exc}", window=m.window, step=m.end_step)
         expected.update({k: v for k, v in target.items() if k.startswith(BUFFER)})
@@ -273,7 +275,17 @@ class _Walker:
         diffs = (i for i, (a, b) in enumerate(zip(ours, stored, strict=False)) if a != b)
         leaf = next(diffs, min(len(ours), len(stored)))
         reason = "applying the window's gradients does not give this state"
+        if device != header.device:
+            reason += f" (replayed on {device}, trained on {header.device}: bitwise equality is"
+            reason += " only expected on the same device)"
         _fail(path, check, reason, window=m.window, step=m.end_step, leaf=leaf)
+
+
+def replay_device(header: RunHeader) -> str:
+    """The run's own device type when this machine has it, else CPU."""
+    if header.device == "cuda" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
 
 
 def _record_problem(
