@@ -102,6 +102,7 @@ def test_resume_in_process_gives_uninterrupted_roots(tmp_path: Path, corpus: Cor
     url = str(tmp_path / "cut" / "run")
     first = train(config, url, KEY, corpus=corpus, stop_after=4)
     store_files = {p: p.stat().st_mtime_ns for p in Path(url).rglob("*") if p.is_file()}
+    train(config, url, KEY, corpus=corpus, stop_after=0)  # resume and stop at once: no empty window
     second = train(config, url, KEY, corpus=corpus)
     assert (first.start_step, first.end_step, second.start_step, second.end_step) == (0, 4, 4, 7)
     assert all(p.stat().st_mtime_ns == m for p, m in store_files.items())

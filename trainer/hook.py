@@ -119,6 +119,7 @@ class AuditHook:
         self._committer: Committer | None = None
         self._signer: SignerProcess | None = None
         self._next_step = -1
+        self._window_steps = 0
         self._in_step = False
         self._committed = False
 
@@ -247,6 +248,7 @@ class AuditHook:
             raise HookStateError("end_step() before commit()")
         self._in_step = False
         self._next_step += 1
+        self._window_steps += 1
         if self._next_step % self.config.checkpoint_every == 0:
             self._submit_state()
 
@@ -275,7 +277,8 @@ class AuditHook:
         return self._committer
 
     def _window_open(self) -> bool:
-        return self._next_step % self.config.checkpoint_every != 0 and self._next_step > 0
+        """True when steps were committed since the last state checkpoint."""
+        return self._window_steps > 0
 
     def _submit_state(self) -> None:
         tensors = capture_state(
@@ -286,9 +289,10 @@ class AuditHook:
             step=self._next_step,
         )
         self._require().submit(StateItem(step=self._next_step, tensors=tensors))
+        self._window_steps = 0
 
     def _build_header(self) -> RunHeader:
-        """The header this hook would write (initial_state filled in by ``_write_new_header``)."""
+        """The header this hook would write (initial_state filled in by ``_new_header``)."""
         cfg = self.config
         params = list(self.model.parameters())
         first = params[0] if params else torch.empty(0)
