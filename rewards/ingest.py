@@ -30,6 +30,8 @@ from proofs.errors import VeritrainError
 from proofs.signatures import Domain, aggregate, aggregate_verify
 from rewards.warehouse import (
     Connection,
+    WarehouseValueError,
+    check_unsettled,
     query,
     transaction,
 )
@@ -82,9 +84,13 @@ def resolve_epoch(con: Connection, epoch: int | None) -> int:
         rows = query(con, "SELECT max(epoch) FROM epochs")
         if rows[0][0] is None:
             raise IngestError("no epoch is open: run `python -m rewards open-epoch N --pool P`")
-        return int(rows[0][0])
-    if not query(con, "SELECT 1 FROM epochs WHERE epoch = $e", {"e": epoch}):
+        epoch = int(rows[0][0])
+    elif not query(con, "SELECT 1 FROM epochs WHERE epoch = $e", {"e": epoch}):
         raise IngestError(f"epoch {epoch} is not open")
+    try:
+        check_unsettled(con, epoch)
+    except WarehouseValueError as exc:
+        raise IngestError(str(exc)) from exc
     return epoch
 
 
@@ -434,17 +440,19 @@ def _write_rejections(batch: _Batch, con: Connection) -> int:
     return added
 
 
-def _verdict_problem(con: Connection, v: Verdict, verdict_id: str) -> str | None:
+def _verdict_problem(con: Connection, v: Verdict, verdict_id: str, epoch: int) -> str | None:
     """Why a (signature-checked) verdict cannot be loaded, or None."""
     run = query(
         con,
-        "SELECT p.bls_pubkey, r.step_count, r.header_hash, s.manifest_hash"
+        "SELECT p.bls_pubkey, r.step_count, r.header_hash, s.manifest_hash, r.epoch"
         " FROM runs AS r JOIN peers AS p USING (peer_id)"
         " LEFT JOIN steps AS s ON s.run_id = r.run_id AND s.step = $s WHERE r.run_id = $r",
         {"r": v.run_id, "s": v.step},
     )
     if not run:
         return f"unknown run {v.run_id!r} (ingest its store first or in the same batch)"
+    if run[0][4] > epoch:
+        return f"filed under epoch {epoch}, before its run (epoch {run[0][4]})"
     if run[0][0] != _hex(v.peer):
         return f"verdict names peer {_hex(v.peer)[:14]}..., not the run's key"
     if v.step >= int(run[0][1]):
@@ -480,7 +488,7 @@ def _write_verdicts(batch: _Batch, con: Connection) -> int:
     for source, signed in batch.verdicts:
         v = signed.verdict
         verdict_id = _hex(v.digest())
-        problem = _verdict_problem(con, v, verdict_id)
+        problem = _verdict_problem(con, v, verdict_id, batch.epoch)
         if problem is not None:
             batch.rejections.append(Rejection(kind="verdict", source=source, reason=problem))
             continue

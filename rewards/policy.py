@@ -24,6 +24,7 @@ from rewards.warehouse import (
     Connection,
     WarehouseValueError,
     check_amount,
+    check_unsettled,
     query,
     transaction,
 )
@@ -130,6 +131,7 @@ def open_epoch(con: Connection, epoch: int, pool: int) -> None:
                 f"epoch {epoch} is already open with pool {int(existing[0][0])}, not {pool}"
             )
         return
+    check_unsettled(con, epoch)  # an earlier new epoch would change a posted epoch's rollover
     query(con, "INSERT INTO epochs VALUES ($e, $p, $at)", {"e": epoch, "p": pool, "at": _now()})
 
 

@@ -293,6 +293,7 @@ def record_stake(con: Connection, *, peer_id: str, epoch: int, amount: int) -> N
         raise WarehouseValueError(f"unknown peer {peer_id!r}")
     if not query(con, "SELECT 1 FROM epochs WHERE epoch = $e", {"e": epoch}):
         raise WarehouseValueError(f"epoch {epoch} is not open")
+    check_unsettled(con, epoch)
     with transaction(con):
         query(
             con, "DELETE FROM stakes WHERE peer_id = $p AND epoch = $e", {"p": peer_id, "e": epoch}
@@ -304,3 +305,17 @@ def record_stake(con: Connection, *, peer_id: str, epoch: int, amount: int) -> N
 
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC).replace(tzinfo=None)
+
+
+def check_unsettled(con: Connection, epoch: int) -> None:
+    """Raise WarehouseValueError when an epoch >= ``epoch`` was posted on chain.
+
+    A posted epoch's root and inputs hash cover every input filed at or before it, so nothing may
+    be added there any more: new records go to a later epoch.
+    """
+    rows = query(con, "SELECT max(epoch) FROM settlement_posts")
+    if rows[0][0] is not None and int(rows[0][0]) >= epoch:
+        raise WarehouseValueError(
+            f"epoch {rows[0][0]} is settled on chain: inputs can no longer be filed under epoch"
+            f" {epoch} (use a later epoch)"
+        )

@@ -487,3 +487,31 @@ def test_hostile_verdict_files_are_rejected_not_crashing(tmp_path: Path, doc: ob
     path.write_text(json.dumps(doc))
     with contextlib.suppress(VeritrainError, OSError):
         assert ingest._parse_verdict_file(path) == []  # only a plan file parses to nothing
+
+
+def test_settled_epochs_are_frozen_and_verdicts_cannot_predate_runs(
+    real_world: RealWorld, fresh: warehouse.Connection, tmp_path: Path
+) -> None:
+    con = fresh
+    loaded = ingest.ingest(
+        con, stores=[str(real_world.stores / "alice-r1")], verdicts_dir=None, epoch=1
+    )
+    assert loaded.runs_loaded == 1
+    folder = real_world.verdicts0 / "alice-r1"
+    report = ingest.ingest(con, stores=[], verdicts_dir=str(folder), epoch=0)
+    assert {r.reason for r in report.rejections} == {
+        "filed under epoch 0, before its run (epoch 1)"
+    }
+    assert report.verdicts_loaded == 0
+    warehouse.record_settlement_post(
+        con, epoch=1, root=b"\x01" * 32, cumulative_total=1, inputs_hash=b"\x02" * 32,
+        tx_hash=b"\x03" * 32, block_number=1, gas_used=1, contract=address("alice"), chain_id=1,
+    )  # fmt: skip
+    before = snapshot(con)
+    with pytest.raises(IngestError, match="epoch 1 is settled on chain"):
+        ingest.ingest(con, stores=[], verdicts_dir=str(folder))
+    with pytest.raises(warehouse.WarehouseValueError, match="settled on chain"):
+        warehouse.record_stake(con, peer_id="bob", epoch=1, amount=5)
+    policy.open_epoch(con, 1, POOLS[1])  # already open with this pool: a no-op
+    assert snapshot(con) == before
+    policy.open_epoch(con, 2, 7)  # a later epoch is fine
