@@ -16,7 +16,7 @@ browser:
 	  { echo "installing Debian's chromium for the report rendering test"; \
 	    $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py proofs/_sha256tree.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
