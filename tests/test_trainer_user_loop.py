@@ -53,14 +53,22 @@ def user_batch(step: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     return list(range(16 * step, 16 * step + 16)), x, x.sum(dim=1, keepdim=True)
 
 
-def run_loop(store: RunStore | str, steps: int, *, cheat: bool = False) -> AuditHook:
+def run_loop(
+    store: RunStore | str, steps: int, *, cheat: bool = False, subprocess_signer: bool = True
+) -> AuditHook:
     model, optimizer, scheduler = make()
     hook = AuditHook(
         model,
         optimizer,
         store=store,
         keypair=KEY,
-        config=HookConfig(run_id="user", run_seed=42, checkpoint_every=3, grad_clip=0.5),
+        config=HookConfig(
+            run_id="user",
+            run_seed=42,
+            checkpoint_every=3,
+            grad_clip=0.5,
+            sign_in_subprocess=subprocess_signer,
+        ),
     )
     for step in range(hook.start(), steps):
         hook.begin_step(step)
@@ -101,7 +109,7 @@ def test_user_loop_with_sgd_momentum_groups_scheduler_verifies(tmp_path: Path) -
 
 def test_gradients_that_did_not_produce_the_model_are_caught(tmp_path: Path) -> None:
     url = str(tmp_path / "cheat")
-    run_loop(url, 4, cheat=True)
+    run_loop(url, 4, cheat=True, subprocess_signer=False)  # also covers in-thread signing
     broken = check_store(url).broken
     assert broken is not None
     assert (broken.check, broken.window, broken.step) == ("gradient-to-state chain", 0, 3)
