@@ -10,7 +10,7 @@ setup(
             "proofs._sha256tree",
             ["proofs/_sha256tree.c"],
             libraries=["crypto"],
-            extra_compile_args=["-std=c99", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            extra_compile_args=["-O3", "-std=c99", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         )
     ]

@@ -23,6 +23,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 from typing import Any
 
@@ -113,7 +114,9 @@ def _hash_leaves(leaves: Sequence[bytes | memoryview], workers: int | None) -> b
     if not isinstance(leaves, list | tuple):
         leaves = list(leaves)  # accept any iterable; threads need random access
     n = len(leaves)
-    total = _leaf_bytes_total(leaves)
+    # The C code type-checks leaves as it reads them: a separate Python pass over a million
+    # scattered objects would cost about as much as hashing them.
+    total = -1 if _use_native and n >= _NATIVE_PARALLEL_MIN_LEAVES else _leaf_bytes_total(leaves)
     if workers is None:
         workers = os.cpu_count() or 1
     if not isinstance(workers, int) or workers < 1:
@@ -134,15 +137,22 @@ def _hash_leaves(leaves: Sequence[bytes | memoryview], workers: int | None) -> b
 
 
 def _native_leaf_hashes(leaves: Sequence[bytes | memoryview], workers: int, total: int) -> bytes:
-    """Leaf hashes in C; the GIL is released, so batches run in parallel threads."""
+    """Leaf hashes in C; the GIL is released, so batches run in parallel threads.
+
+    ``total`` is the leaves' byte count, or -1 when not counted (many leaves: threads anyway).
+    """
     n = len(leaves)
-    if workers == 1 or (n < _NATIVE_PARALLEL_MIN_LEAVES and total < PARALLEL_MIN_BYTES):
-        return _sha256tree.leaf_hashes(leaves)
-    batches = min(n, workers * 4)  # several per worker balance uneven leaves
-    bounds = [n * b // batches for b in range(batches + 1)]
-    parts = [leaves[a:b] for a, b in pairwise(bounds)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return b"".join(pool.map(_sha256tree.leaf_hashes, parts))
+    try:
+        if workers == 1 or (0 <= total < PARALLEL_MIN_BYTES and n < _NATIVE_PARALLEL_MIN_LEAVES):
+            return _sha256tree.leaf_hashes(leaves, strict=True)
+        batches = min(n, workers * 4)  # several per worker balance uneven leaves
+        bounds = [n * b // batches for b in range(batches + 1)]
+        parts = [leaves[a:b] for a, b in pairwise(bounds)]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return b"".join(pool.map(partial(_sha256tree.leaf_hashes, strict=True), parts))
+    except (TypeError, ValueError) as exc:
+        _leaf_bytes_total(leaves)  # names the bad leaf by its index in ``leaves``
+        raise MalformedProofError(str(exc)) from None
 
 
 def _native_levels(level0: bytes, workers: int) -> list[bytes]:
@@ -164,6 +174,19 @@ def _native_levels(level0: bytes, workers: int) -> list[bytes]:
     tops = [lv if lv else [bytes(b)] for lv, b in zip(block_levels, blocks, strict=True)]
     lower = [b"".join([lv[min(j, len(lv) - 1)] for lv in tops]) for j in range(depth)]
     return lower + _sha256tree.tree_levels(lower[-1])
+
+
+def _native_legacy_root(leaves: Sequence[bytes], workers: int) -> bytes:
+    """merkletools' root in C; aligned blocks of 2**d leaves in threads, as in _native_levels."""
+    n = len(leaves)
+    if workers == 1 or n < _NATIVE_PARALLEL_MIN_LEAVES:
+        return _sha256tree.legacy_root(leaves, strict=True)
+    span = 1 << ((n // workers).bit_length() - 1)
+    blocks = [leaves[a : a + span] for a in range(0, n, span)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # Each block's root is its node on level d (a short last block's is carried up to it).
+        tops = pool.map(partial(_sha256tree.legacy_root, strict=True), blocks)
+        return _sha256tree.legacy_root_from_hashes(b"".join(tops))
 
 
 def _parent_level(level: bytes) -> bytes:
@@ -522,9 +545,13 @@ def legacy_root(leaves: Sequence[bytes]) -> Root:
     """
     if not leaves:
         raise MalformedProofError("merkletools defines no root for an empty tree (got 0 leaves)")
-    _leaf_bytes_total(leaves)  # type check only
     if _use_native:
-        return Root(_sha256tree.legacy_root(leaves))
+        try:
+            return Root(_native_legacy_root(leaves, os.cpu_count() or 1))
+        except (TypeError, ValueError) as exc:
+            _leaf_bytes_total(leaves)  # names the bad leaf by its index in ``leaves``
+            raise MalformedProofError(str(exc)) from None
+    _leaf_bytes_total(leaves)  # type check only
     sha = hashlib.sha256
     level = b"".join([sha(leaf.hex().encode("ascii")).digest() for leaf in leaves])
     while len(level) > 32:

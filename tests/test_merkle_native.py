@@ -105,6 +105,20 @@ def pure() -> Iterator[None]:
         merkle.set_native(before)
 
 
+@pytest.fixture(params=[True, False], ids=["sha-ni", "openssl"])
+def sha_ni(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Run the body with short messages hashed by SHA-NI (where the CPU has it) and by OpenSSL."""
+    if _sha256tree is None:
+        pytest.skip("proofs._sha256tree not built")
+    on = _sha256tree.set_sha_ni(request.param)
+    if request.param and not on:
+        pytest.skip("this CPU has no SHA-NI: only the OpenSSL path runs")
+    try:
+        yield on
+    finally:
+        _sha256tree.set_sha_ni(True)
+
+
 def _build(
     leaves: Sequence[bytes | memoryview], native: bool, workers: int | None = None
 ) -> MerkleTree:
@@ -126,7 +140,7 @@ SIZES = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 100, 255, 257, 1000, 102
 # --- agreement ---------------------------------------------------------------------------------
 @needs_native
 @pytest.mark.parametrize("n", SIZES)
-def test_native_matches_hashlib_and_pure(n: int) -> None:
+def test_native_matches_hashlib_and_pure(n: int, sha_ni: bool) -> None:
     rng = random.Random(n)
     max_len = 5000 if n <= 300 else 200  # big leaves on small trees keep the test fast
     leaves = _random_leaves(rng, n, max_len)
@@ -147,9 +161,10 @@ def test_native_matches_hashlib_and_pure(n: int) -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("n", [32768, 32769, 70001])
-@pytest.mark.parametrize("workers", [1, 2, 3, 7])
-def test_threaded_native_levels_match(n: int, workers: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "workers"), [(32768, 2), (32769, 3), (70001, 1), (70001, 2), (70001, 7)]
+)
+def test_threaded_native_levels_match(n: int, workers: int, sha_ni: bool) -> None:
     """Big trees split their lower levels between threads; the levels must not change."""
     rng = random.Random(n * 10 + workers)
     leaves = [rng.randbytes(rng.choice([0, 1, 32, 33, 64])) for _ in range(n)]
@@ -159,7 +174,7 @@ def test_threaded_native_levels_match(n: int, workers: int) -> None:
 
 
 @needs_native
-def test_buffer_kinds_agree() -> None:
+def test_buffer_kinds_agree(sha_ni: bool) -> None:
     """bytes, bytearray, memoryviews (typed too) and numpy arrays hash as their raw bytes."""
     arr = np.arange(1000, dtype=np.float32)
     leaves: list[bytes | memoryview] = [
@@ -280,3 +295,73 @@ def test_pure_fixture_bypasses_native(pure: None) -> None:
     if _sha256tree is None:
         with pytest.raises(RuntimeError, match="not built"):
             merkle.set_native(True)
+
+
+@needs_native
+def test_every_short_length(sha_ni: bool) -> None:
+    """Lengths around the one-, two- and many-block boundaries of sha256 padding."""
+    rng = random.Random(7)
+    leaves = [rng.randbytes(n) for n in range(300)]
+    expected = [hashlib.sha256(b"\x00" + leaf).digest() for leaf in leaves]
+    assert _sha256tree.leaf_hashes(leaves) == b"".join(expected)
+    for leaf in leaves:
+        assert _sha256tree.legacy_root([leaf]) == hashlib.sha256(leaf.hex().encode()).digest()
+
+
+@needs_native
+@pytest.mark.parametrize("n", [32768, 40001])
+def test_threaded_legacy_root_matches(n: int) -> None:
+    leaves = _random_leaves(random.Random(n), n, 40)
+    before = merkle.native_enabled()
+    try:
+        merkle.set_native(True)
+        native = legacy_root(leaves)
+        merkle.set_native(False)
+        assert native == legacy_root(leaves) == _legacy_oracle(leaves)
+    finally:
+        merkle.set_native(before)
+
+
+@needs_native
+@pytest.mark.parametrize("native", [True, False])
+def test_bad_leaf_in_a_big_list_is_named(native: bool) -> None:
+    """Big lists are type-checked by the C code, in threads; the error still names the leaf."""
+    leaves: list[object] = [b"x"] * 40000
+    leaves[35001] = 7
+    with pytest.raises(MalformedProofError, match="leaf 35001: expected bytes or memoryview"):
+        _build(leaves, native, 2)  # type: ignore[arg-type]
+    leaves[35001] = memoryview(bytes(10))[::2]
+    with pytest.raises(MalformedProofError, match="leaf 35001: memoryview is not contiguous"):
+        _build(leaves, native, 2)  # type: ignore[arg-type]
+    before = merkle.native_enabled()
+    merkle.set_native(native)
+    try:
+        with pytest.raises(MalformedProofError, match="leaf 35001"):
+            legacy_root(leaves)  # type: ignore[arg-type]
+    finally:
+        merkle.set_native(before)
+
+
+@needs_native
+def test_strict_and_legacy_from_hashes() -> None:
+    arr = np.zeros(4, dtype=np.uint8)
+    assert _sha256tree.leaf_hashes([arr]) == hashlib.sha256(bytes(5)).digest()
+    for fn in (_sha256tree.leaf_hashes, _sha256tree.legacy_root):
+        with pytest.raises(TypeError, match="leaf 1: expected bytes or memoryview, got <class"):
+            fn([b"a", arr], strict=True)
+        assert fn([b"a", bytearray(b"b"), memoryview(b"c")], strict=True) == fn([b"a", b"b", b"c"])
+    hashes = [hashlib.sha256(bytes([i])).digest() for i in range(7)]
+    level = list(hashes)
+    while len(level) > 1:
+        pairs = [
+            hashlib.sha256(level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)
+        ]
+        level = pairs + level[len(level) - 1 :] if len(level) % 2 else pairs
+    assert _sha256tree.legacy_root_from_hashes(b"".join(hashes)) == level[0]
+    assert _sha256tree.legacy_root_from_hashes(hashes[0]) == hashes[0]
+    with pytest.raises(ValueError, match="no root for an empty tree"):
+        _sha256tree.legacy_root_from_hashes(b"")
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        _sha256tree.legacy_root_from_hashes(bytes(33))
+    with pytest.raises(TypeError):
+        _sha256tree.legacy_root_from_hashes([hashes[0]])  # type: ignore[arg-type]
