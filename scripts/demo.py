@@ -106,8 +106,12 @@ class Demo:
             path.touch(mode=0o600)
             path.write_text(account.key.hex() + "\n")
             self.addresses[name] = account.address
-        jobs = {p.name: self.sh.start(f"keygen {p.name}", ["-m", "trainer", "keygen",
-                str(self.keys / f"{p.name}.bls")]) for p in PEERS}  # fmt: skip
+        jobs = {
+            p.name: self.sh.start(
+                f"keygen {p.name}", ["-m", "trainer", "keygen", str(self.keys / f"{p.name}.bls")]
+            )
+            for p in PEERS
+        }
         jobs["auditor"] = self.sh.start(
             "keygen auditor", ["-m", "audit", "keygen", str(self.keys / "auditor.bls")]
         )
@@ -129,40 +133,59 @@ class Demo:
                 raise DemoError(f"the chain did not start:\n{self.chain.output()[-2000:]}")
             time.sleep(0.2)
         op = self.eth_key("operator")
-        self.sh.run("deploy", ["-m", "rewards", "deploy", "--mint", str(10**6 * TOKEN),
-                    "--delay", str(ACTIVATION_DELAY)], key_file=op)  # fmt: skip
+        self.sh.run(
+            "deploy",
+            [
+                "-m",
+                "rewards",
+                "deploy",
+                "--mint",
+                str(10**6 * TOKEN),
+                "--delay",
+                str(ACTIVATION_DELAY),
+            ],
+            key_file=op,
+        )
         self.sh.run("fund", ["-m", "rewards", "fund", str(POOL)], key_file=op)
         console.print(f"  Anvil at {self.rpc}; settlement deployed and funded with 1000 tokens")
 
     def setup_warehouse(self) -> None:
-        r = ["-m", "rewards"]
-        self.sh.run("migrate", [*r, "migrate"])
-        self.sh.run("params", [*r, "params", "--cheat-fraction", str(CHEAT_FRACTION),
-                    "--confidence", str(CONFIDENCE), "--slash-bps", "5000",
-                    "--usefulness-ppm", "0"])  # fmt: skip
-        self.sh.run("open-epoch", [*r, "open-epoch", "0", "--pool", str(POOL)])
+        def rewards(name: str, line: str) -> None:
+            self.sh.run(name, ["-m", "rewards", *line.split()])
+
+        rewards("migrate", "migrate")
+        rewards(
+            "params",
+            f"params --cheat-fraction {CHEAT_FRACTION} --confidence {CONFIDENCE} "
+            "--slash-bps 5000 --usefulness-ppm 0",
+        )
+        rewards("open-epoch", f"open-epoch 0 --pool {POOL}")
         for p in PEERS:
-            self.sh.run(f"register {p.name}", [*r, "register-peer", p.name, "--pubkey",
-                        self.pubkeys[p.name], "--address", self.addresses[p.name]])  # fmt: skip
-            self.sh.run(f"stake {p.name}", [*r, "stake", p.name, "--epoch", "0",
-                        "--amount", str(STAKE)])  # fmt: skip
-        self.sh.run("register auditor", [*r, "register-peer", "auditor", "--role", "auditor",
-                    "--pubkey", self.pubkeys["auditor"]])  # fmt: skip
+            rewards(
+                f"register {p.name}",
+                f"register-peer {p.name} --pubkey {self.pubkeys[p.name]} "
+                f"--address {self.addresses[p.name]}",
+            )
+            rewards(f"stake {p.name}", f"stake {p.name} --epoch 0 --amount {STAKE}")
+        rewards(
+            "register auditor",
+            f"register-peer auditor --role auditor --pubkey {self.pubkeys['auditor']}",
+        )
         console.print(f"  warehouse {self.db}: epoch 0 pool 1000 tokens, 100 tokens staked each")
 
     # ---- 2. training and commitments ----------------------------------------------------------
 
     def train(self) -> None:
         console.rule(f"[bold]2. four peers train {self.steps} steps each")
-        per_run = self.steps + self.steps // 8 + 1  # one gradient per step + state checkpoints
 
         def job(p: Peer) -> tuple[str, int, object, object]:
-            objects = self.out / "runs" / p.name / "objects"
+            manifests = self.out / "runs" / p.name / "manifests"
             return (
                 f"{p.name} ({p.kind})",
-                per_run,
+                self.steps,
                 lambda: self.sh.start(f"train {p.name}", p.train_args(self.out, self.steps)),
-                lambda: count_files(objects, "*.vtar"),
+                # a signed manifest closes every window of 8 steps
+                lambda: min(self.steps, 8 * count_files(manifests, "w*.json")),
             )
 
         done = run_parallel("train", [job(p) for p in PEERS])  # type: ignore[list-item]
@@ -177,14 +200,27 @@ class Demo:
         from trainer.store import RunStore
 
         console.rule("[bold]3. commitments on chain")
+        roots = {
+            p.name: "0x"
+            + bytes(load_run(RunStore(str(self.out / "runs" / p.name))).final_hash).hex()
+            for p in PEERS
+        }
+        jobs = {
+            p.name: self.sh.start(
+                f"commit {p.name}",
+                ["-m", "rewards", "commit-run", p.name, roots[p.name]],
+                key_file=self.eth_key(p.name),
+            )
+            for p in PEERS
+        }
         blocks: dict[str, int] = {}
-        for p in PEERS:
-            run = load_run(RunStore(str(self.out / "runs" / p.name)))
-            root = "0x" + bytes(run.final_hash).hex()
-            text = self.sh.run(f"commit {p.name}", ["-m", "rewards", "commit-run", p.name, root],
-                               key_file=self.eth_key(p.name))  # fmt: skip
-            blocks[p.name] = int(re.findall(r"in block (\d+)", text)[0])
-            console.print(f"  {p.name}: run committed, root {root[:18]}… in block {blocks[p.name]}")
+        for name, job in jobs.items():
+            job.result()
+            blocks[name] = int(re.findall(r"in block (\d+)", job.output())[0])
+            console.print(
+                f"  {name}: final manifest hash {roots[name][:18]}… recorded in block "
+                f"{blocks[name]} from {self.addresses[name][:10]}…"
+            )
         # A dev chain mines only on transactions; on a live chain these blocks come by themselves.
         from web3 import Web3
 
@@ -195,46 +231,72 @@ class Demo:
 
     # ---- 3. audit -----------------------------------------------------------------------------
 
-    def audit(self) -> None:
+    def audit(self, blocks: dict[str, int]) -> None:
+        from audit.sampling import sample_size_for
+
         console.rule("[bold]4. the auditor samples with the on-chain beacon and re-executes")
         verdicts = self.out / "verdicts"
-        plans = []
-        for p in PEERS:
-            # The auditor reads the commitment block from the registry (the peer's address).
-            text = self.sh.run(f"commitment {p.name}", ["-m", "rewards", "commitment", p.name,
-                               "--committer", self.addresses[p.name]])  # fmt: skip
-            block = re.findall(r"in block (\d+)", text)[0]
-            sample = self.sh.run(f"sample {p.name}", self._audit_args("sample", p.name, block))
-            count = len(re.findall(r"^steps: (.*)$", sample, re.M)[0].split())
-            plans.append((p, block, count))
-            console.print(f"  {p.name}: beacon = hash of block {int(block) + BEACON_DELAY}, "
-                          f"{count} of {self.steps} steps sampled")  # fmt: skip
+        count = sample_size_for(
+            cheat_fraction=CHEAT_FRACTION, confidence=CONFIDENCE, total_steps=self.steps
+        )
+        console.print(
+            f"  {count} of {self.steps} steps per run: a peer faking "
+            f"{CHEAT_FRACTION:.0%} of its steps is caught with probability >= "
+            f"{CONFIDENCE}; each run's sample is seeded by the hash of block "
+            f"commitment + {BEACON_DELAY}, unknown when the peer committed"
+        )
 
-        def job(p: Peer, block: str, count: int) -> tuple[str, int, object, object]:
-            args = self._audit_args("run", p.name, block)
+        def job(p: Peer) -> tuple[str, int, object, object]:
+            store, key = str(self.out / "runs" / p.name), str(self.keys / "auditor.bls")
+            args = [
+                "-m",
+                "audit",
+                "run",
+                "--store",
+                store,
+                "--key",
+                key,
+                "--out",
+                str(verdicts),
+                "--chain-url",
+                self.rpc,
+                "--committer",
+                self.addresses[p.name],
+                "--delay",
+                str(BEACON_DELAY),
+                "--cheat-fraction",
+                str(CHEAT_FRACTION),
+                "--confidence",
+                str(CONFIDENCE),
+            ]
             return (
-                p.name,
+                f"{p.name} (block {blocks[p.name] + BEACON_DELAY})",
                 count,
                 lambda: self.sh.start(f"audit {p.name}", args, ok_codes=(0, 1)),
                 lambda: count_files(verdicts / p.name, "step-*.json"),
             )
 
-        run_parallel("audit", [job(*plan) for plan in plans])  # type: ignore[list-item]
-
-    def _audit_args(self, command: str, name: str, block: str) -> list[str]:
-        store, key = str(self.out / "runs" / name), str(self.keys / "auditor.bls")
-        args = ["-m", "audit", command, "--store", store, "--key", key, "--chain-url", self.rpc,
-                "--commit-block", block, "--delay", str(BEACON_DELAY),
-                "--cheat-fraction", str(CHEAT_FRACTION), "--confidence", str(CONFIDENCE)]  # fmt: skip
-        return args + (["--out", str(self.out / "verdicts")] if command == "run" else [])
+        done = run_parallel("audit", [job(p) for p in PEERS])  # type: ignore[list-item]
+        for label, finished in done.items():
+            verdict = "all sampled steps pass" if finished.proc.returncode == 0 else "FAILED"
+            console.print(f"  {label.split()[0]}: {verdict}")
 
     # ---- 4. rewards and settlement ------------------------------------------------------------
 
     def settle(self) -> None:
         console.rule("[bold]5. rewards: ingest, payouts in DuckDB, root on chain, claims")
         r, op = ["-m", "rewards"], self.eth_key("operator")
-        text = self.sh.run("ingest", [*r, "ingest", "--store", str(self.out / "runs"),
-                           "--verdicts", str(self.out / "verdicts")])  # fmt: skip
+        text = self.sh.run(
+            "ingest",
+            [
+                *r,
+                "ingest",
+                "--store",
+                str(self.out / "runs"),
+                "--verdicts",
+                str(self.out / "verdicts"),
+            ],
+        )
         console.print("  " + " ".join(text.split())[:150])
         self.sh.run("compute", [*r, "compute"])
         text = self.sh.run("root", [*r, "root", "0", "--out", str(self.out / "epoch-0")])
@@ -243,10 +305,17 @@ class Demo:
         wait_with_bar("root activation delay", ACTIVATION_DELAY + 1)
         for p in PEERS:
             if p.kind == "honest":
-                self.sh.run(f"claim {p.name}", [*r, "claim", self.addresses[p.name]],
-                            key_file=self.eth_key(p.name))  # fmt: skip
-        refused = self.sh.run("claim carol", [*r, "claim", self.addresses["carol"]],
-                              key_file=self.eth_key("carol"), ok_codes=(1,))  # fmt: skip
+                self.sh.run(
+                    f"claim {p.name}",
+                    [*r, "claim", self.addresses[p.name]],
+                    key_file=self.eth_key(p.name),
+                )
+        refused = self.sh.run(
+            "claim carol",
+            [*r, "claim", self.addresses["carol"]],
+            key_file=self.eth_key("carol"),
+            ok_codes=(1,),
+        )
         console.print("  carol tries to claim: " + " ".join(refused.split())[-90:])
         self.sh.run("verify-root", [*r, "verify-root", "0"])
         console.print("  verify-root 0: the posted root matches a recomputation from the inputs")
@@ -262,12 +331,22 @@ class Demo:
     # ---- 5. summary ---------------------------------------------------------------------------
 
     def summary(self, report: Path, started: float) -> None:
-        rows = json.loads(self.sh.run("summary", ["-m", "rewards", "sql", "--format", "json",
-                                                  SUMMARY_SQL]))  # fmt: skip
+        rows = json.loads(
+            self.sh.run("summary", ["-m", "rewards", "sql", "--format", "json", SUMMARY_SQL])
+        )
         kinds = {p.name: p.kind for p in PEERS}
         table = Table(title="epoch 0")
-        for col in ("peer", "role", "steps", "audited", "outcome", "usefulness", "payout",
-                    "slashed", "claim tx"):  # fmt: skip
+        for col in (
+            "peer",
+            "role",
+            "steps",
+            "audited",
+            "outcome",
+            "usefulness",
+            "payout",
+            "slashed",
+            "claim tx",
+        ):
             table.add_column(col, justify="right" if col in ("steps", "audited") else "left")
         for row in rows:
             use = row["usefulness_micro"]
@@ -339,8 +418,7 @@ def main() -> int:
         demo.start_chain()
         demo.setup_warehouse()
         demo.train()
-        demo.commit()
-        demo.audit()
+        demo.audit(demo.commit())
         demo.settle()
         report = demo.report()
         demo.summary(report, started)

@@ -19,7 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-console = Console(highlight=False)
+# Wide enough for the summary table even when the output is piped (rich assumes 80 columns).
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -125,12 +126,13 @@ def run_parallel(
     running: dict[str, tuple[Job, Callable[[], int], int]] = {}
     finished: dict[str, Job] = {}
     with progress() as bars:
-        tasks = {label: bars.add_task(f"{title} {label}", total=total, note="waiting")
+        tasks = {label: bars.add_task(f"{title} {label}", total=total, note="waiting", start=False)
                  for label, total, _, _ in jobs}  # fmt: skip
         while pending or running:
             while pending and len(running) < width:
                 label, _, start, count = pending.pop(0)
                 running[label] = (start(), count, tasks[label])
+                bars.start_task(tasks[label])  # elapsed time counts from the job's start
                 bars.update(tasks[label], note="running")
             for label, (job, count, task) in list(running.items()):
                 bars.update(task, completed=count())
