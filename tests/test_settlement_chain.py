@@ -7,6 +7,7 @@ that pays proves that the Python tree and the Solidity verifier agree, and tampe
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import conftest_chain
@@ -539,6 +540,118 @@ def test_cumulative_claims_follow_a_model(
                     s.claim(admin, req(tree, a, cumulative[a]))
             assert s.token_balance(a) == held[a] == s.claimed(a)
     assert s.total_claimed() == sum(held.values())
+
+
+MODEL_DELAY = 1_000  # far above the seconds a test takes: a root is clearly pending or active
+OPS = ["post"] * 3 + ["advance"] * 3 + ["revoke"] * 2 + ["pause"] + ["claim"] * 7
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelRoot:
+    tree: PayoutTree
+    total: int
+    amounts: dict[str, int]
+    activated_at: int
+    revoked: bool = False
+
+
+def expected_claim(
+    roots: list[ModelRoot],
+    now: int,
+    paused: bool,
+    claimed: dict[str, int],
+    tree: PayoutTree,
+    account_: str,
+    amount: int,
+) -> str:
+    """The model's rule: pay the newest active root, within its declared total ('' = pays)."""
+    live = [r for r in roots if not r.revoked and r.activated_at <= now]
+    if paused:
+        return "EnforcedPause"
+    if not live:
+        return "NoActiveRoot"
+    if live[-1].tree.root != tree.root:
+        return "InvalidProof"
+    if amount <= claimed[account_]:
+        return "NothingToClaim"
+    if sum(claimed.values()) + amount - claimed[account_] > live[-1].total:
+        return "ClaimExceedsRootTotal"
+    return ""
+
+
+@pytest.mark.slow
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_roots_revocations_and_pauses_follow_a_model(
+    model_chain: tuple[Web3, LocalAccount], data: st.DataObject
+) -> None:
+    # Random posts (some repeating the last root, some declaring less than their leaves), revokes
+    # of pending roots, pauses, clock jumps and claims from the trees of both the active and the
+    # newest root. The model predicts every outcome, error name and the paid-out sum, so the
+    # claim word's fast path, the history walk and the moves of the reference root are all held
+    # to one rule.
+    w3, admin = model_chain
+    token = deploy_token(w3, admin, supply=10**30, holder=admin.address)
+    s, _ = Settlement.deploy(w3, admin, token=token, activation_delay=MODEL_DELAY)
+    s.fund(admin, 10**9)
+    who = [Account.create().address for _ in range(3)]
+    cumulative = dict.fromkeys(who, 1)
+    claimed = dict.fromkeys(who, 0)
+    roots: list[ModelRoot] = []
+    paused = False
+    steps = ["post", "advance"] + [data.draw(st.sampled_from(OPS)) for _ in range(14)]
+    for op in steps:
+        now = int(w3.eth.get_block("latest")["timestamp"]) + 1  # the next block's, give or take
+        if op == "post":
+            for a in who:
+                cumulative[a] += data.draw(st.sampled_from([0, 0, 5, 40]))
+            live = [r.total for r in roots if not r.revoked]
+            total = max(
+                live[-1] if live else 0,
+                sum(cumulative.values()) - data.draw(st.sampled_from([0, 0, 30])),
+            )
+            tree = PayoutTree.build(list(cumulative.items()))
+            posted = s.post_root(
+                admin,
+                epoch=len(roots) + 1,
+                root=tree.root,
+                cumulative_total=total,
+                inputs_hash=INPUTS,
+            )
+            record = s.root_at(posted.index)
+            roots.append(
+                ModelRoot(
+                    tree=tree,
+                    total=total,
+                    amounts=dict(cumulative),
+                    activated_at=record.activated_at,
+                )
+            )
+        elif op == "advance":
+            advance_time(w3, 2 * MODEL_DELAY)
+        elif op == "revoke":
+            pending = [i for i, r in enumerate(roots) if not r.revoked and r.activated_at > now]
+            if pending:
+                i = data.draw(st.sampled_from(pending))
+                s.revoke_root(admin, i)
+                roots[i].revoked = True
+        elif op == "pause":
+            (s.unpause if paused else s.pause)(admin)
+            paused = not paused
+        elif roots:
+            a = data.draw(st.sampled_from(who))
+            live = [r for r in roots if not r.revoked and r.activated_at <= now]
+            source = data.draw(st.sampled_from([roots[-1], *live[-1:], *live[-1:], *roots]))
+            amount = source.amounts[a]
+            expected = expected_claim(roots, now, paused, claimed, source.tree, a, amount)
+            if expected:
+                with reverts(expected):
+                    s.claim(admin, req(source.tree, a, amount))
+            else:
+                s.claim(admin, req(source.tree, a, amount))
+                claimed[a] = amount
+        assert s.total_claimed() == sum(claimed.values())
+        assert [s.token_balance(a) for a in who] == [claimed[a] for a in who]
 
 
 def test_advance_time_moves_the_clock_and_mines(chain: conftest_chain.Chain) -> None:
