@@ -34,6 +34,12 @@
 
 #define DIGEST 32
 
+#if defined(__GNUC__)
+#define VT_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define VT_PREFETCH(p) ((void)0)
+#endif
+
 /* ---- sha256 over a list of pieces ------------------------------------------------------- */
 
 #ifndef VT_USE_EVP
@@ -289,7 +295,7 @@ static int hash_spans(int kind, const span *spans, Py_ssize_t count, unsigned ch
         Py_ssize_t where[2] = {0, 0};
         for (Py_ssize_t i = 0; i < count; i++) {
             if (i + 8 < count)
-                __builtin_prefetch(spans[i + 8].p);
+                VT_PREFETCH(spans[i + 8].p);
             int nb = short_message(kind, spans[i].p, spans[i].n, msg[pending]);
             if (nb == 0) {
                 if (!hash_long(kind, spans[i].p, spans[i].n, out + DIGEST * i))
@@ -370,7 +376,7 @@ static int leafset_acquire(leafset *s, PyObject *leaves, int strict)
     for (Py_ssize_t i = 0; i < s->count; i++) {
         PyObject *item = PyTuple_GET_ITEM(s->items, i);
         if (i + 16 < s->count) /* leaves are scattered over the heap: hide the cache misses */
-            __builtin_prefetch(PyTuple_GET_ITEM(s->items, i + 16));
+            VT_PREFETCH(PyTuple_GET_ITEM(s->items, i + 16));
         if (PyBytes_CheckExact(item)) {
             s->spans[i].p = (const unsigned char *)PyBytes_AS_STRING(item);
             s->spans[i].n = (size_t)PyBytes_GET_SIZE(item);

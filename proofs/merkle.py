@@ -9,34 +9,27 @@ repeated sharing a root) cannot arise.
 ``verify_*`` return False on any bad input and never raise; tree construction and proof
 generation raise MalformedProofError. See docs/merkle.md for formats.
 
-Tree construction uses the optional C accelerator ``proofs._sha256tree`` (OpenSSL sha256 in C
-loops, GIL released) when it was built, and the hashlib code below otherwise; both give the same
-bytes. ``VERITRAIN_NO_NATIVE=1`` in the environment, or ``set_native(False)``, forces hashlib.
+Tree construction uses the optional C accelerator (proofs/accelerator.py) when it was built, and
+the hashlib code below otherwise; both give the same bytes. ``VERITRAIN_NO_NATIVE=1`` in the
+environment, or ``set_native(False)``, forces hashlib.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
-from itertools import pairwise
 from typing import Any
 
+from proofs import accelerator
+from proofs.accelerator import native_available as native_available
+from proofs.accelerator import native_enabled as native_enabled
+from proofs.accelerator import set_native as set_native
 from proofs.errors import MalformedProofError
 from proofs.hashing import LEAF_PREFIX, NODE_PREFIX, Hash32, Root
-
-logger = logging.getLogger(__name__)
-
-try:
-    from proofs import _sha256tree
-except ImportError as exc:  # not built (no compiler or OpenSSL headers): hashlib is used instead
-    logger.debug("proofs._sha256tree unavailable, Merkle trees use hashlib: %s", exc)
-    _sha256tree = None  # type: ignore[assignment]
 
 PROOF_VERSION = 1
 EMPTY_ROOT = Root(hashlib.sha256(b"").digest())
@@ -47,32 +40,6 @@ PARALLEL_MIN_BYTES = 4 << 20
 _GIL_RELEASE_BYTES = 2048
 
 _SMALL_LEAF = 4096  # below this, one concatenation beats a hasher copy + update
-# The native code drops the GIL for any leaf size; below this many leaves a thread pool costs more
-# than it saves. Trees this size split their lower levels between threads as well.
-_NATIVE_PARALLEL_MIN_LEAVES = 1 << 15
-
-_use_native = _sha256tree is not None and os.environ.get("VERITRAIN_NO_NATIVE", "") in ("", "0")
-
-
-def native_available() -> bool:
-    """True if the C accelerator ``proofs._sha256tree`` was built and imported."""
-    return _sha256tree is not None
-
-
-def native_enabled() -> bool:
-    """True if tree construction currently uses the C accelerator."""
-    return _use_native
-
-
-def set_native(enabled: bool) -> None:
-    """Use (True) or bypass (False) the C accelerator; results are the same either way.
-
-    Raises RuntimeError when asked to enable an accelerator that was not built.
-    """
-    global _use_native
-    if enabled and _sha256tree is None:
-        raise RuntimeError("proofs._sha256tree is not built (see docs/merkle.md)")
-    _use_native = bool(enabled)
 
 
 def _hash_leaf_range(leaves: Sequence[bytes | memoryview], start: int, stop: int) -> bytes:
@@ -116,13 +83,19 @@ def _hash_leaves(leaves: Sequence[bytes | memoryview], workers: int | None) -> b
     n = len(leaves)
     # The C code type-checks leaves as it reads them: a separate Python pass over a million
     # scattered objects would cost about as much as hashing them.
-    total = -1 if _use_native and n >= _NATIVE_PARALLEL_MIN_LEAVES else _leaf_bytes_total(leaves)
+    native = accelerator.native_enabled()
+    many = n >= accelerator.PARALLEL_MIN_LEAVES
+    total = -1 if native and many else _leaf_bytes_total(leaves)
     if workers is None:
         workers = os.cpu_count() or 1
     if not isinstance(workers, int) or workers < 1:
         raise MalformedProofError(f"workers must be an int >= 1, got {workers!r}")
-    if _use_native:
-        return _native_leaf_hashes(leaves, workers, total)
+    if native:
+        try:
+            return accelerator.leaf_hashes(leaves, workers, many or total >= PARALLEL_MIN_BYTES)
+        except (TypeError, ValueError) as exc:
+            _leaf_bytes_total(leaves)  # names the bad leaf by its index in ``leaves``
+            raise MalformedProofError(str(exc)) from None
     if n and set(map(type, leaves)) == {bytes} and max(map(len, leaves)) < _SMALL_LEAF:
         sha = hashlib.sha256  # many small leaves (payouts, hashes): one tight loop, no threads
         return b"".join([sha(LEAF_PREFIX + leaf).digest() for leaf in leaves])
@@ -134,59 +107,6 @@ def _hash_leaves(leaves: Sequence[bytes | memoryview], workers: int | None) -> b
     with ThreadPoolExecutor(max_workers=workers) as pool:
         parts = pool.map(_hash_leaf_range, [leaves] * batches, bounds[:-1], bounds[1:])
         return b"".join(parts)
-
-
-def _native_leaf_hashes(leaves: Sequence[bytes | memoryview], workers: int, total: int) -> bytes:
-    """Leaf hashes in C; the GIL is released, so batches run in parallel threads.
-
-    ``total`` is the leaves' byte count, or -1 when not counted (many leaves: threads anyway).
-    """
-    n = len(leaves)
-    try:
-        if workers == 1 or (0 <= total < PARALLEL_MIN_BYTES and n < _NATIVE_PARALLEL_MIN_LEAVES):
-            return _sha256tree.leaf_hashes(leaves, strict=True)
-        batches = min(n, workers * 4)  # several per worker balance uneven leaves
-        bounds = [n * b // batches for b in range(batches + 1)]
-        parts = [leaves[a:b] for a, b in pairwise(bounds)]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return b"".join(pool.map(partial(_sha256tree.leaf_hashes, strict=True), parts))
-    except (TypeError, ValueError) as exc:
-        _leaf_bytes_total(leaves)  # names the bad leaf by its index in ``leaves``
-        raise MalformedProofError(str(exc)) from None
-
-
-def _native_levels(level0: bytes, workers: int) -> list[bytes]:
-    """The levels above ``level0`` in C, the lower ones split between threads.
-
-    Node i of level j depends only on leaves [i * 2**j, (i + 1) * 2**j), so aligned blocks of
-    2**d leaves give exact slices of levels 1..d; the top levels are built from level d.
-    """
-    n = len(level0) // 32
-    if workers == 1 or n < _NATIVE_PARALLEL_MIN_LEAVES:
-        return _sha256tree.tree_levels(level0)
-    depth = (n // workers).bit_length() - 1  # blocks of 2**depth leaves, >= workers of them
-    span = 32 << depth
-    view = memoryview(level0)
-    blocks = [view[a : a + span] for a in range(0, len(level0), span)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        block_levels = list(pool.map(_sha256tree.tree_levels, blocks))
-    # A short last block reaches its single node early; that node is carried up unchanged.
-    tops = [lv if lv else [bytes(b)] for lv, b in zip(block_levels, blocks, strict=True)]
-    lower = [b"".join([lv[min(j, len(lv) - 1)] for lv in tops]) for j in range(depth)]
-    return lower + _sha256tree.tree_levels(lower[-1])
-
-
-def _native_legacy_root(leaves: Sequence[bytes], workers: int) -> bytes:
-    """merkletools' root in C; aligned blocks of 2**d leaves in threads, as in _native_levels."""
-    n = len(leaves)
-    if workers == 1 or n < _NATIVE_PARALLEL_MIN_LEAVES:
-        return _sha256tree.legacy_root(leaves, strict=True)
-    span = 1 << ((n // workers).bit_length() - 1)
-    blocks = [leaves[a : a + span] for a in range(0, n, span)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        # Each block's root is its node on level d (a short last block's is carried up to it).
-        tops = pool.map(partial(_sha256tree.legacy_root, strict=True), blocks)
-        return _sha256tree.legacy_root_from_hashes(b"".join(tops))
 
 
 def _parent_level(level: bytes) -> bytes:
@@ -344,8 +264,8 @@ class MerkleTree:
     @classmethod
     def _from_level0(cls, level0: bytes, workers: int | None = None) -> MerkleTree:
         levels = [level0]
-        if _use_native:
-            return cls(levels + _native_levels(level0, workers or os.cpu_count() or 1))
+        if accelerator.native_enabled():
+            return cls(levels + accelerator.tree_levels(level0, workers or os.cpu_count() or 1))
         while len(levels[-1]) > 32:
             levels.append(_parent_level(levels[-1]))
         return cls(levels)
@@ -545,9 +465,9 @@ def legacy_root(leaves: Sequence[bytes]) -> Root:
     """
     if not leaves:
         raise MalformedProofError("merkletools defines no root for an empty tree (got 0 leaves)")
-    if _use_native:
+    if accelerator.native_enabled():
         try:
-            return Root(_native_legacy_root(leaves, os.cpu_count() or 1))
+            return Root(accelerator.legacy_root(leaves, os.cpu_count() or 1))
         except (TypeError, ValueError) as exc:
             _leaf_bytes_total(leaves)  # names the bad leaf by its index in ``leaves``
             raise MalformedProofError(str(exc)) from None
