@@ -349,8 +349,11 @@ contract VeritrainSettlement is AccessControl {
         PayoutRoot storage ref = _roots[_refPlusOne - 1];
         key = ref.root;
         word = _claimWord[key];
-        uint256 paid = ref.cumulativeTotal - uint128(word);
-        limit = r.cumulativeTotal - paid;
+        uint256 headroom = uint128(word);
+        limit = r.cumulativeTotal - (ref.cumulativeTotal - headroom);
+        // Equal while totals never decrease; the cap keeps a payment inside the word's low field
+        // whatever happens, since the caller subtracts it from the whole word.
+        if (limit > headroom) limit = headroom;
     }
 
     /// @dev Checks and effects of one claim; returns the amount owed. No token transfer here.
