@@ -13,20 +13,20 @@ are the exact integers of the warehouse; plots show them divided by 10**decimals
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import click
 import polars as pl
 
+from audit.report_plots import plot_distances, plot_losses, plot_money, plot_usefulness
 from proofs.errors import VeritrainError
 
 log = logging.getLogger(__name__)
@@ -143,149 +143,17 @@ def epochs_in(db: str | os.PathLike[str]) -> list[int]:
         ]
 
 
-# ---- plots --------------------------------------------------------------------------------------
-
-
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to memory only
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _color(runs: pl.DataFrame, run_id: str) -> str:
-    """One colour per run, the same in every plot."""
-    return f"C{runs['run_id'].to_list().index(run_id) % 10}"
-
-
-def _label(runs: pl.DataFrame, run_id: str) -> str:
-    peer = runs.filter(pl.col("run_id") == run_id)["peer_id"]
-    return f"{peer[0]} / {run_id}" if peer.len() and peer[0] != run_id else run_id
-
-
-def plot_losses(data: EpochData) -> str:
-    """Loss per step of every run, audited steps marked (green pass, red fail or invalid)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    for run_id in data.runs["run_id"].to_list():
-        steps = data.steps.filter(pl.col("run_id") == run_id)
-        ax.plot(
-            steps["step"],
-            steps["loss"],
-            label=_label(data.runs, run_id),
-            color=_color(data.runs, run_id),
-            lw=1.4,
-        )
-        v = data.verdicts.filter(pl.col("run_id") == run_id).join(
-            steps, on=["run_id", "step"], how="left"
-        )
-        ok = v.filter(pl.col("outcome") == "pass")
-        bad = v.filter(pl.col("outcome") != "pass")
-        ax.scatter(ok["step"], ok["loss"], marker="o", s=22, color="#1a9850", zorder=3)
-        ax.scatter(bad["step"], bad["loss"], marker="x", s=46, color="#d73027", zorder=4)
-    ax.scatter([], [], marker="o", color="#1a9850", label="audited: pass")
-    ax.scatter([], [], marker="x", color="#d73027", label="audited: fail / invalid")
-    ax.set(xlabel="step", ylabel="training loss (as committed)", title="Loss curves per peer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    return _png(fig)
-
-
-def _finite_ratio(value: Any) -> float:
-    """A distance ratio for a log axis: NaN/Inf (never passes) is drawn at the top."""
-    if value is None:
-        return math.nan
-    x = float(value)
-    return 1e12 if not math.isfinite(x) else max(x, 1e-6)
-
-
-def plot_distances(data: EpochData) -> str:
-    """Worst per-tensor distance / threshold of every audited step (1 = the threshold)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
-    for ax, column, name in (
-        (axes[0], "l2_ratio", "relative L2"),
-        (axes[1], "cos_ratio", "cosine distance"),
-    ):
-        for run_id in data.runs["run_id"].to_list():
-            v = data.verdicts.filter(pl.col("run_id") == run_id)
-            ys = [_finite_ratio(x) for x in v[column].to_list()]
-            ax.scatter(
-                v["step"],
-                ys,
-                label=_label(data.runs, run_id),
-                color=_color(data.runs, run_id),
-                s=24,
-            )
-        ax.axhline(1.0, color="#d73027", ls="--", lw=1.2, label="threshold")
-        ax.set_yscale("log")
-        ax.set(xlabel="audited step", ylabel=f"worst tensor: {name} / threshold", title=name)
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Distance of each audited step against its calibrated threshold")
-    return _png(fig)
-
-
-def plot_usefulness(data: EpochData) -> str:
-    """Held-out loss drop of each audited step's committed update."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    for run_id in data.runs["run_id"].to_list():
-        v = data.verdicts.filter(pl.col("run_id") == run_id).drop_nulls("loss_before")
-        gain = (v["loss_before"] - v["loss_after"]).to_list()
-        ax.scatter(
-            v["step"], gain, label=_label(data.runs, run_id), color=_color(data.runs, run_id), s=24
-        )
-    ax.axhline(0.0, color="black", lw=0.8)
-    ax.set(
-        xlabel="audited step",
-        ylabel="held-out loss before - after",
-        title="Usefulness of audited steps",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def plot_money(data: EpochData, decimals: int) -> str:
-    """Payout and slash of each peer in the epoch."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.55 * max(1, data.runs.height)))
-    scale = 10**decimals
-    labels = [_label(data.runs, r) for r in data.runs["run_id"].to_list()]
-    paid = [int(x) / scale for x in data.runs["payout"].to_list()]
-    slashed = [-int(x) / scale for x in data.runs["slashed"].to_list()]
-    y = list(range(len(labels)))
-    ax.barh(y, paid, color="#1a9850", label="payout")
-    ax.barh(y, slashed, color="#d73027", label="stake slashed")
-    ax.set_yticks(y, labels)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set(xlabel=f"tokens (base units / 10^{decimals})", title="Payouts and slashes")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="x")
-    return _png(fig)
-
-
 # ---- HTML ---------------------------------------------------------------------------------------
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}
 table{border-collapse:collapse;font-size:.85em;margin:8px 0}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}th{background:#f2f2f2}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+th{background:#f2f2f2}
 .pass,.verified{color:#1a7f37;font-weight:600}.fail,.failed,.invalid{color:#c62828;font-weight:600}
-.pending{color:#b26a00}img{max-width:100%;display:block;margin:8px 0}code{font-size:.9em}
+.pending{color:#b26a00}.hex{overflow-wrap:anywhere;font-family:monospace}
+img{max-width:100%;display:block;margin:8px 0}code{font-size:.9em}
 """
 
 
@@ -297,6 +165,8 @@ def _cell(value: Any) -> str:
     text = html.escape(str(value))
     if text in ("pass", "fail", "invalid", "verified", "failed", "pending"):
         return f'<span class="{text}">{text}</span>'
+    if text.startswith("0x") and len(text) > 20:  # hashes and addresses may wrap anywhere
+        return f'<span class="hex">{text}</span>'
     return text
 
 
@@ -337,112 +207,113 @@ def _peer_rows(data: EpochData) -> list[list[Any]]:
     return rows
 
 
+PEER_COLUMNS = (
+    "peer",
+    "run",
+    "steps",
+    "audited",
+    "outcome",
+    "confidence",
+    "usefulness",
+    "payout",
+    "slashed",
+    "payout address",
+)
+VERDICT_COLUMNS = {
+    "run_id": "run",
+    "step": "step",
+    "outcome": "outcome",
+    "mode": "mode",
+    "max_rel_l2": "max rel L2",
+    "l2_threshold": "threshold",
+    "max_cos_dist": "max cos dist",
+    "loss_before": "loss before",
+    "loss_after": "loss after",
+    "auditor_id": "auditor",
+    "reason": "reason",
+}
+POST_COLUMNS = {
+    "root": "root",
+    "cumulative_total": "cumulative total",
+    "tx_hash": "tx",
+    "block_number": "block",
+}
+CLAIM_COLUMNS = {
+    "account": "account",
+    "paid": "paid",
+    "cumulative_amount": "cumulative",
+    "tx_hash": "tx",
+}
+
+
+def _frame_table(frame: pl.DataFrame, columns: dict[str, str]) -> str:
+    """A table of ``columns`` (warehouse name -> heading); money columns stay exact integers."""
+    rows = [
+        [int(v) if isinstance(v, Decimal) else v for v in row]
+        for row in frame.select(list(columns)).iter_rows()
+    ]
+    return _table(rows, list(columns.values()))
+
+
+def _facts(data: EpochData) -> list[list[Any]]:
+    s, p = data.summary, data.params
+    money = [
+        (k, int(s[c]))
+        for k, c in (
+            ("pool", "pool"),
+            ("carried in", "carry_in"),
+            ("paid", "paid"),
+            ("carried out", "carry_out"),
+        )
+    ]
+    counts = [
+        (k, s[c])
+        for k, c in (
+            ("verified runs", "verified_runs"),
+            ("failed runs", "failed_runs"),
+            ("pending runs", "pending_runs"),
+        )
+    ]
+    policy = (
+        f"cheat fraction {p.get('cheat_fraction')}, confidence {p.get('confidence')}, "
+        f"slash {p.get('slash_bps')} bps, usefulness weight {p.get('usefulness_ppm')} ppm"
+    )
+    return [list(x) for x in (*money, *counts, ("policy", policy))]
+
+
+def _plots(data: EpochData, decimals: int) -> list[str]:
+    note = (
+        "<p>Each point is an audited step: the largest distance over its tensors divided by "
+        "that tensor's calibrated threshold (docs/auditing.md). Above 1 fails; a NaN or "
+        "infinite distance is drawn at the top.</p>"
+    )
+    return [
+        _section("loss", "Loss curves", _img(plot_losses(data), "loss curves")),
+        _section(
+            "distances",
+            "Audited distances vs thresholds",
+            _img(plot_distances(data), "distances"),
+            note,
+        ),
+        _section("usefulness", "Usefulness", _img(plot_usefulness(data), "usefulness")),
+        _section("payouts", "Payouts and slashes", _img(plot_money(data, decimals), "money")),
+    ]
+
+
 def render_html(data: EpochData, *, decimals: int = 18) -> str:
     """The epoch's page: HTML with every plot embedded (no external resource)."""
-    s, p = data.summary, data.params
-    facts = [
-        ["pool", int(s["pool"])],
-        ["carried in", int(s["carry_in"])],
-        ["paid", int(s["paid"])],
-        ["carried out", int(s["carry_out"])],
-        ["verified runs", s["verified_runs"]],
-        ["failed runs", s["failed_runs"]],
-        ["pending runs", s["pending_runs"]],
-        [
-            "policy",
-            f"cheat fraction {p.get('cheat_fraction')}, confidence {p.get('confidence')}, "
-            f"slash {p.get('slash_bps')} bps, usefulness weight {p.get('usefulness_ppm')} ppm",
-        ],
-    ]
-    posts = [
-        [r["root"], int(r["cumulative_total"]), r["tx_hash"], r["block_number"]]
-        for r in data.posts.iter_rows(named=True)
-    ]
-    claims = [
-        [r["account"], int(r["paid"]), int(r["cumulative_amount"]), r["tx_hash"]]
-        for r in data.claims.iter_rows(named=True)
-    ]
-    verdict_rows = [
-        [
-            r["run_id"],
-            r["step"],
-            r["outcome"],
-            r["mode"],
-            r["max_rel_l2"],
-            r["l2_threshold"],
-            r["max_cos_dist"],
-            r["loss_before"],
-            r["loss_after"],
-            r["auditor_id"],
-            r["reason"],
-        ]
-        for r in data.verdicts.iter_rows(named=True)
-    ]
-    has_runs = data.runs.height > 0
     parts = [
         f"<h1>veritrain audit report: epoch {data.epoch}</h1>",
-        _section("summary", "Epoch summary", _table(facts, ["", "value (base units)"])),
-        _section(
-            "peers",
-            "Peers and runs",
-            _table(
-                _peer_rows(data),
-                [
-                    "peer",
-                    "run",
-                    "steps",
-                    "audited",
-                    "outcome",
-                    "confidence",
-                    "usefulness",
-                    "payout",
-                    "slashed",
-                    "payout address",
-                ],
-            ),
-        ),
-    ]
-    if has_runs:
-        parts += [
-            _section("loss", "Loss curves", _img(plot_losses(data), "loss curves")),
-            _section(
-                "distances",
-                "Audited distances vs thresholds",
-                _img(plot_distances(data), "distances"),
-                "<p>Each point is an audited step: the largest distance over its tensors "
-                "divided by that tensor's calibrated threshold (docs/auditing.md). Above 1 "
-                "fails; a NaN or infinite distance is drawn at the top.</p>",
-            ),
-            _section("usefulness", "Usefulness", _img(plot_usefulness(data), "usefulness")),
-            _section("payouts", "Payouts and slashes", _img(plot_money(data, decimals), "money")),
-        ]
-    parts += [
+        _section("summary", "Epoch summary", _table(_facts(data), ["", "value (base units)"])),
+        _section("peers", "Peers and runs", _table(_peer_rows(data), PEER_COLUMNS)),
+        *(_plots(data, decimals) if data.runs.height else []),
         _section(
             "settlement",
             "Settlement",
-            _table(posts, ["root", "cumulative total", "tx", "block"]),
-            _table(claims, ["account", "paid", "cumulative", "tx"]),
+            _frame_table(data.posts, POST_COLUMNS),
+            _frame_table(data.claims, CLAIM_COLUMNS),
         ),
-        _section(
-            "verdicts",
-            "Verdicts",
-            _table(
-                verdict_rows,
-                [
-                    "run",
-                    "step",
-                    "outcome",
-                    "mode",
-                    "max rel L2",
-                    "threshold",
-                    "max cos dist",
-                    "loss before",
-                    "loss after",
-                    "auditor",
-                    "reason",
-                ],
-            ),
-        ),
+        _section("verdicts", "Verdicts", _frame_table(data.verdicts, VERDICT_COLUMNS)),
     ]
     title = f"veritrain epoch {data.epoch}"
     return (
