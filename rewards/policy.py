@@ -159,15 +159,24 @@ def check_invariants(con: Connection) -> None:
                OR s.paid <> coalesce((SELECT sum(amount) FROM rewards AS w
                                       WHERE w.epoch = s.epoch), 0)""",
         "an amount is negative": "SELECT epoch FROM rewards WHERE amount < 0 OR score < 0",
-        "a cumulative amount decreased": """
-            SELECT epoch FROM (SELECT epoch, cumulative - lag(cumulative, 1, 0) OVER (
-                PARTITION BY account ORDER BY epoch) AS delta, amount FROM payouts)
-            WHERE delta <> amount""",
+        # One window pass over payouts: a repeated (epoch, account) sorts next to itself.
+        "a cumulative amount decreased, or payouts repeat an account in an epoch": """
+            SELECT epoch FROM (SELECT epoch, lag(epoch) OVER w AS previous,
+                                      cumulative - lag(cumulative, 1, 0) OVER w AS delta, amount
+                               FROM payouts WINDOW w AS (PARTITION BY account ORDER BY epoch))
+            WHERE delta <> amount OR epoch = previous""",
         "the grand total paid differs from the pools minus what is carried": """
             SELECT 1 FROM (SELECT sum(pool) AS pools FROM epochs) AS a,
                           (SELECT sum(amount) AS paid FROM rewards) AS b,
                           (SELECT carry_out FROM epoch_summaries ORDER BY epoch DESC LIMIT 1) AS c
             WHERE a.pools <> coalesce(b.paid, 0) + c.carry_out""",
+        # The computed tables have no key index (migration 002): their keys are unique by
+        # construction of policy.sql, and checked here (payouts above).
+        "a computed table repeats a key": """
+            SELECT 0 FROM (SELECT run_id FROM run_outcomes GROUP BY run_id HAVING count(*) > 1
+                           UNION ALL
+                           SELECT epoch FROM rewards GROUP BY epoch, account HAVING count(*) > 1)
+            LIMIT 1""",
         "an epoch posted on chain now gives another cumulative total": """
             SELECT p.epoch FROM settlement_posts AS p
             WHERE p.cumulative_total <> coalesce((SELECT sum(cumulative) FROM payouts AS o
