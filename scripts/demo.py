@@ -29,7 +29,16 @@ from eth_account import Account
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_shell import ROOT, DemoError, Job, Shell, console, run_parallel, wait_with_bar
+from demo_shell import (
+    ROOT,
+    DemoError,
+    Job,
+    Shell,
+    console,
+    run_parallel,
+    run_steps,
+    wait_with_bar,
+)
 
 TOKEN = 10**18  # the test token's base units per token
 POOL = 1_000 * TOKEN  # epoch 0's reward pool
@@ -150,27 +159,23 @@ class Demo:
         console.print(f"  Anvil at {self.rpc}; settlement deployed and funded with 1000 tokens")
 
     def setup_warehouse(self) -> None:
-        def rewards(name: str, line: str) -> None:
-            self.sh.run(name, ["-m", "rewards", *line.split()])
+        def rewards(name: str, line: str) -> tuple[str, list[str], None]:
+            return name, ["-m", "rewards", *line.split()], None
 
-        rewards("migrate", "migrate")
-        rewards(
-            "params",
-            f"params --cheat-fraction {CHEAT_FRACTION} --confidence {CONFIDENCE} "
-            "--slash-bps 5000 --usefulness-ppm 0",
-        )
-        rewards("open-epoch", f"open-epoch 0 --pool {POOL}")
+        steps = [
+            rewards("migrate", "migrate"),
+            rewards("params", f"params --cheat-fraction {CHEAT_FRACTION} --confidence "
+                    f"{CONFIDENCE} --slash-bps 5000 --usefulness-ppm 0"),
+            rewards("open-epoch", f"open-epoch 0 --pool {POOL}"),
+            rewards("register auditor", f"register-peer auditor --role auditor "
+                    f"--pubkey {self.pubkeys['auditor']}"),
+        ]  # fmt: skip
         for p in PEERS:
-            rewards(
-                f"register {p.name}",
-                f"register-peer {p.name} --pubkey {self.pubkeys[p.name]} "
-                f"--address {self.addresses[p.name]}",
-            )
-            rewards(f"stake {p.name}", f"stake {p.name} --epoch 0 --amount {STAKE}")
-        rewards(
-            "register auditor",
-            f"register-peer auditor --role auditor --pubkey {self.pubkeys['auditor']}",
-        )
+            key, address = self.pubkeys[p.name], self.addresses[p.name]
+            line = f"register-peer {p.name} --pubkey {key} --address {address}"
+            steps.append(rewards(f"register {p.name}", line))
+            steps.append(rewards(f"stake {p.name}", f"stake {p.name} --epoch 0 --amount {STAKE}"))
+        run_steps(self.sh, "warehouse", steps)
         console.print(f"  warehouse {self.db}: epoch 0 pool 1000 tokens, 100 tokens staked each")
 
     # ---- 2. training and commitments ----------------------------------------------------------
@@ -225,6 +230,7 @@ class Demo:
         from web3 import Web3
 
         w3 = Web3(Web3.HTTPProvider(self.rpc))
+        self.sh.note(f"mine {BEACON_DELAY} blocks (evm_mine): a live chain makes them by itself")
         for _ in range(BEACON_DELAY):
             w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
         return blocks
@@ -286,39 +292,26 @@ class Demo:
     def settle(self) -> None:
         console.rule("[bold]5. rewards: ingest, payouts in DuckDB, root on chain, claims")
         r, op = ["-m", "rewards"], self.eth_key("operator")
-        text = self.sh.run(
-            "ingest",
-            [
-                *r,
-                "ingest",
-                "--store",
-                str(self.out / "runs"),
-                "--verdicts",
-                str(self.out / "verdicts"),
-            ],
-        )
-        console.print("  " + " ".join(text.split())[:150])
-        self.sh.run("compute", [*r, "compute"])
-        text = self.sh.run("root", [*r, "root", "0", "--out", str(self.out / "epoch-0")])
-        console.print("  " + text.strip().splitlines()[0])
-        self.sh.run("post", [*r, "post", "0"], key_file=op)
+        runs, verdicts = str(self.out / "runs"), str(self.out / "verdicts")
+        out = run_steps(self.sh, "ingest, compute, post", [
+            ("ingest", [*r, "ingest", "--store", runs, "--verdicts", verdicts], None),
+            ("compute", [*r, "compute"], None),
+            ("root", [*r, "root", "0", "--out", str(self.out / "epoch-0")], None),
+            ("post", [*r, "post", "0"], op),
+        ])  # fmt: skip
+        console.print("  " + " ".join(out["ingest"].split())[:150])
+        console.print("  " + " ".join(out["root"].split())[:150])
         wait_with_bar("root activation delay", ACTIVATION_DELAY + 1)
-        for p in PEERS:
-            if p.kind == "honest":
-                self.sh.run(
-                    f"claim {p.name}",
-                    [*r, "claim", self.addresses[p.name]],
-                    key_file=self.eth_key(p.name),
-                )
-        refused = self.sh.run(
-            "claim carol",
-            [*r, "claim", self.addresses["carol"]],
-            key_file=self.eth_key("carol"),
-            ok_codes=(1,),
-        )
+        honest = [p.name for p in PEERS if p.kind == "honest"]
+        run_steps(self.sh, "claims, verify-root", [
+            *((f"claim {n}", [*r, "claim", self.addresses[n]], self.eth_key(n)) for n in honest),
+            ("verify-root", [*r, "verify-root", "0"], None),
+        ])  # fmt: skip
+        console.print(f"  {' and '.join(honest)} claimed; verify-root 0: the posted root matches a "
+                      "recomputation from the warehouse inputs")  # fmt: skip
+        refused = self.sh.run("claim carol", [*r, "claim", self.addresses["carol"]],
+                              key_file=self.eth_key("carol"), ok_codes=(1,))  # fmt: skip
         console.print("  carol tries to claim: " + " ".join(refused.split())[-90:])
-        self.sh.run("verify-root", [*r, "verify-root", "0"])
-        console.print("  verify-root 0: the posted root matches a recomputation from the inputs")
 
     def report(self) -> Path:
         out = self.out / "report"

@@ -62,7 +62,15 @@ class Shell:
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         self.script = self.out / "commands.sh"
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env.items())
-        self.script.write_text("#!/bin/sh\n# Every command `make demo` ran, in order.\n" + exports)
+        self.script.write_text(
+            "#!/bin/sh\n# Every command `make demo` ran, in order (python = .venv/bin/python).\n"
+            + exports
+        )
+
+    def note(self, text: str) -> None:
+        """Record a step that is not a command (as a comment in commands.sh)."""
+        with self.script.open("a") as f:
+            f.write(f"# {text}\n")
 
     def start(
         self,
@@ -83,7 +91,7 @@ class Shell:
             env["VERITRAIN_ETH_KEY"] = key_file.read_text().strip()
             shown = f"VERITRAIN_ETH_KEY=$(cat {shlex.quote(str(key_file))}) {shown}"
         with self.script.open("a") as f:
-            f.write(shown + "\n")
+            f.write(shown + (" &\n" if name == "chain" else "\n"))
         handle = log.open("wb")
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
         handle.close()
@@ -154,3 +162,19 @@ def wait_with_bar(label: str, seconds: float) -> None:
             bars.update(task, completed=int((seconds - left) * 10), note=f"{left:4.1f} s left")
             time.sleep(0.1)
         bars.update(task, completed=int(seconds * 10), note="done")
+
+
+def run_steps(
+    shell: Shell, title: str, steps: Sequence[tuple[str, Sequence[str], Path | None]]
+) -> dict[str, str]:
+    """Run ``(name, args, key_file)`` commands one after the other under one progress bar;
+    return each command's output by name."""
+    outputs: dict[str, str] = {}
+    with progress() as bars:
+        task = bars.add_task(title, total=len(steps), note="")
+        for name, args, key_file in steps:
+            bars.update(task, note=name)
+            outputs[name] = shell.run(name, args, key_file=key_file)
+            bars.advance(task)
+        bars.update(task, note="done")
+    return outputs
