@@ -1,7 +1,7 @@
 """The exception hierarchy shared by every veritrain package.
 
-Each specific error also inherits the matching builtin (as web3.py's ``Web3ValueError`` does), so a
-caller can catch ``ValueError`` without knowing veritrain, or ``VeritrainError`` to catch ours alone.
+Each specific error also inherits the matching builtin (as web3.py's ``Web3ValueError`` does), so
+a caller can catch ``ValueError`` without knowing veritrain, or ``VeritrainError`` for ours alone.
 """
 
 from __future__ import annotations
