@@ -316,7 +316,8 @@ class Demo:
     def report(self) -> Path:
         out = self.out / "report"
         cmd = ["-m", "audit", "report", "--epoch", "0", "--out", str(out)]
-        if "report" not in self.sh.run("audit help", ["-m", "audit", "--help"]):
+        commands = self.sh.run("audit help", ["-m", "audit", "--help"])
+        if not re.search(r"^\s+report\s", commands, re.M):
             cmd = ["-m", "audit.report", "--epoch", "0", "--out", str(out)]  # before registration
         self.sh.run("report", cmd)
         return out / "epoch-0.html"
