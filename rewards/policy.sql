@@ -61,11 +61,19 @@ WITH decided AS (
                 WHEN disputed_steps = 0 AND confidence + 1e-12 >= $confidence THEN 'verified'
            END AS state
     FROM _run_checks
+), per_run AS (
+    -- A run's first decision is final: a later verdict cannot un-slash a peer or take back a
+    -- payment. An undecided run shows its latest audit. One grouping gives both.
+    SELECT run_id,
+           arg_min({'state': state, 'epoch': at_epoch, 'passed': passed_steps,
+                    'confidence': confidence}, at_epoch) FILTER (WHERE state IS NOT NULL) AS first,
+           arg_max({'passed': passed_steps, 'confidence': confidence}, at_epoch) AS latest
+    FROM decided GROUP BY run_id
 )
--- A run's first decision is final: a later verdict cannot un-slash a peer or take back a payment.
-SELECT run_id, peer_id, at_epoch AS decided_epoch, state, passed_steps, confidence
-FROM decided WHERE state IS NOT NULL
-QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY at_epoch) = 1;
+SELECT run_id, first.state AS state, first.epoch AS decided_epoch,
+       first.passed AS passed_steps, first.confidence AS confidence,
+       latest.passed AS latest_passed_steps, latest.confidence AS latest_confidence
+FROM per_run;
 
 -- 3. Usefulness of a run: the mean drop of held-out loss over its passing verdicts received up to
 --    its decision, in micro-units of loss (an integer), never below zero.
@@ -82,16 +90,13 @@ INSERT INTO run_outcomes
 SELECT r.run_id, r.peer_id,
        coalesce(d.state, 'pending') AS state,
        d.decided_epoch,
-       coalesce(d.passed_steps, latest.passed_steps, 0) AS audited_steps,
-       coalesce(d.confidence, latest.confidence, 0.0) AS confidence,
+       coalesce(d.passed_steps, d.latest_passed_steps, 0) AS audited_steps,
+       coalesce(d.confidence, d.latest_confidence, 0.0) AS confidence,
        CASE WHEN d.state = 'verified' THEN r.step_count * r.tokens_per_step ELSE 0 END,
        coalesce(u.micro, 0)
 FROM runs AS r
 LEFT JOIN _run_decisions AS d USING (run_id)
-LEFT JOIN _usefulness AS u USING (run_id)
-LEFT JOIN (SELECT run_id, arg_max(passed_steps, at_epoch) AS passed_steps,
-                  arg_max(confidence, at_epoch) AS confidence
-           FROM _run_checks GROUP BY run_id) AS latest USING (run_id);
+LEFT JOIN _usefulness AS u USING (run_id);
 
 -- 4. Slashing: in each epoch where a peer has a failed run, it loses floor(stake * slash_bps /
 --    10000) of the stake it holds then (deposits up to that epoch minus earlier slashes).
@@ -167,22 +172,27 @@ FROM _pools;
 --    needs the hash order (sorting every account by a hash was the cost at 2M accounts).
 CREATE OR REPLACE TEMP TABLE _floors AS
 WITH accounts AS (
-    SELECT s.epoch, s.account, sum(s.score)::HUGEINT AS score,
-           p.pool + p.carry_in AS payable, p.total_score AS total
-    FROM _run_scores AS s JOIN _pools AS p USING (epoch)
+    -- Summed per account before the join with the pools (a narrower key to group by).
+    SELECT s.epoch, s.account, s.score, p.pool + p.carry_in AS payable, p.total_score AS total
+    FROM (SELECT epoch, account, sum(score)::HUGEINT AS score
+          FROM _run_scores GROUP BY epoch, account) AS s
+    JOIN _pools AS p USING (epoch)
     WHERE p.total_score > 0
-    GROUP BY s.epoch, s.account, p.pool, p.carry_in, p.total_score
 ), floors AS (
     -- remainder < total < 2**63: a BIGINT, which sorts much faster than a HUGEINT.
     SELECT *, (payable // total) * score + ((payable % total) * score) // total AS base,
            (((payable % total) * score) % total)::BIGINT AS remainder
     FROM accounts
 )
-SELECT epoch, account, score, base, remainder,
-       payable - sum(base) OVER (PARTITION BY epoch) AS leftover,
-       rank() OVER (PARTITION BY epoch ORDER BY remainder DESC) - 1 AS ahead,
-       count(*) OVER (PARTITION BY epoch, remainder) AS tied
-FROM floors;
+-- One sort serves the three windows: `through` counts the accounts ranked up to the end of the
+-- current tie group, so the group holds through - ahead accounts.
+SELECT epoch, account, score, base, ahead, through - ahead AS tied,
+       payable - sum(base) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+           AS leftover
+FROM (SELECT *, rank() OVER w - 1 AS ahead,
+             count(*) OVER (w RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS through
+      FROM floors WINDOW w AS (PARTITION BY epoch ORDER BY remainder DESC))
+WINDOW w AS (PARTITION BY epoch ORDER BY remainder DESC);
 
 INSERT INTO rewards
 WITH boundary AS (
