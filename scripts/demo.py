@@ -198,6 +198,33 @@ class Demo:
             if p.kind != "honest":
                 line = done[f"{p.name} ({p.kind})"].output().strip().splitlines()[-1]
                 console.print(f"  {p.name} (secretly): {line}")
+        self.verify_stores()
+
+    def verify_stores(self) -> None:
+        """Every store verifies offline, the cheaters' too: their fakes are signed, chained and
+        really applied by the optimizer. Only re-executing a faked step can tell."""
+
+        def job(p: Peer) -> tuple[str, int, object, object]:
+            log: list[Job] = []
+
+            def start() -> Job:
+                log.append(
+                    self.sh.start(
+                        f"verify-store {p.name}",
+                        ["-m", "trainer", "verify-store", str(self.out / "runs" / p.name)],
+                        ok_codes=(0, 1),
+                    )
+                )
+                return log[0]
+
+            return p.name, 1, start, lambda: int(bool(log) and "OK run" in log[0].output())
+
+        done = run_parallel("verify-store", [job(p) for p in PEERS])  # type: ignore[list-item]
+        ok = [p.name for p in PEERS if done[p.name].proc.returncode == 0]
+        console.print(
+            f"  verify-store passes for {', '.join(ok)}: signatures, hash chains, roots "
+            "and the gradient-to-state replay all hold, fakes included"
+        )
 
     def commit(self) -> dict[str, int]:
         """Each peer records its run's commitment (the final manifest hash) from its address."""
