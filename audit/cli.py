@@ -34,6 +34,7 @@ from audit.fetch import load_run
 from audit.jobs import JobSpec, RunOutcome, SampleSpec, run_job
 from audit.reexec import ReexecConfig
 from audit.registry import RegistryBeaconFor
+from audit.report import report_command
 from audit.sampling import SamplingError, detection_probability, plan_sample
 from audit.tolerance import Mode
 from audit.verdict import (
@@ -297,6 +298,7 @@ def run_cmd(
 
 
 main.add_command(run_cmd, name="batch")  # the name issue 4 uses
+main.add_command(report_command, name="report")
 
 
 def _status(r: RunOutcome) -> str:

@@ -250,7 +250,8 @@ def claim_command(
             if len(chunk) == 1
             else settlement.claim_batch(sender, chunk)
         )
-        for event in settlement.claim_events(tx.tx_hash):  # what was paid, not what we asked
+        events = settlement.claim_events(tx.tx_hash)  # what was paid, not what we asked
+        for event in events:
             warehouse.record_claim(
                 db,
                 account=event.account,
@@ -265,6 +266,15 @@ def claim_command(
             )
             console.print(f"{event.account} +{event.amount} (cumulative {event.cumulative_amount})")
         console.print(f"tx {tx.tx_hash}: {len(chunk)} claim(s), {tx.gas_used} gas")
+        if len(events) != len(chunk):
+            # The transaction succeeded, so every claim in it paid; a Claimed log we could not
+            # decode (an ABI that does not match the deployed contract) would go unrecorded.
+            raise click.ClickException(
+                f"tx {tx.tx_hash} paid {len(chunk)} claim(s) but {len(events)} Claimed event(s) "
+                f"were decoded; the warehouse recorded only those. Check that the deployment "
+                f"record's contract matches this veritrain's ABI, then record the rest from the "
+                f"transaction's logs"
+            )
     if not todo:
         console.print("nothing to claim")
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from audit.fetch import load_run
 from proofs.signatures import load_keypair
 from trainer.cli import main
+from trainer.store import RunStore
 
 
 def test_keygen_writes_a_private_key_file_and_prints_only_the_public_key(tmp_path: Path) -> None:
@@ -42,6 +44,9 @@ def test_run_then_verify_store_ok_and_fail(tmp_path: Path) -> None:
     pubkey = "0x" + bytes(load_keypair(key).public).hex()
     ok = runner.invoke(main, ["verify-store", str(store), "--pubkey", pubkey])
     assert ok.exit_code == 0 and "1 windows, 3 steps verified" in ok.output
+    # The root to record on chain, as the auditor's independent reader computes it.
+    final = load_run(RunStore(str(store))).final_hash
+    assert f"commitment root (final manifest hash) 0x{final.hex()}" in ok.output
     manifest = store / "manifests" / "w000000.json"
     obj = json.loads(manifest.read_bytes())
     obj["manifest"]["records"][1]["replay_seed"] += 1

@@ -176,6 +176,9 @@ def verify_store_cmd(store_url: str, pubkey: str | None, no_chain: bool) -> None
         click.echo(f"FAIL {report.broken.describe()}")
         sys.exit(1)
     click.echo(f"OK run {report.run_id}: {report.windows} windows, {report.steps} steps verified")
+    if report.final_hash is not None:
+        # The value a peer records on chain (`python -m rewards commit-run RUN_ID ROOT`).
+        click.echo(f"commitment root (final manifest hash) 0x{report.final_hash.hex()}")
 
 
 @main.command()

@@ -72,6 +72,8 @@ class StoreReport:
     windows: int
     steps: int
     broken: BrokenLink | None
+    final_hash: bytes | None = None
+    """Hash of the last verified manifest: the root a peer records on chain (``commit-run``)."""
 
     @property
     def ok(self) -> bool:
@@ -144,10 +146,15 @@ class _Walker:
         """The file being checked (named in the report if something unexpected fails)."""
         self.windows = 0
         self.steps = 0
+        self.final_hash: bytes | None = None
 
     def report(self, broken: BrokenLink | None) -> StoreReport:
         return StoreReport(
-            run_id=self.run_id, windows=self.windows, steps=self.steps, broken=broken
+            run_id=self.run_id,
+            windows=self.windows,
+            steps=self.steps,
+            broken=broken,
+            final_hash=self.final_hash if broken is None else None,
         )
 
     def run(self) -> None:
@@ -171,6 +178,7 @@ class _Walker:
                 self._replay(header, manifest, state, grads, target)
             state = target
             prev_manifest = manifest.hash()
+            self.final_hash = prev_manifest
             step = end
             self.windows += 1
             self.steps += len(manifest.records)
