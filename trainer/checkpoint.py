@@ -18,6 +18,7 @@ leaves (trainer.artifact stores them under that root).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from proofs.encoding import decode_tensors, encode_tensors
+from proofs.encoding import TensorBytes, decode_tensors, encode_tensors
 from proofs.errors import EncodingError
 from proofs.hashing import Root
 from trainer.artifact import Encoded, encode_artifact
 from trainer.jsonform import canonical_json
 from trainer.seeds import cpu_rng_state, replay_seed
-from trainer.tensors import from_tensor_bytes_list, to_tensor_bytes_list
+from trainer.tensors import (
+    dtype_name,
+    from_tensor_bytes_list,
+    to_tensor_bytes,
+    to_tensor_bytes_list,
+)
 
 PARAM = "param/"
 BUFFER = "buffer/"
@@ -84,12 +90,74 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.device.type == "cpu" else t.to("cpu")
 
 
-def capture_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FlatGradients:
+    """Every gradient of a step, copied into one flat CPU buffer (in ``named_parameters`` order).
+
+    One ``torch.cat`` is one kernel (and one device-to-host transfer on an accelerator) instead of
+    a copy per parameter, and the committer thread slices the buffer as bytes without calling into
+    torch per tensor: every torch call drops and retakes the GIL, which stalls the training thread.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    flat: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``name -> gradient`` as views of the flat buffer."""
+        out = {}
+        offset = 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            numel = math.prod(shape)
+            out[name] = self.flat.narrow(0, offset, numel).view(shape)
+            offset += numel
+        return out
+
+    def tensor_bytes(self) -> list[TensorBytes]:
+        """Every gradient as TensorBytes: zero-copy slices of one byte view of the buffer."""
+        dtype = dtype_name(self.flat.dtype)
+        raw = to_tensor_bytes("flat", self.flat).data
+        out = []
+        offset = 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            end = offset + math.prod(shape) * self.flat.element_size()
+            out.append(TensorBytes(name=name, dtype=dtype, shape=shape, data=raw[offset:end]))
+            offset = end
+        return out
+
+
+Gradients = FlatGradients | dict[str, torch.Tensor]
+"""What :func:`capture_gradient_buffer` returns: one flat buffer, or per-tensor copies."""
+
+
+def capture_gradient_buffer(model: nn.Module) -> Gradients:
     """Private CPU copies of every parameter gradient (the only cost the training thread pays).
 
     Copies, because clipping and the optimizer may change ``.grad`` in place after the commit.
+    One flat buffer when every gradient shares a dtype and device, else a copy per tensor.
     """
-    return {name: _host_copy(p.grad) for name, p in model.named_parameters() if p.grad is not None}
+    grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    if len(grads) < 2 or len({(g.dtype, g.device) for _, g in grads}) != 1:
+        return {name: _host_copy(g) for name, g in grads}
+    flat = torch.cat([g.detach().reshape(-1) for _, g in grads])  # a new tensor: the copy
+    if flat.device.type != "cpu":
+        flat = flat.to("cpu")
+    return FlatGradients(
+        names=tuple(n for n, _ in grads), shapes=tuple(tuple(g.shape) for _, g in grads), flat=flat
+    )
+
+
+def capture_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``name -> private CPU copy`` of every parameter gradient."""
+    grads = capture_gradient_buffer(model)
+    return grads.tensors() if isinstance(grads, FlatGradients) else grads
+
+
+def encode_gradients(grads: Gradients, *, chunk_size: int) -> Encoded:
+    """The artifact of a gradient capture; identical to :func:`encode_checkpoint` of its tensors."""
+    if isinstance(grads, dict):
+        return encode_checkpoint(grads, chunk_size=chunk_size)
+    return encode_artifact(encode_tensors(grads.tensor_bytes(), chunk_size=chunk_size))
 
 
 def capture_state(

@@ -33,7 +33,7 @@ from proofs.hashing import Hash32
 from proofs.signatures import KeyPair, sign
 from trainer.checkpoint import (
     ParamLayout,
-    capture_gradients,
+    capture_gradient_buffer,
     capture_state,
     encode_checkpoint,
     param_layout,
@@ -229,7 +229,7 @@ class AuditHook:
             batch=tuple(int(i) for i in batch),
             loss=loss_t,
             lrs=tuple(float(g["lr"]) for g in self.optimizer.param_groups),
-            grads=capture_gradients(self.model),
+            grads=capture_gradient_buffer(self.model),
         )
         committer.submit(item)
         self._committed = True

@@ -23,7 +23,7 @@ from proofs.errors import VeritrainError
 from proofs.hashing import Hash32, Root
 from proofs.signatures import Domain
 from trainer.artifact import Encoded
-from trainer.checkpoint import encode_checkpoint
+from trainer.checkpoint import Gradients, encode_checkpoint, encode_gradients
 from trainer.manifest import (
     MANIFEST_VERSION,
     SignedWindowManifest,
@@ -50,7 +50,7 @@ class GradientItem:
     batch: tuple[int, ...]
     loss: torch.Tensor
     lrs: tuple[float, ...]
-    grads: dict[str, torch.Tensor]
+    grads: Gradients
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -171,7 +171,7 @@ class Committer:
         logger.info("run %s: header written", h.run_id)
 
     def _commit_gradient(self, item: GradientItem) -> None:
-        encoded = encode_checkpoint(item.grads, chunk_size=self._chunk_size)
+        encoded = encode_gradients(item.grads, chunk_size=self._chunk_size)
         if self._store.put_object(encoded.root, encoded.parts):
             self.stats.bytes_written += encoded.nbytes
         loss = float(item.loss.item())

@@ -18,6 +18,7 @@ errors raise :class:`StoreError`, and checking roots and signatures is the calle
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -72,6 +73,7 @@ class RunStore:
         self.root = str(path).rstrip("/")
         self._local = isinstance(fs, LocalFileSystem)
         self._unsynced: list[str] = []
+        self._dirs: set[str] = set()
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -106,12 +108,27 @@ class RunStore:
         manifest named it (manifests are written after :meth:`sync`), so it is replaced.
         """
         rel = object_name(root)
-        if self._local:
-            path = self._path(rel)
-            if os.path.exists(path) and os.path.getsize(path) != _size(payload):
-                logger.warning("replacing torn, never-committed artifact %s", rel)
-                return self.put_bytes(rel, payload, exclusive=False, durable=False)
-        return self.put_bytes(rel, payload, durable=False)
+        if not self._local:
+            return self.put_bytes(rel, payload, durable=False)
+        # One stat, then the write: few syscalls, as each one hands the GIL to the training thread
+        # and waits to get it back (``os.link`` still refuses to replace anything).
+        path = self._path(rel)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            size = None
+        if size == _size(payload):
+            return False
+        if size is not None:
+            logger.warning("replacing torn, never-committed artifact %s", rel)
+        parent = os.path.dirname(path)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._dirs.add(parent)
+        written = _write_local(path, payload, exclusive=size is None, durable=False)
+        if written:
+            self._unsynced.append(path)
+        return written
 
     def sync(self) -> None:
         """fsync every artifact written since the last call (local stores; a no-op elsewhere,
@@ -242,20 +259,25 @@ def _size(data: Data) -> int:
 
 
 def _put_local(path: str, data: Data, *, exclusive: bool, durable: bool) -> bool:
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     if exclusive and os.path.exists(path):
         return False
+    return _write_local(path, data, exclusive=exclusive, durable=durable)
+
+
+def _write_local(path: str, data: Data, *, exclusive: bool, durable: bool) -> bool:
+    """Temp file + (link | rename) into ``path``, whose folder exists; False if ``exclusive`` and
+    ``path`` appeared meanwhile."""
+    parent = os.path.dirname(path)
     tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
     try:
-        with open(tmp, "wb") as fh:
-            if isinstance(data, bytes):
-                fh.write(data)
-            else:
-                fh.writelines(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o666)
+        try:
+            _write_all(fd, [data] if isinstance(data, bytes) else data)
             if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         if exclusive:
             try:
                 os.link(tmp, path)  # atomic and fails if the name exists: never overwrites
@@ -264,11 +286,36 @@ def _put_local(path: str, data: Data, *, exclusive: bool, durable: bool) -> bool
         else:
             os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):  # gone after a rename
             os.unlink(tmp)
     if durable:
         _fsync_dir(parent)
     return True
+
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+
+
+def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
+    """Write ``parts`` in order with as few syscalls (and GIL releases) as possible: ``writev``
+    of up to IOV_MAX buffers at a time, resumed after short writes."""
+    views = [v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes]
+    if not hasattr(os, "writev"):  # pragma: no cover - every POSIX platform has writev
+        for view in views:
+            while view.nbytes:
+                view = view[os.write(fd, view) :]
+        return
+    while views:
+        batch = views[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        done = 0
+        while done < len(batch) and written >= batch[done].nbytes:
+            written -= batch[done].nbytes
+            done += 1
+        views = views[done:]
+        if written:
+            views[0] = views[0][written:]
 
 
 def _fsync_dir(path: str) -> None:
