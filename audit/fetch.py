@@ -17,14 +17,15 @@ naming the artifact and leaf index, with Merkle evidence a third party can re-ch
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from audit.verdict import Evidence, EvidenceKind
 from proofs.errors import EncodingError, VeritrainError
-from proofs.hashing import Hash32, Root, leaf_hash
+from proofs.hashing import Hash32, Root
+from proofs.merkle import hash_leaves
 from trainer.artifact import ArtifactIndex
 from trainer.checkpoint import decode_checkpoint
 from trainer.manifest import StateRef, StepRecord, WindowManifest
@@ -244,20 +245,8 @@ def fetch_artifact(
         got = store.read_leaves(root, range(index.leaf_count), index=index)
     except StoreError as exc:
         raise ArtifactInvalid(name, str(exc)) from exc
-    leaves = [got[i] for i in range(index.leaf_count)]
-    bad = [
-        (i, leaf_hash(leaf))
-        for i, leaf in enumerate(leaves)
-        if len(leaf) != index.lengths[i] or leaf_hash(leaf) != index.hashes[i]
-    ]
-    if bad:
-        raise ArtifactInvalid(
-            name,
-            "stored bytes do not match the committed leaf hash",
-            leaf_index=bad[0][0],
-            evidence=(_corrupt_evidence(name, root, index, bad[:16]),),
-        )
-    return index, leaves
+    _check_leaves(name, root, index, got)
+    return index, [got[i] for i in range(index.leaf_count)]
 
 
 def fetch_leaves(
@@ -269,15 +258,28 @@ def fetch_leaves(
         got = store.read_leaves(root, indices, index=index)
     except StoreError as exc:
         raise ArtifactInvalid(name, str(exc)) from exc
-    bad = [(i, leaf_hash(b)) for i, b in sorted(got.items()) if leaf_hash(b) != index.hashes[i]]
-    if bad:
-        raise ArtifactInvalid(
-            name,
-            "stored bytes do not match the committed leaf hash",
-            leaf_index=bad[0][0],
-            evidence=(_corrupt_evidence(name, root, index, bad[:16]),),
-        )
+    _check_leaves(name, root, index, got)
     return got
+
+
+def _check_leaves(name: str, root: Root, index: ArtifactIndex, got: Mapping[int, bytes]) -> None:
+    """ArtifactInvalid, with CORRUPT evidence for the first 16 bad leaves, unless every leaf in
+    ``got`` hashes to its entry in the (root-checked) table. One batched hash call."""
+    order = sorted(got)
+    ours = hash_leaves([got[i] for i in order])
+    if ours == b"".join([index.hashes[i] for i in order]):
+        return
+    bad = [
+        (i, Hash32(ours[32 * k : 32 * k + 32]))
+        for k, i in enumerate(order)
+        if ours[32 * k : 32 * k + 32] != index.hashes[i]
+    ]
+    raise ArtifactInvalid(
+        name,
+        "stored bytes do not match the committed leaf hash",
+        leaf_index=bad[0][0],
+        evidence=(_corrupt_evidence(name, root, index, bad[:16]),),
+    )
 
 
 def decode_checked(name: str, leaves: Sequence[bytes]) -> dict[str, torch.Tensor]:

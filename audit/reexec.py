@@ -44,6 +44,7 @@ from trainer.checkpoint import (
 )
 from trainer.data import Corpus
 from trainer.loop import configure_determinism
+from trainer.manifest import StateRef
 from trainer.models import build_model
 from trainer.replay import apply_gradients
 from trainer.seeds import replay_seed, seed_generators
@@ -88,6 +89,16 @@ class StepResult:
     loss_before: float | None
     loss_after: float | None
     bytes_fetched: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Replayed:
+    """The state before ``step`` runs, rebuilt from the committed state checkpoint at ``origin``
+    through the committed gradients of steps ``origin .. step-1``."""
+
+    origin: int
+    step: int
+    state: dict[str, torch.Tensor]
 
 
 def auditor_device(config: ReexecConfig) -> torch.device:
@@ -143,7 +154,13 @@ class StepAuditor:
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.calibration: Calibration | None = None
         self.bytes_fetched = 0
+        # Reused across the steps of one window (jobs audit sampled steps in ascending order):
+        # verified gradients, replayed states, held-out losses and each window's chain result.
+        # Everything cached was checked against its commitment before it was stored.
         self._grads: dict[int, tuple[ArtifactIndex, dict[str, torch.Tensor]]] = {}
+        self._replayed: dict[int, _Replayed] = {}
+        self._heldout: dict[tuple[int, int], float | None] = {}
+        self._chain: dict[int, str | None] = {}
 
     # ---- fetching -------------------------------------------------------------------------------
 
@@ -183,6 +200,34 @@ class StepAuditor:
         )
         self.bytes_fetched += sum(len(b) for b in leaves)
         return decode_checked(object_name(root), leaves)
+
+    def _state_at(self, step: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """(origin, state before ``step`` runs), replayed from the nearest committed state
+        checkpoint at or before ``step`` (its step is the origin), or from a state this auditor
+        already replayed from that same checkpoint."""
+        ref = self.run.state_at_or_before(step)
+        known = self._replayed.get(ref.step)
+        if known is not None and known.step <= step:
+            state = self._advance(known.state, known.step, step)
+        else:
+            state = self._advance(self._state(ref.root, ref.leaf_count), ref.step, step)
+        self._remember(ref.step, step, state)
+        return ref.step, state
+
+    def _remember(self, origin: int, step: int, state: dict[str, torch.Tensor]) -> None:
+        """Keep ``state`` as the furthest point replayed from ``origin``; drop what steps in
+        ascending order no longer need (earlier windows, gradients before ``step``)."""
+        self._replayed = {o: r for o, r in self._replayed.items() if o > origin}
+        self._replayed[origin] = _Replayed(origin=origin, step=step, state=state)
+        self._grads = {s: g for s, g in self._grads.items() if s >= step}
+        self._heldout = {k: v for k, v in self._heldout.items() if k[0] >= origin}
+
+    def _heldout_loss(self, origin: int, step: int) -> float | None:
+        """Held-out loss of the model as loaded (the state before ``step`` from ``origin``)."""
+        key = (origin, step)
+        if key not in self._heldout:
+            self._heldout[key] = heldout_loss(self.model, self.corpus, self.run.header, self.device)
+        return self._heldout[key]
 
     def _advance(
         self, state: dict[str, torch.Tensor], start: int, stop: int
@@ -253,7 +298,6 @@ class StepAuditor:
     def audit(self, step: int) -> StepResult:
         """Re-execute ``step``; artifacts that fail their commitment give an invalid result."""
         self.bytes_fetched = 0
-        self._grads.clear()
         record = self.run.record(step)
         try:
             return self._audit(step)
@@ -274,10 +318,9 @@ class StepAuditor:
     def _audit(self, step: int) -> StepResult:
         run, cfg, h = self.run, self.config, self.run.header
         record = run.record(step)
-        ref = run.state_at_or_before(step)
-        state = self._advance(self._state(ref.root, ref.leaf_count), ref.step, step)
+        origin, state = self._state_at(step)
         self._load(self.model, state)
-        heldout = heldout_loss(self.model, self.corpus, h, self.device) if cfg.usefulness else None
+        heldout = self._heldout_loss(origin, step) if cfg.usefulness else None
         batch = self.corpus.batch_for_step(  # type: ignore[union-attr]
             h.run_seed, step, batch_size=h.batch_size, context=h.context
         )
@@ -288,9 +331,10 @@ class StepAuditor:
         # Both need the whole committed gradient of the step, which chunk sampling does not fetch.
         if not self._sampled() and (cfg.usefulness or cfg.check_chain):
             after = self._advance(state, step, step + 1)
+            self._remember(origin, step + 1, after)
             if cfg.usefulness:
                 self._load(self.model, after)
-                loss_after = heldout_loss(self.model, self.corpus, h, self.device)
+                loss_after = self._heldout_loss(origin, step + 1)
             if cfg.check_chain and passed:
                 chain = self._check_chain(step + 1, after)
                 if chain is not None:
@@ -362,11 +406,21 @@ class StepAuditor:
         )
 
     def _check_chain(self, start: int, state: dict[str, torch.Tensor]) -> str | None:
-        """Replay to the window's next state checkpoint; a reason string if it does not match."""
-        m = self.run.manifest_of(start - 1)
-        end = m.state
-        final = self._advance(state, start, end.step)
-        root = checkpoint_root(final, chunk_size=self.run.header.chunk_size)
+        """Replay to the window's next state checkpoint; a reason string if it does not match.
+
+        The answer depends only on the window's committed artifacts, so it is worked out once per
+        window. A replayed state whose root equals the next checkpoint's *is* that checkpoint:
+        it is kept as the starting point of the next window."""
+        end = self.run.manifest_of(start - 1).state
+        if end.step not in self._chain:
+            final = self._advance(state, start, end.step)
+            root = checkpoint_root(final, chunk_size=self.run.header.chunk_size)
+            if root == end.root:
+                self._replayed[end.step] = _Replayed(origin=end.step, step=end.step, state=final)
+            self._chain[end.step] = self._chain_problem(root, end)
+        return self._chain[end.step]
+
+    def _chain_problem(self, root: Root, end: StateRef) -> str | None:
         if root == end.root:
             return None
         if self.device.type != self.run.header.device:

@@ -86,7 +86,8 @@ def distance(committed: torch.Tensor, recomputed: torch.Tensor) -> Distance:
     """Relative L2 and cosine distance of two same-shaped tensors, in float64.
 
     Zero tensors: two zeros are at distance 0; a zero against a non-zero is at distance inf
-    (relative) and 1 (cosine). Non-finite input yields NaN distances, which never pass.
+    (relative) and 1 (cosine). Non-finite input (or float64 values whose squares overflow)
+    yields NaN distances, which never pass.
     Raises :class:`ToleranceError` on a shape mismatch.
     """
     if committed.shape != recomputed.shape:
@@ -96,10 +97,12 @@ def distance(committed: torch.Tensor, recomputed: torch.Tensor) -> Distance:
         )
     c = committed.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
     r = recomputed.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-    if not (bool(torch.isfinite(c).all()) and bool(torch.isfinite(r).all())):
-        return Distance(rel_l2=math.nan, cosine=math.nan)
     norm_c = float(torch.linalg.vector_norm(c))
     norm_r = float(torch.linalg.vector_norm(r))
+    # A NaN or inf element makes its norm non-finite (no separate pass over the elements): a
+    # float32 or narrower tensor cannot overflow a float64 sum of squares otherwise.
+    if not (math.isfinite(norm_c) and math.isfinite(norm_r)):
+        return Distance(rel_l2=math.nan, cosine=math.nan)
     diff = float(torch.linalg.vector_norm(c - r))
     rel = (0.0 if diff == 0.0 else math.inf) if norm_r == 0.0 else diff / norm_r
     if norm_c == 0.0 or norm_r == 0.0:

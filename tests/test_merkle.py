@@ -23,6 +23,7 @@ from proofs.merkle import (
     InclusionProof,
     MerkleTree,
     MultiProof,
+    hash_leaves,
     legacy_root,
     merkle_root,
     verify_inclusion,
@@ -464,3 +465,15 @@ def test_verify_never_raises(
     multi = MultiProof(indices=(index,), leaf_count=count, hashes=tuple(siblings))  # type: ignore[arg-type]
     assert isinstance(verify_multiproof(root, {index: leaf}, multi), bool)  # type: ignore[arg-type, dict-item]
     assert isinstance(verify_multiproof(root, {0: leaf}, multi, leaf_count=3), bool)  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_hash_leaves_is_hashlib_leaf_hash_of_each_leaf(workers: int) -> None:
+    rng = random.Random(5)
+    # Small leaves and, past the threading threshold, 1 MiB ones; bytes and memoryviews.
+    leaves: list[bytes | memoryview] = [rng.randbytes(rng.randrange(0, 300)) for _ in range(50)]
+    leaves += [memoryview(rng.randbytes(1 << 20)) for _ in range(5)]
+    expected = b"".join(hashlib.sha256(b"\x00" + bytes(leaf)).digest() for leaf in leaves)
+    assert hash_leaves(leaves, workers=workers) == expected
+    with pytest.raises(MalformedProofError):
+        hash_leaves([b"ok", "text"], workers=workers)  # type: ignore[list-item]

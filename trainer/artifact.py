@@ -7,13 +7,15 @@ An artifact (a gradient checkpoint or a state checkpoint) is the leaf list of
     | leaf_count x u64be leaf length | leaf_count x 32-byte leaf hash (RFC 6962, sha256(0x00||leaf))
     | the leaves, concatenated
 
-The table lets a reader fetch only the leaves it needs (two small range reads, then one per leaf)
-and still check them: the root rebuilt from the table must equal the committed root, and each leaf
-read must hash to its table entry. Nothing in the table is trusted on its own.
+The table lets a reader fetch only the leaves it needs (two small range reads, then one per run
+of adjacent leaves) and still check them: the root rebuilt from the table must equal the
+committed root, and each leaf read must hash to its table entry. Nothing in the table is trusted
+on its own.
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +59,10 @@ class ArtifactIndex:
             raise IndexError(f"leaf {index} out of range (artifact has {self.leaf_count})")
         start = self.data_offset + sum(self.lengths[:index])
         return start, start + self.lengths[index]
+
+    def leaf_starts(self) -> list[int]:
+        """File offset of every leaf, then the end of the file (``leaf_count + 1`` entries)."""
+        return list(itertools.accumulate(self.lengths, initial=self.data_offset))
 
     def tree(self) -> MerkleTree:
         """The Merkle tree over the table's leaf hashes (for roots and multiproofs)."""

@@ -78,6 +78,7 @@ def apply_gradients(
     ``steps`` must be consecutive, starting at the state's step. Buffers (``buffer/*``) are copied
     from ``state`` unchanged: forward passes, not gradients, drive them. Raises EncodingError on a
     gradient for an unknown parameter, a step out of sequence, or a wrong number of lrs.
+    Neither ``state`` nor the gradients in ``steps`` are modified.
     """
     params, optimizer = build_optimizer(header, state, device=device)
     order = [params[n] for g in header.optimizer.groups for n in g]
@@ -90,7 +91,9 @@ def apply_gradients(
             raise EncodingError(f"step {step}: gradients for unknown parameters {unknown[:3]}")
         for name, p in params.items():
             g = grads.get(name)
-            p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
+            # A copy: clipping scales .grad in place, and the caller's tensors must stay as
+            # committed (an auditor replays the same verified gradients more than once).
+            p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype, copy=True)
         if header.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(order, header.grad_clip)
         if len(record.lrs) != len(optimizer.param_groups):
