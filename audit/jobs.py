@@ -263,30 +263,35 @@ def _audit_run(
     counts = {Outcome.PASS: 0, Outcome.FAIL: 0, Outcome.INVALID: 0}
     skipped = 0
     auditor: StepAuditor | None = None
-    for step in plan.steps:
-        path = verdict_path(out, run.header.run_id, step)
-        done = _existing(path, me)
-        if done is not None:  # finished before a crash or by an earlier job: never redone
-            outcome = done.verdict.outcome
-            skipped += 1
-        else:
-            if auditor is None:
-                auditor = StepAuditor(store, run, corpus, config, sample_seed=plan.seed)
-            verdict = build_verdict(
-                run=run,
-                step=step,
-                result=auditor.audit(step),
-                config=config,
-                auditor=me,
-                sample_seed=plan.seed,
-                device=auditor.device.type,
-            )
-            signed = sign_verdict(keypair, verdict)
-            write_atomic(path, json.dumps(signed.to_json(), indent=1).encode())
-            outcome = verdict.outcome
-        counts[outcome] += 1
-        if on_verdict is not None:
-            on_verdict(run.header.run_id, step, outcome)
+    try:
+        for step in plan.steps:
+            path = verdict_path(out, run.header.run_id, step)
+            done = _existing(path, me)
+            if done is not None:  # finished before a crash or by an earlier job: never redone
+                outcome = done.verdict.outcome
+                skipped += 1
+            else:
+                if auditor is None:
+                    auditor = StepAuditor(store, run, corpus, config, sample_seed=plan.seed)
+                    auditor.expect(plan.steps)  # sampled steps of one window share its replay
+                verdict = build_verdict(
+                    run=run,
+                    step=step,
+                    result=auditor.audit(step),
+                    config=config,
+                    auditor=me,
+                    sample_seed=plan.seed,
+                    device=auditor.device.type,
+                )
+                signed = sign_verdict(keypair, verdict)
+                write_atomic(path, json.dumps(signed.to_json(), indent=1).encode())
+                outcome = verdict.outcome
+            counts[outcome] += 1
+            if on_verdict is not None:
+                on_verdict(run.header.run_id, step, outcome)
+    finally:
+        if auditor is not None:
+            auditor.close()
     return RunOutcome(
         url=url,
         run_id=run.header.run_id,

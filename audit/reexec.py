@@ -21,19 +21,20 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from audit.chunks import choose_chunks
-from audit.compare import Comparison, compare_chunks, compare_full, structure_problem
+from audit.compare import Comparison, compare_chunks, compare_full
 from audit.fetch import ArtifactInvalid, VerifiedRun, decode_checked, fetch_artifact, fetch_index
 from audit.fetch import fetch_leaves as fetch_some_leaves
 from audit.tolerance import DEFAULT_SAFETY_FACTOR, Calibration, Mode, calibrate, distances
 from audit.usefulness import heldout_loss
 from audit.verdict import Evidence, TensorCheck
+from audit.window import GradientFetcher, ReplayedStates
 from proofs.hashing import Root
 from trainer.artifact import ArtifactIndex
 from trainer.checkpoint import (
@@ -46,11 +47,14 @@ from trainer.data import Corpus
 from trainer.loop import configure_determinism
 from trainer.manifest import StateRef
 from trainer.models import build_model
-from trainer.replay import apply_gradients
+from trainer.replay import replay_states
 from trainer.seeds import replay_seed, seed_generators
 from trainer.store import RunStore, object_name
 
 log = logging.getLogger(__name__)
+
+# States kept per window for the steps a job said it will audit (each ~3x the parameters).
+MAX_KEPT_STATES = 8
 
 
 class AuditSetupError(RuntimeError):
@@ -89,16 +93,6 @@ class StepResult:
     loss_before: float | None
     loss_after: float | None
     bytes_fetched: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Replayed:
-    """The state before ``step`` runs, rebuilt from the committed state checkpoint at ``origin``
-    through the committed gradients of steps ``origin .. step-1``."""
-
-    origin: int
-    step: int
-    state: dict[str, torch.Tensor]
 
 
 def auditor_device(config: ReexecConfig) -> torch.device:
@@ -155,12 +149,30 @@ class StepAuditor:
         self.calibration: Calibration | None = None
         self.bytes_fetched = 0
         # Reused across the steps of one window (jobs audit sampled steps in ascending order):
-        # verified gradients, replayed states, held-out losses and each window's chain result.
-        # Everything cached was checked against its commitment before it was stored.
-        self._grads: dict[int, tuple[ArtifactIndex, dict[str, torch.Tensor]]] = {}
-        self._replayed: dict[int, _Replayed] = {}
+        # verified gradients (fetched ahead on a worker thread), replayed states, held-out losses
+        # and each window's chain result. Nothing is kept before it was checked.
+        self._fetcher = GradientFetcher(
+            store, run, shapes=self._shapes(), max_bytes=max_artifact_bytes(self.param_bytes, 2)
+        )
+        self._states = ReplayedStates(limit=MAX_KEPT_STATES)
+        self._expected: tuple[int, ...] = ()
         self._heldout: dict[tuple[int, int], float | None] = {}
         self._chain: dict[int, str | None] = {}
+
+    def expect(self, steps: Iterable[int]) -> None:
+        """Say which steps will be audited (any order; jobs pass their sample): replaying a
+        window then keeps the states these steps start from instead of replaying them again."""
+        self._expected = tuple(sorted(set(steps)))
+
+    def close(self) -> None:
+        """Stop the fetch worker thread (idempotent); the auditor cannot audit afterwards."""
+        self._fetcher.close()
+
+    def __enter__(self) -> StepAuditor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- fetching -------------------------------------------------------------------------------
 
@@ -168,28 +180,31 @@ class StepAuditor:
         return self._gradient_with_index(step)[1]
 
     def _gradient_with_index(self, step: int) -> tuple[ArtifactIndex, dict[str, torch.Tensor]]:
-        cached = self._grads.get(step)
-        if cached is not None:
-            return cached
-        record = self.run.record(step)
-        index, leaves = fetch_artifact(
-            self.store,
-            record.grad_root,
-            leaf_count=record.grad_leaves,
-            max_bytes=max_artifact_bytes(self.param_bytes, 2),
-            leaf_bytes=record.grad_bytes,
-        )
-        self.bytes_fetched += sum(len(b) for b in leaves)
-        grads = decode_checked(object_name(record.grad_root), leaves)
-        # Names, dtypes and shapes must be the model's; a parameter without gradient may be absent.
-        problem = structure_problem(grads, self._shapes(), allow_missing=True)
-        if problem is not None:
-            raise ArtifactInvalid(object_name(record.grad_root), problem)
-        self._grads[step] = (index, grads)
-        return index, grads
+        grad, fetched = self._fetcher.get(step)
+        if fetched:
+            self.bytes_fetched += grad.nbytes
+        return grad.index, grad.tensors
 
     def _shapes(self) -> dict[str, torch.Tensor]:
         return {n: torch.empty(p.shape, dtype=p.dtype) for n, p in self.model.named_parameters()}
+
+    def _prefetch(self, ref: StateRef, step: int) -> None:
+        """Queue every gradient auditing ``step`` will use, in the order it uses them."""
+        near = self._states.nearest(ref.step, step)
+        needed = list(range(near[0] if near is not None else ref.step, step))
+        if not self._sampled():  # the step's own gradient is compared whole, then applied
+            needed.append(step)
+            end = self.run.manifest_of(step).state.step
+            if self.config.check_chain and end not in self._chain:
+                needed += range(step + 1, end)
+        # Then the window of the next expected step, if it is another one: read while this step
+        # re-executes.
+        later = [e for e in self._expected if e > step]
+        if later and not self._sampled():
+            nxt = self.run.manifest_of(later[0])
+            if nxt.first_step > step:
+                needed += range(nxt.first_step, nxt.end_step)
+        self._fetcher.prefetch(needed)
 
     def _state(self, root: Root, leaf_count: int) -> dict[str, torch.Tensor]:
         _, leaves = fetch_artifact(
@@ -201,25 +216,30 @@ class StepAuditor:
         self.bytes_fetched += sum(len(b) for b in leaves)
         return decode_checked(object_name(root), leaves)
 
-    def _state_at(self, step: int) -> tuple[int, dict[str, torch.Tensor]]:
-        """(origin, state before ``step`` runs), replayed from the nearest committed state
-        checkpoint at or before ``step`` (its step is the origin), or from a state this auditor
-        already replayed from that same checkpoint."""
-        ref = self.run.state_at_or_before(step)
-        known = self._replayed.get(ref.step)
-        if known is not None and known.step <= step:
-            state = self._advance(known.state, known.step, step)
-        else:
-            state = self._advance(self._state(ref.root, ref.leaf_count), ref.step, step)
-        self._remember(ref.step, step, state)
-        return ref.step, state
+    def _replay(self, ref: StateRef, target: int) -> dict[str, torch.Tensor]:
+        """The state before ``target`` runs, replayed from the committed checkpoint ``ref``
+        through the furthest state already replayed from it; on the way it keeps the states that
+        expected steps start from (and reach after their own update)."""
+        near = self._states.nearest(ref.step, target)
+        if near is None:
+            near = (ref.step, self._state(ref.root, ref.leaf_count))
+            self._states.put(ref.step, ref.step, near[1])
+        start, state = near
+        if target == start:
+            return state
+        keep = {s for e in self._expected for s in (e, e + 1) if start < s < target}
+        keep = {s for s in keep if not self._states.has(ref.step, s)}
+        states = self._advance_keeping(state, start, target, keep)
+        for s, st in sorted(states.items()):
+            self._states.put(ref.step, s, st)
+        return states[target]
 
-    def _remember(self, origin: int, step: int, state: dict[str, torch.Tensor]) -> None:
-        """Keep ``state`` as the furthest point replayed from ``origin``; drop what steps in
-        ascending order no longer need (earlier windows, gradients before ``step``)."""
-        self._replayed = {o: r for o, r in self._replayed.items() if o > origin}
-        self._replayed[origin] = _Replayed(origin=origin, step=step, state=state)
-        self._grads = {s: g for s, g in self._grads.items() if s >= step}
+    def _forget_before(self, origin: int, step: int) -> None:
+        """Drop what auditing steps in ascending order no longer needs once ``step`` is reached
+        from ``origin``: earlier windows, earlier states and gradients (out of order, they are
+        fetched and replayed again)."""
+        self._states.forget_before(origin, step)
+        self._fetcher.forget_before(step)
         self._heldout = {k: v for k, v in self._heldout.items() if k[0] >= origin}
 
     def _heldout_loss(self, origin: int, step: int) -> float | None:
@@ -229,14 +249,13 @@ class StepAuditor:
             self._heldout[key] = heldout_loss(self.model, self.corpus, self.run.header, self.device)
         return self._heldout[key]
 
-    def _advance(
-        self, state: dict[str, torch.Tensor], start: int, stop: int
-    ) -> dict[str, torch.Tensor]:
-        if stop <= start:
-            return state
+    def _advance_keeping(
+        self, state: dict[str, torch.Tensor], start: int, stop: int, keep: set[int]
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """States after replaying ``start .. stop-1`` from ``state``: at ``stop`` and ``keep``."""
         steps = [(self.run.record(s), self._gradient(s)) for s in range(start, stop)]
         try:
-            return apply_gradients(self.run.header, state, steps, device=self.device)
+            return replay_states(self.run.header, state, steps, keep=keep, device=self.device)
         except (ValueError, KeyError) as exc:
             raise ArtifactInvalid(f"steps {start}..{stop - 1}", f"replay failed: {exc}") from exc
 
@@ -318,7 +337,11 @@ class StepAuditor:
     def _audit(self, step: int) -> StepResult:
         run, cfg, h = self.run, self.config, self.run.header
         record = run.record(step)
-        origin, state = self._state_at(step)
+        ref = run.state_at_or_before(step)
+        origin = ref.step
+        self._prefetch(ref, step)
+        state = self._replay(ref, step)
+        self._forget_before(origin, step)
         self._load(self.model, state)
         heldout = self._heldout_loss(origin, step) if cfg.usefulness else None
         batch = self.corpus.batch_for_step(  # type: ignore[union-attr]
@@ -330,13 +353,12 @@ class StepAuditor:
         passed, reason, loss_after = cmp.passed, cmp.reason, None
         # Both need the whole committed gradient of the step, which chunk sampling does not fetch.
         if not self._sampled() and (cfg.usefulness or cfg.check_chain):
-            after = self._advance(state, step, step + 1)
-            self._remember(origin, step + 1, after)
+            after = self._replay(ref, step + 1)
             if cfg.usefulness:
                 self._load(self.model, after)
                 loss_after = self._heldout_loss(origin, step + 1)
             if cfg.check_chain and passed:
-                chain = self._check_chain(step + 1, after)
+                chain = self._check_chain(ref, step)
                 if chain is not None:
                     passed, reason = False, chain
         return StepResult(
@@ -405,18 +427,19 @@ class StepAuditor:
             calibration=calibration,
         )
 
-    def _check_chain(self, start: int, state: dict[str, torch.Tensor]) -> str | None:
-        """Replay to the window's next state checkpoint; a reason string if it does not match.
+    def _check_chain(self, ref: StateRef, step: int) -> str | None:
+        """Replay ``step``'s window to its next state checkpoint; a reason string if it does not
+        match.
 
         The answer depends only on the window's committed artifacts, so it is worked out once per
         window. A replayed state whose root equals the next checkpoint's *is* that checkpoint:
         it is kept as the starting point of the next window."""
-        end = self.run.manifest_of(start - 1).state
+        end = self.run.manifest_of(step).state
         if end.step not in self._chain:
-            final = self._advance(state, start, end.step)
+            final = self._replay(ref, end.step)
             root = checkpoint_root(final, chunk_size=self.run.header.chunk_size)
             if root == end.root:
-                self._replayed[end.step] = _Replayed(origin=end.step, step=end.step, state=final)
+                self._states.put(end.step, end.step, final)
             self._chain[end.step] = self._chain_problem(root, end)
         return self._chain[end.step]
 

@@ -65,10 +65,13 @@ def test_shared_window_gives_the_results_of_a_fresh_auditor_per_step(name: str) 
     alone = {s: _key(StepAuditor(store, run, corpus(), EXACT).audit(s)) for s in range(STEPS)}
     shuffled = list(range(STEPS))
     random.Random(3).shuffle(shuffled)
-    for order in (list(range(STEPS)), shuffled, [8, 2, 5, 1, 7]):
-        auditor = StepAuditor(store, run, corpus(), EXACT)
-        shared = {s: _key(auditor.audit(s)) for s in order}
-        assert shared == {s: alone[s] for s in order}, order
+    for order in (list(range(STEPS)), shuffled, [8, 2, 5, 1, 7], [0, 2, 4, 5, 8]):
+        for hint in (False, True):  # jobs tell the auditor their sample (StepAuditor.expect)
+            with StepAuditor(store, run, corpus(), EXACT) as auditor:
+                if hint:
+                    auditor.expect(order)
+                shared = {s: _key(auditor.audit(s)) for s in order}
+            assert shared == {s: alone[s] for s in order}, (order, hint)
     passed = {s for s, k in alone.items() if k[0]}
     expected = {
         "cache-honest": set(range(STEPS)),
@@ -80,8 +83,9 @@ def test_shared_window_gives_the_results_of_a_fresh_auditor_per_step(name: str) 
 
 def test_every_artifact_is_fetched_once_when_steps_ascend() -> None:
     store, run = _setup("cache-honest")
-    auditor = StepAuditor(store, run, corpus(), EXACT)
-    fetched = [auditor.audit(s).bytes_fetched for s in range(STEPS)]
+    with StepAuditor(store, run, corpus(), EXACT) as auditor:
+        auditor.expect(range(STEPS))
+        fetched = [auditor.audit(s).bytes_fetched for s in range(STEPS)]
     grads = sum(r.grad_bytes for r in run.records)
     initial = store.read_index(run.header.initial_state.root)
     # The initial state and each gradient once; later checkpoints are proven by the chain check
@@ -113,3 +117,26 @@ def test_replay_leaves_its_inputs_unchanged_and_splits_exactly() -> None:
         assert all(torch.equal(g[k], saved[k]) for k in g)
     assert whole.keys() == parts.keys()
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
+
+
+@pytest.mark.parametrize("order", [list(range(STEPS)), [1, 2, 4, 7, 8]])
+def test_with_the_sample_known_each_update_is_replayed_once(
+    order: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.replay
+
+    store, run = _setup("cache-honest")
+    applied: list[int] = []
+    original = trainer.replay._apply_one
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        applied.append(args[4].step)  # the StepRecord
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.replay, "_apply_one", counting)
+    with StepAuditor(store, run, corpus(), EXACT) as auditor:
+        auditor.expect(order)
+        assert all(auditor.audit(s).passed for s in order)
+    # Every window with a sampled step is replayed once to its next checkpoint, no more.
+    windows = {s // 3 for s in order}
+    assert sorted(applied) == [s for w in sorted(windows) for s in range(3 * w, 3 * w + 3)]

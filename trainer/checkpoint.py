@@ -182,14 +182,19 @@ def capture_state(
     return out
 
 
-def optimizer_tensors(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """``optim/*`` tensors of an optimizer ``state_dict()`` (cloned)."""
+def optimizer_tensors(
+    state_dict: Mapping[str, Any], *, copy: bool = True
+) -> dict[str, torch.Tensor]:
+    """``optim/*`` tensors of an optimizer ``state_dict()``, on the CPU: private copies, or with
+    ``copy=False`` the optimizer's own CPU tensors (for an optimizer nobody steps again)."""
     out: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in state_dict["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                out[f"{OPTIM_STATE}{index}/{key}"] = _host_copy(value)
+                out[f"{OPTIM_STATE}{index}/{key}"] = (
+                    _host_copy(value) if copy else value.detach().cpu()
+                )
             else:
                 scalars.setdefault(str(index), {})[key] = value
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state_dict["param_groups"]]

@@ -10,7 +10,7 @@ same device. No model code runs: parameters are rebuilt from the checkpoint, so 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -80,32 +80,82 @@ def apply_gradients(
     gradient for an unknown parameter, a step out of sequence, or a wrong number of lrs.
     Neither ``state`` nor the gradients in ``steps`` are modified.
     """
+    states = replay_states(header, state, steps, keep=(), device=device)
+    return states[max(states)]
+
+
+def replay_states(
+    header: RunHeader,
+    state: Mapping[str, torch.Tensor],
+    steps: Sequence[tuple[StepRecord, Mapping[str, torch.Tensor]]],
+    *,
+    keep: Collection[int],
+    device: torch.device | str = "cpu",
+) -> dict[int, dict[str, torch.Tensor]]:
+    """As :func:`apply_gradients`, in one pass, also returning the state reached before each step
+    in ``keep`` runs: ``{step: state}`` for the steps of ``keep`` passed on the way, and always
+    the final state. Costs one optimizer build however many states are kept (plus a copy each).
+    """
     params, optimizer = build_optimizer(header, state, device=device)
     order = [params[n] for g in header.optimizer.groups for n in g]
     step = int(state[STEP].item())
+    last = step + len(steps)
+    out: dict[int, dict[str, torch.Tensor]] = {}
     for record, grads in steps:
         if record.step != step:
             raise EncodingError(f"replay expected step {step}, got record for {record.step}")
-        unknown = sorted(set(grads) - set(params))
-        if unknown:
-            raise EncodingError(f"step {step}: gradients for unknown parameters {unknown[:3]}")
-        for name, p in params.items():
-            g = grads.get(name)
-            # A copy: clipping scales .grad in place, and the caller's tensors must stay as
-            # committed (an auditor replays the same verified gradients more than once).
-            p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype, copy=True)
-        if header.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(order, header.grad_clip)
-        if len(record.lrs) != len(optimizer.param_groups):
-            raise EncodingError(f"step {step}: {len(record.lrs)} lrs for {len(order)} groups")
-        for group, lr in zip(optimizer.param_groups, record.lrs, strict=True):
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _apply_one(header, params, order, optimizer, record, grads)
         step += 1
-    out: dict[str, torch.Tensor] = {PARAM + n: p.detach().cpu() for n, p in params.items()}
+        if step in keep and step != last:
+            out[step] = _export(header, state, params, optimizer, step, copy=True)
+    # The optimizer is dropped now: the final state may share its tensors.
+    out[last] = _export(header, state, params, optimizer, last, copy=False)
+    return out
+
+
+def _apply_one(
+    header: RunHeader,
+    params: Mapping[str, nn.Parameter],
+    order: Sequence[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    record: StepRecord,
+    grads: Mapping[str, torch.Tensor],
+) -> None:
+    """What the hook's ``step()`` does after the commit: clip, set lrs, step, zero."""
+    step = record.step
+    unknown = sorted(set(grads) - set(params))
+    if unknown:
+        raise EncodingError(f"step {step}: gradients for unknown parameters {unknown[:3]}")
+    for name, p in params.items():
+        g = grads.get(name)
+        # A copy: clipping scales .grad in place, and the caller's tensors must stay as
+        # committed (an auditor replays the same verified gradients more than once).
+        p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype, copy=True)
+    if header.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(order, header.grad_clip)
+    if len(record.lrs) != len(optimizer.param_groups):
+        raise EncodingError(f"step {step}: {len(record.lrs)} lrs for {len(order)} groups")
+    for group, lr in zip(optimizer.param_groups, record.lrs, strict=True):
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _export(
+    header: RunHeader,
+    state: Mapping[str, torch.Tensor],
+    params: Mapping[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    *,
+    copy: bool,
+) -> dict[str, torch.Tensor]:
+    """State checkpoint tensors at ``step``; ``copy=False`` shares the live tensors (CPU)."""
+    out: dict[str, torch.Tensor] = {
+        PARAM + n: p.detach().to("cpu", copy=copy) for n, p in params.items()
+    }
     out.update({k: v for k, v in state.items() if k.startswith(BUFFER)})
-    out.update({k: v.cpu() for k, v in optimizer_tensors(optimizer.state_dict()).items()})
+    out.update(optimizer_tensors(optimizer.state_dict(), copy=copy))
     out[RNG_CPU] = cpu_rng_state(replay_seed(header.run_seed, step))
     out[STEP] = torch.tensor(step, dtype=torch.int64)
     return out
