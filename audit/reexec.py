@@ -22,6 +22,7 @@ import copy
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,15 @@ class StepResult:
     bytes_fetched: int
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _ChainReplay:
+    """A window replayed to its next checkpoint on the worker thread."""
+
+    states: dict[int, dict[str, torch.Tensor]]  # the kept states and the final one
+    root: Root  # of the final state
+    nbytes: int  # gradient bytes the replay read
+
+
 def auditor_device(config: ReexecConfig) -> torch.device:
     if config.device is not None:
         return torch.device(config.device)
@@ -158,6 +168,8 @@ class StepAuditor:
         self._expected: tuple[int, ...] = ()
         self._heldout: dict[tuple[int, int], float | None] = {}
         self._chain: dict[int, str | None] = {}
+        # A window's chain replay runs here while this thread re-executes the step.
+        self._replayer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-replay")
 
     def expect(self, steps: Iterable[int]) -> None:
         """Say which steps will be audited (any order; jobs pass their sample): replaying a
@@ -165,7 +177,8 @@ class StepAuditor:
         self._expected = tuple(sorted(set(steps)))
 
     def close(self) -> None:
-        """Stop the fetch worker thread (idempotent); the auditor cannot audit afterwards."""
+        """Stop the worker threads (idempotent); the auditor cannot audit afterwards."""
+        self._replayer.shutdown(wait=True)
         self._fetcher.close()
 
     def __enter__(self) -> StepAuditor:
@@ -342,6 +355,7 @@ class StepAuditor:
         self._prefetch(ref, step)
         state = self._replay(ref, step)
         self._forget_before(origin, step)
+        chain_job = self._start_chain(ref, step, state)
         self._load(self.model, state)
         heldout = self._heldout_loss(origin, step) if cfg.usefulness else None
         batch = self.corpus.batch_for_step(  # type: ignore[union-attr]
@@ -351,6 +365,8 @@ class StepAuditor:
             return self._fail(record.grad_root, "committed batch differs from the seed's batch")
         cmp = self._compare(step, self._recompute(self.model, step))
         passed, reason, loss_after = cmp.passed, cmp.reason, None
+        if chain_job is not None:
+            self._finish_chain(ref, step, chain_job, passed)
         # Both need the whole committed gradient of the step, which chunk sampling does not fetch.
         if not self._sampled() and (cfg.usefulness or cfg.check_chain):
             after = self._replay(ref, step + 1)
@@ -442,6 +458,60 @@ class StepAuditor:
                 self._states.put(end.step, end.step, final)
             self._chain[end.step] = self._chain_problem(root, end)
         return self._chain[end.step]
+
+    def _start_chain(
+        self, ref: StateRef, step: int, state: dict[str, torch.Tensor]
+    ) -> Future[_ChainReplay] | None:
+        """Start the replay of ``step``'s window from ``state`` to its next checkpoint on the
+        worker thread, when the chain check will need it. Not while the tolerant mode has yet to
+        calibrate: calibrating changes the thread count, and the replay's reductions must run
+        as the trainer's did."""
+        cfg = self.config
+        end = self.run.manifest_of(step).state
+        if self._sampled() or not cfg.check_chain or end.step in self._chain:
+            return None
+        if cfg.mode is Mode.TOLERANT and self.calibration is None:
+            return None
+        self._gradient(step)  # fetched here: this thread compares it meanwhile
+        keep = {s for e in self._expected for s in (e, e + 1) if step < s < end.step}
+        keep = {s for s in keep if not self._states.has(ref.step, s)} | {step + 1}
+        return self._replayer.submit(self._chain_replay, step, state, end, keep)
+
+    def _chain_replay(
+        self, step: int, state: dict[str, torch.Tensor], end: StateRef, keep: set[int]
+    ) -> _ChainReplay:
+        """Worker thread: replay ``step .. end-1`` from ``state``; reads no cache but the
+        fetcher's, writes none (the auditor's thread stores the outcome)."""
+        steps, nbytes = [], 0
+        for s in range(step, end.step):
+            grad, fetched = self._fetcher.get(s)
+            nbytes += grad.nbytes if fetched else 0
+            steps.append((self.run.record(s), grad.tensors))
+        try:
+            states = replay_states(self.run.header, state, steps, keep=keep, device=self.device)
+        except (ValueError, KeyError) as exc:
+            raise ArtifactInvalid(f"steps {step}..{end.step - 1}", f"replay failed: {exc}") from exc
+        root = checkpoint_root(states[end.step], chunk_size=self.run.header.chunk_size)
+        return _ChainReplay(states=states, root=root, nbytes=nbytes)
+
+    def _finish_chain(
+        self, ref: StateRef, step: int, job: Future[_ChainReplay], passed: bool
+    ) -> None:
+        """Store what the chain replay found. A failure to fetch or replay counts only for a
+        step that passed on its own (one that failed never needed the rest of the window)."""
+        end = self.run.manifest_of(step).state
+        try:
+            out = job.result()
+        except ArtifactInvalid:
+            if passed:
+                raise
+            return
+        self.bytes_fetched += out.nbytes
+        for s, st in sorted(out.states.items()):
+            self._states.put(ref.step, s, st)
+        if out.root == end.root:
+            self._states.put(end.step, end.step, out.states[end.step])
+        self._chain[end.step] = self._chain_problem(out.root, end)
 
     def _chain_problem(self, root: Root, end: StateRef) -> str | None:
         if root == end.root:
