@@ -242,7 +242,8 @@ class StepAuditor:
             return state
         keep = {s for e in self._expected for s in (e, e + 1) if start < s < target}
         keep = {s for s in keep if not self._states.has(ref.step, s)}
-        states = self._advance_keeping(state, start, target, keep)
+        states, nbytes = self._replay_range(state, start, target, keep)
+        self.bytes_fetched += nbytes
         for s, st in sorted(states.items()):
             self._states.put(ref.step, s, st)
         return states[target]
@@ -261,16 +262,6 @@ class StepAuditor:
         if key not in self._heldout:
             self._heldout[key] = heldout_loss(self.model, self.corpus, self.run.header, self.device)
         return self._heldout[key]
-
-    def _advance_keeping(
-        self, state: dict[str, torch.Tensor], start: int, stop: int, keep: set[int]
-    ) -> dict[int, dict[str, torch.Tensor]]:
-        """States after replaying ``start .. stop-1`` from ``state``: at ``stop`` and ``keep``."""
-        steps = [(self.run.record(s), self._gradient(s)) for s in range(start, stop)]
-        try:
-            return replay_states(self.run.header, state, steps, keep=keep, device=self.device)
-        except (ValueError, KeyError) as exc:
-            raise ArtifactInvalid(f"steps {start}..{stop - 1}", f"replay failed: {exc}") from exc
 
     # ---- the model ------------------------------------------------------------------------------
 
@@ -482,17 +473,25 @@ class StepAuditor:
     ) -> _ChainReplay:
         """Worker thread: replay ``step .. end-1`` from ``state``; reads no cache but the
         fetcher's, writes none (the auditor's thread stores the outcome)."""
+        states, nbytes = self._replay_range(state, step, end.step, keep)
+        root = checkpoint_root(states[end.step], chunk_size=self.run.header.chunk_size)
+        return _ChainReplay(states=states, root=root, nbytes=nbytes)
+
+    def _replay_range(
+        self, state: dict[str, torch.Tensor], start: int, stop: int, keep: set[int]
+    ) -> tuple[dict[int, dict[str, torch.Tensor]], int]:
+        """States after replaying ``start .. stop-1`` from ``state`` (at ``stop`` and ``keep``),
+        and the gradient bytes read for it. Safe on the worker thread: it writes no cache."""
         steps, nbytes = [], 0
-        for s in range(step, end.step):
+        for s in range(start, stop):
             grad, fetched = self._fetcher.get(s)
             nbytes += grad.nbytes if fetched else 0
             steps.append((self.run.record(s), grad.tensors))
         try:
             states = replay_states(self.run.header, state, steps, keep=keep, device=self.device)
         except (ValueError, KeyError) as exc:
-            raise ArtifactInvalid(f"steps {step}..{end.step - 1}", f"replay failed: {exc}") from exc
-        root = checkpoint_root(states[end.step], chunk_size=self.run.header.chunk_size)
-        return _ChainReplay(states=states, root=root, nbytes=nbytes)
+            raise ArtifactInvalid(f"steps {start}..{stop - 1}", f"replay failed: {exc}") from exc
+        return states, nbytes
 
     def _finish_chain(
         self, ref: StateRef, step: int, job: Future[_ChainReplay], passed: bool
