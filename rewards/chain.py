@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eth_abi.abi import decode as abi_decode
+from eth_abi.abi import encode as abi_encode
 from eth_account import Account
 from web3 import Web3
 from web3.exceptions import ContractCustomError, ContractLogicError, ContractPanicError
@@ -147,12 +148,15 @@ def artifact(name: str) -> dict[str, Any]:
     return contracts[name]
 
 
+_ERROR_STRING = bytes.fromhex("08c379a0")  # selector of Solidity's Error(string)
+
+
 @cache
 def _error_table() -> dict[bytes, tuple[str, list[str], list[str]]]:
     """4-byte selector -> (name, arg names, arg types) for every custom error both contracts may
     raise (their ABIs include inherited OpenZeppelin errors), plus Solidity's Error(string)."""
     table: dict[bytes, tuple[str, list[str], list[str]]] = {
-        bytes.fromhex("08c379a0"): ("Error", ["message"], ["string"]),
+        _ERROR_STRING: ("Error", ["message"], ["string"]),
         bytes.fromhex("4e487b71"): ("Panic", ["code"], ["uint256"]),
     }
     for name in ("VeritrainSettlement", "RewardToken"):
@@ -200,7 +204,8 @@ def _revert_data(exc: BaseException) -> bytes | None:
         try:
             value = ast.literal_eval(rest)
         except (ValueError, SyntaxError):
-            return b""
+            # A require message: py-evm hands Error(string) back already decoded, as plain text.
+            return _ERROR_STRING + abi_encode(["string"], [rest]) if rest else b""
         return value if isinstance(value, bytes) else str(value).encode()
     return None
 

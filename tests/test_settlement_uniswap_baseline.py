@@ -32,14 +32,15 @@ AMOUNT = 10**18
 
 
 def refused(w3: Web3, sender: LocalAccount, call: ContractFunction, message: str) -> None:
-    """``call`` reverts with Uniswap's require message, and ``send`` refuses it (nothing mined).
-    The message is matched on the eth_call: eth-tester hands revert strings back as text, which
-    rewards.chain does not decode into RevertError's arguments."""
+    """``call`` reverts with Uniswap's require message, and ``send`` refuses it (nothing mined),
+    naming the message as a decoded Error(string)."""
     with pytest.raises(Exception, match=f"MerkleDistributor: {message}"):
         call.call({"from": sender.address})
     block = w3.eth.block_number
-    with pytest.raises(chainmod.RevertError):
+    with pytest.raises(chainmod.RevertError) as err:
         chainmod.send(w3, sender, call)
+    assert err.value.name == "Error"
+    assert err.value.args_decoded == {"message": f"MerkleDistributor: {message}"}
     assert w3.eth.block_number == block
 
 
