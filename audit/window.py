@@ -1,12 +1,17 @@
-"""Verified gradient checkpoints of a run, fetched ahead on a background thread.
+"""Replaying a run's committed updates for an auditor, window by window, on worker threads.
+
+:class:`WindowReplay` rebuilds the state before any step from the nearest committed state
+checkpoint, keeps what steps of one window share, and checks each window's chain once, on a
+worker thread while the auditor re-executes. :class:`GradientFetcher` below it reads the
+gradient checkpoints ahead of use.
 
 Re-executing step ``t`` of a window that starts at ``c`` needs the committed gradients of steps
 ``c .. t`` (and, for the chain check, the rest of the window), in order. :class:`GradientFetcher`
-reads, verifies (one batched hash of the leaves against the root-checked table) and decodes them on
-one worker thread while the auditor's own thread replays and re-executes: reading and hashing
-release the GIL, so on two cores the fetch costs little wall time. Nothing reaches the caller
-before it is verified; a gradient that fails raises :class:`audit.fetch.ArtifactInvalid` where it
-is used, exactly as a fetch on the caller's thread would.
+reads and verifies them (one batched hash of the leaves against the root-checked table) on one
+worker thread, ahead of use: reading and hashing release the GIL. Decoding happens on the thread
+that asks. Nothing reaches the caller before it is verified; a gradient that fails raises
+:class:`audit.fetch.ArtifactInvalid` where it is used, exactly as a fetch on the caller's thread
+would.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ import torch
 
 from audit.compare import structure_problem
 from audit.fetch import ArtifactInvalid, VerifiedRun, decode_checked, fetch_artifact
+from proofs.hashing import Root
 from trainer.artifact import ArtifactIndex
+from trainer.checkpoint import checkpoint_root
+from trainer.manifest import StateRef
+from trainer.replay import replay_states
 from trainer.store import RunStore, object_name
 
 log = logging.getLogger(__name__)
@@ -153,3 +162,186 @@ class ReplayedStates:
         if origin in self._by_origin:
             held = self._by_origin[origin]
             self._by_origin[origin] = {s: st for s, st in held.items() if s >= step}
+
+
+# States kept per window for the steps a job said it will audit (each ~3x the parameters).
+MAX_KEPT_STATES = 8
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _ChainReplay:
+    """A window replayed to its next checkpoint on the worker thread."""
+
+    states: dict[int, State]  # the kept states and the final one
+    root: Root  # of the final state
+    nbytes: int  # gradient bytes the replay read
+
+
+ChainJob = Future[_ChainReplay]
+
+
+class WindowReplay:
+    """The committed updates of one verified run, replayed for an auditor window by window.
+
+    It hands out the state before any step (replayed from the nearest committed checkpoint
+    through the committed gradients, reusing what it replayed before), checks each window's chain
+    (that its next checkpoint follows from its gradients) once, and runs that check on a worker
+    thread when asked. ``bytes_fetched`` counts the artifact bytes it read; the caller resets it.
+    """
+
+    def __init__(
+        self, store: RunStore, run: VerifiedRun, *, shapes: Mapping[str, torch.Tensor],
+        param_bytes: int, device: torch.device,
+    ) -> None:  # fmt: skip
+        self.store, self.run, self.device, self.param_bytes = store, run, device, param_bytes
+        self.fetcher = GradientFetcher(
+            store, run, shapes=shapes, max_bytes=max_artifact_bytes(param_bytes, 2)
+        )
+        self.states = ReplayedStates(limit=MAX_KEPT_STATES)
+        self.expected: tuple[int, ...] = ()
+        self.chain: dict[int, str | None] = {}  # window end step -> chain problem or None
+        self.bytes_fetched = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-replay")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.fetcher.close()
+
+    def gradient(self, step: int) -> Gradient:
+        grad, fetched = self.fetcher.get(step)
+        self.bytes_fetched += grad.nbytes if fetched else 0
+        return grad
+
+    def prefetch(self, ref: StateRef, step: int, *, whole: bool, chain: bool) -> None:
+        """Queue every gradient auditing ``step`` will use, in the order it uses them (``whole``:
+        the step's own gradient is compared whole and applied; ``chain``: the window is checked),
+        then the window of the next expected step, read while this one re-executes."""
+        near = self.states.nearest(ref.step, step)
+        needed = list(range(near[0] if near is not None else ref.step, step))
+        if whole:
+            needed.append(step)
+            end = self.run.manifest_of(step).state.step
+            if chain and end not in self.chain:
+                needed += range(step + 1, end)
+            later = [e for e in self.expected if e > step]
+            nxt = self.run.manifest_of(later[0]) if later else None
+            if nxt is not None and nxt.first_step > step:
+                needed += range(nxt.first_step, nxt.end_step)
+        self.fetcher.prefetch(needed)
+
+    def state(self, ref: StateRef, target: int) -> State:
+        """The state before ``target`` runs, replayed from the committed checkpoint ``ref``
+        through the furthest state already replayed from it; on the way it keeps the states that
+        expected steps start from (and reach after their own update)."""
+        near = self.states.nearest(ref.step, target)
+        if near is None:
+            near = (ref.step, self._checkpoint(ref))
+            self.states.put(ref.step, ref.step, near[1])
+        start, state = near
+        if target == start:
+            return state
+        keep = self._keep(ref, start, target)
+        states, nbytes = self._replay_range(state, start, target, keep)
+        self.bytes_fetched += nbytes
+        for s, st in sorted(states.items()):
+            self.states.put(ref.step, s, st)
+        return states[target]
+
+    def forget_before(self, origin: int, step: int) -> None:
+        """Drop what auditing steps in ascending order no longer needs once ``step`` is reached
+        from ``origin``: earlier windows, earlier states and gradients (out of order, they are
+        fetched and replayed again)."""
+        self.states.forget_before(origin, step)
+        self.fetcher.forget_before(step)
+
+    def check_chain(self, ref: StateRef, step: int) -> str | None:
+        """Whether ``step``'s window replays to its next state checkpoint: None, or why not.
+
+        The answer depends only on the window's committed artifacts, so it is worked out once per
+        window. A replayed state whose root equals the next checkpoint's *is* that checkpoint:
+        it is kept as the starting point of the next window."""
+        end = self.run.manifest_of(step).state
+        if end.step not in self.chain:
+            final = self.state(ref, end.step)
+            self._store_chain(end, checkpoint_root(final, chunk_size=self.run.header.chunk_size),
+                              final)  # fmt: skip
+        return self.chain[end.step]
+
+    def start_chain(self, ref: StateRef, step: int, state: State) -> ChainJob | None:
+        """Replay ``step``'s window from ``state`` (the state before ``step``) to its next
+        checkpoint on the worker thread, unless its chain is known. The caller's thread must not
+        use this object's fetcher until :meth:`finish_chain`, nor change torch's thread count."""
+        end = self.run.manifest_of(step).state
+        if end.step in self.chain:
+            return None
+        self.gradient(step)  # fetched here: the caller compares it meanwhile
+        keep = self._keep(ref, step, end.step) | {step + 1}
+        return self._pool.submit(self._chain_replay, step, state, end, keep)
+
+    def finish_chain(self, ref: StateRef, step: int, job: ChainJob, *, passed: bool) -> None:
+        """Store what the chain replay found. A failure to fetch or replay counts only for a
+        step that passed on its own (one that failed never needed the rest of the window)."""
+        end = self.run.manifest_of(step).state
+        try:
+            out = job.result()
+        except ArtifactInvalid:
+            if passed:
+                raise
+            return
+        self.bytes_fetched += out.nbytes
+        for s, st in sorted(out.states.items()):
+            self.states.put(ref.step, s, st)
+        self._store_chain(end, out.root, out.states[end.step])
+
+    def _store_chain(self, end: StateRef, root: Root, final: State) -> None:
+        if root == end.root:
+            self.states.put(end.step, end.step, final)
+            self.chain[end.step] = None
+        elif self.device.type != self.run.header.device:
+            self.chain[end.step] = None  # bitwise state equality is promised on one device type
+        else:
+            self.chain[end.step] = (
+                f"state checkpoint at step {end.step} ({object_name(end.root)}) does not follow "
+                f"from the committed gradients"
+            )
+
+    def _keep(self, ref: StateRef, start: int, stop: int) -> set[int]:
+        """Steps in (start, stop) where expected steps start or land, not held yet."""
+        wanted = {s for e in self.expected for s in (e, e + 1) if start < s < stop}
+        return {s for s in wanted if not self.states.has(ref.step, s)}
+
+    def _chain_replay(self, step: int, state: State, end: StateRef, keep: set[int]) -> _ChainReplay:
+        """Worker thread: replay ``step .. end-1`` from ``state``; reads no cache but the
+        fetcher's, writes none (the caller's thread stores the outcome)."""
+        states, nbytes = self._replay_range(state, step, end.step, keep)
+        root = checkpoint_root(states[end.step], chunk_size=self.run.header.chunk_size)
+        return _ChainReplay(states=states, root=root, nbytes=nbytes)
+
+    def _replay_range(
+        self, state: State, start: int, stop: int, keep: set[int]
+    ) -> tuple[dict[int, State], int]:
+        """States after replaying ``start .. stop-1`` from ``state`` (at ``stop`` and ``keep``),
+        and the gradient bytes read for it. Safe on the worker thread: it writes no cache."""
+        steps, nbytes = [], 0
+        for s in range(start, stop):
+            grad, fetched = self.fetcher.get(s)
+            nbytes += grad.nbytes if fetched else 0
+            steps.append((self.run.record(s), grad.tensors))
+        try:
+            states = replay_states(self.run.header, state, steps, keep=keep, device=self.device)
+        except (ValueError, KeyError) as exc:
+            raise ArtifactInvalid(f"steps {start}..{stop - 1}", f"replay failed: {exc}") from exc
+        return states, nbytes
+
+    def _checkpoint(self, ref: StateRef) -> State:
+        _, leaves = fetch_artifact(
+            self.store, ref.root, leaf_count=ref.leaf_count,
+            max_bytes=max_artifact_bytes(self.param_bytes, 8),
+        )  # fmt: skip
+        self.bytes_fetched += sum(len(b) for b in leaves)
+        return decode_checked(object_name(ref.root), leaves)
+
+
+def max_artifact_bytes(param_bytes: int, factor: int) -> int:
+    """Largest artifact worth reading: ``factor`` x the parameter bytes plus slack for headers."""
+    return factor * param_bytes + (4 << 20)

@@ -182,11 +182,17 @@ def main() -> None:
         model = {"n_layer": 1, "n_head": 2, "d_model": 32, "context": 16, "dropout": 0.1}
     corpus = Corpus.from_paths([Path(sysconfig.get_paths()["stdlib"]) / "json"])
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "run"
-        train_step = _train(path, corpus, args.steps, args.every, model)
-        store = RunStore(str(path))
+        # The same deterministic run, trained --repeats times: this machine's step time drifts
+        # by 10-20 % between runs, so the ratio's denominator is a median of runs too.
+        runs = [Path(tmp) / f"run{i}" for i in range(args.repeats)]
+        per_run = [_train(path, corpus, args.steps, args.every, model) for path in runs]
+        train_step = statistics.median(per_run)
+        store = RunStore(str(runs[-1]))
         print(f"model {model}, batch 8, {args.steps} steps, state checkpoint every {args.every}")
-        print(f"trainer: {train_step * 1e3:.1f} ms/step (median, hook included)")
+        print(
+            f"trainer: {train_step * 1e3:.1f} ms/step (median over {len(runs)} runs of each run's "
+            f"median step, hook included; runs: {', '.join(f'{t * 1e3:.1f}' for t in per_run)})"
+        )
         tolerant = cost_table(store, corpus, train_step, args.every, args.repeats)
         if tolerant is not None:
             calibration_line(tolerant)

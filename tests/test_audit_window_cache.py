@@ -140,3 +140,31 @@ def test_with_the_sample_known_each_update_is_replayed_once(
     # Every window with a sampled step is replayed once to its next checkpoint, no more.
     windows = {s // 3 for s in order}
     assert sorted(applied) == [s for w in sorted(windows) for s in range(3 * w, 3 * w + 3)]
+
+
+def test_a_bad_gradient_met_by_the_worker_thread_makes_the_step_invalid_and_nothing_else() -> None:
+    # Step 0 passes on its own; the chain replay on the worker thread meets step 2's damaged
+    # gradient: step 0 is invalid naming that artifact, as it would be without the worker, and
+    # the next window still audits from its own checkpoint.
+    from pathlib import Path
+
+    from audit_runs import copy_run
+
+    from trainer.store import object_name
+
+    url = copy_run(make_run("cache-honest", steps=STEPS, every=3), "cache-honest-damaged")
+    store = RunStore(url)
+    run = load_run(store, check_signatures=False)
+    name = object_name(run.record(2).grad_root)
+    path = Path(url) / name
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x01
+    path.write_bytes(bytes(data))
+    with StepAuditor(store, run, corpus(), EXACT) as auditor:
+        auditor.expect([0, 1, 4])
+        r0, r1, r4 = auditor.audit(0), auditor.audit(1), auditor.audit(4)
+    assert r0.invalid and name in r0.reason, r0.reason
+    assert r1.invalid and name in r1.reason, r1.reason
+    assert r4.passed, r4.reason
+    fresh = StepAuditor(store, run, corpus(), EXACT).audit(0)
+    assert _key(fresh) == _key(r0)
