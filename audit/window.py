@@ -50,7 +50,7 @@ class GradientFetcher:
 
     ``shapes`` are the model's parameters (names, shapes, dtypes) a gradient must match, a
     parameter without gradient may be absent; ``max_bytes`` caps what one artifact may declare.
-    Call :meth:`close` (or use it as a context manager) to stop the worker thread.
+    Call :meth:`close` to stop the worker thread.
     """
 
     def __init__(
@@ -96,12 +96,6 @@ class GradientFetcher:
             future.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=True)
-
-    def __enter__(self) -> GradientFetcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _fetch(self, step: int) -> tuple[ArtifactIndex, list[bytes]]:
         """Read and verify (the worker's part: reading and hashing release the GIL)."""
