@@ -21,8 +21,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import weakref
 from collections.abc import Iterable, Mapping
-from concurrent.futures import wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,9 @@ from audit.compare import Comparison, compare_chunks, compare_full
 from audit.fetch import ArtifactInvalid, VerifiedRun, fetch_index
 from audit.fetch import fetch_leaves as fetch_some_leaves
 from audit.tolerance import DEFAULT_SAFETY_FACTOR, Calibration, Mode, calibrate, distances
-from audit.usefulness import heldout_loss
+from audit.usefulness import HeldoutBatch, heldout_batch, heldout_loss
 from audit.verdict import Evidence, TensorCheck
-from audit.window import ChainJob, WindowReplay, max_artifact_bytes
+from audit.window import ChainJob, State, WindowReplay, max_artifact_bytes
 from proofs.hashing import Root
 from trainer.checkpoint import (
     BUFFER,
@@ -145,6 +146,14 @@ class StepAuditor:
             store, run, shapes=self._shapes(), param_bytes=self.param_bytes, device=self.device
         )
         self._heldout: dict[tuple[int, int], float | None] = {}
+        self._heldout_batch: HeldoutBatch | None = None
+        # Held-out losses of states at hand are measured on their own thread, on a copy of the
+        # model, while this one re-executes: two forward passes per sampled step off its path.
+        self._loss_model: nn.Module | None = None
+        self._loss_pool: ThreadPoolExecutor | None = None
+        self._loss_job: Future[dict[int, float | None]] | None = None
+        self._slots: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, torch.Tensor, str]]]
+        self._slots = weakref.WeakKeyDictionary()
 
     def expect(self, steps: Iterable[int]) -> None:
         """Say which steps will be audited (any order; jobs pass their sample): replaying a
@@ -153,6 +162,8 @@ class StepAuditor:
 
     def close(self) -> None:
         """Stop the worker threads (idempotent); the auditor cannot audit afterwards."""
+        if self._loss_pool is not None:
+            self._loss_pool.shutdown(wait=True)
         self._window.close()
 
     def __enter__(self) -> StepAuditor:
@@ -173,22 +184,83 @@ class StepAuditor:
         """Held-out loss of the model as loaded (the state before ``step`` from ``origin``)."""
         key = (origin, step)
         if key not in self._heldout:
-            self._heldout[key] = heldout_loss(self.model, self.corpus, self.run.header, self.device)
+            self._heldout[key] = heldout_loss(self.model, self._batch())
         return self._heldout[key]
+
+    def _batch(self) -> HeldoutBatch:
+        if self._heldout_batch is None:
+            if self.corpus is None:  # checked in __init__; keeps the type checker honest
+                raise AuditSetupError("no corpus")
+            self._heldout_batch = heldout_batch(self.corpus, self.run.header, self.device)
+        return self._heldout_batch
+
+    def _start_losses(
+        self, origin: int, step: int, state: State, job: ChainJob | None
+    ) -> Future[dict[int, float | None]] | None:
+        """Measure the held-out losses before and after ``step`` on the loss thread, from
+        ``state`` and the state after (the chain job's, or one held): None when neither is
+        needed, or the state after is at hand only by a replay on this thread."""
+        after = self._window.states.get(origin, step + 1)
+        if job is None and after is None:
+            return None
+        todo = [s for s in (step, step + 1) if (origin, s) not in self._heldout]
+        if not todo:
+            return None
+        if self._loss_pool is None or self._loss_model is None:
+            self._loss_model = copy.deepcopy(self.model)
+            self._slots[self._loss_model] = self._state_slots(self._loss_model)
+            self._loss_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-loss")
+        model, batch = self._loss_model, self._batch()
+
+        def measure() -> dict[int, float | None]:
+            states = {step: state, step + 1: after}
+            if step + 1 in todo and after is None and job is not None and not job.exception():
+                states[step + 1] = job.result().states.get(step + 1)
+            out: dict[int, float | None] = {}
+            for s in todo:
+                st = states[s]
+                if st is not None:
+                    self._load(model, st)
+                    out[s] = heldout_loss(model, batch)
+            return out
+
+        return self._loss_pool.submit(measure)
+
+    def _collect_losses(self, origin: int) -> None:
+        """Keep what the loss thread measured (nothing if it failed: this thread measures)."""
+        job, self._loss_job = self._loss_job, None
+        if job is not None and not job.exception():
+            self._heldout.update({(origin, s): loss for s, loss in job.result().items()})
 
     # ---- the model ------------------------------------------------------------------------------
 
     def _load(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a replayed or committed state. In place where every tensor matches (the module
+        walk of ``load_state_dict`` costs ~1 ms, once or twice per audited step); anything else
+        goes through ``load_state_dict`` and its errors."""
+        slots = self._slots.get(model)
+        if slots is None:
+            slots = self._slots[model] = self._state_slots(model)
+        pairs = [(dst, state.get(source)) for _, dst, source in slots]
+        ready = [
+            (d, s) for d, s in pairs if s is not None and (s.shape, s.dtype) == (d.shape, d.dtype)
+        ]
+        if len(ready) < len(pairs):
+            model.load_state_dict({key: state[source] for key, _, source in slots})
+            return
+        with torch.no_grad():
+            for dst, src in ready:
+                dst.copy_(src)
+
+    def _state_slots(self, model: nn.Module) -> list[tuple[str, torch.Tensor, str]]:
+        """(state_dict key, the model's tensor, the state's key) for every entry."""
         aliases = self.run.header.aliases
-        sd = {}
-        for key in model.state_dict():
-            if key in aliases:
-                sd[key] = state[PARAM + aliases[key]]
-            elif PARAM + key in state:
-                sd[key] = state[PARAM + key]
-            else:
-                sd[key] = state[BUFFER + key]
-        model.load_state_dict(sd)
+        params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        out = []
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            source = PARAM + aliases.get(key, key) if key in params else BUFFER + key
+            out.append((key, tensor, source))
+        return out
 
     def _recompute(
         self, model: nn.Module, step: int, *, dtype: torch.dtype | None = None
@@ -265,11 +337,17 @@ class StepAuditor:
         job = None
         if whole and cfg.check_chain and not calibrating:
             job = window.start_chain(ref, step, state)
+        if cfg.usefulness and whole and not calibrating:
+            self._loss_job = self._start_losses(origin, step, state, job)
         try:
             return self._reexecute(step, ref, state, job)
         finally:
+            # Whatever happened, the workers are done before the next step.
             if job is not None:
-                wait([job])  # whatever happened, the worker is done before the next step
+                wait([job])
+            if self._loss_job is not None:
+                wait([self._loss_job])
+                self._loss_job = None
 
     def _reexecute(
         self, step: int, ref: StateRef, state: dict[str, torch.Tensor], job: ChainJob | None
@@ -277,7 +355,9 @@ class StepAuditor:
         run, cfg, h, window, origin = self.run, self.config, self.run.header, self._window, ref.step
         record, whole = run.record(step), not self._sampled()
         self._load(self.model, state)
-        heldout = self._heldout_loss(origin, step) if cfg.usefulness else None
+        heldout = None
+        if cfg.usefulness and self._loss_job is None:
+            heldout = self._heldout_loss(origin, step)
         batch = self.corpus.batch_for_step(  # type: ignore[union-attr]
             h.run_seed, step, batch_size=h.batch_size, context=h.context
         )
@@ -291,9 +371,12 @@ class StepAuditor:
             window.finish_chain(ref, step, job, passed=passed)
         # Both need the whole committed gradient of the step, which chunk sampling does not fetch.
         if whole and (cfg.usefulness or cfg.check_chain):
-            after = window.state(ref, step + 1)
             if cfg.usefulness:
-                self._load(self.model, after)
+                self._collect_losses(origin)
+                if heldout is None:
+                    heldout = self._heldout_loss(origin, step)  # the model still holds it
+                if (origin, step + 1) not in self._heldout:
+                    self._load(self.model, window.state(ref, step + 1))
                 loss_after = self._heldout_loss(origin, step + 1)
             if cfg.check_chain and passed:
                 chain = window.check_chain(ref, step)

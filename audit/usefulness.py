@@ -29,20 +29,25 @@ def heldout_description(header: RunHeader) -> str:
     return f"seed={HELDOUT_SEED};step={HELDOUT_STEP};batch={header.batch_size};ctx={header.context}"
 
 
-def heldout_loss(
-    model: nn.Module, corpus: Corpus | None, header: RunHeader, device: torch.device
-) -> float | None:
-    """Mean loss of ``model`` on the fixed held-out batch, or None without a corpus."""
-    if corpus is None:
-        return None
+HeldoutBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets) on the auditor's device
+
+
+def heldout_batch(corpus: Corpus, header: RunHeader, device: torch.device) -> HeldoutBatch:
+    """The fixed held-out batch for ``header``'s batch size and context."""
     batch = corpus.batch_for_step(
         HELDOUT_SEED, HELDOUT_STEP, batch_size=header.batch_size, context=header.context
     )
+    return batch.inputs.to(device), batch.targets.to(device)
+
+
+def heldout_loss(model: nn.Module, batch: HeldoutBatch) -> float | None:
+    """Mean loss of ``model`` on ``batch`` in eval mode without gradients (None if the model
+    returns no loss). Leaves the model's train/eval mode as it found it."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            _, loss = model(batch.inputs.to(device), batch.targets.to(device))
+        with torch.inference_mode():
+            _, loss = model(*batch)
     finally:
         model.train(was_training)
     return None if loss is None else float(loss)

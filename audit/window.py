@@ -142,6 +142,9 @@ class ReplayedStates:
         best = max((s for s in held if s <= step), default=None)
         return None if best is None else (best, held[best])
 
+    def get(self, origin: int, step: int) -> State | None:
+        return self._by_origin.get(origin, {}).get(step)
+
     def has(self, origin: int, step: int) -> bool:
         return step in self._by_origin.get(origin, {})
 

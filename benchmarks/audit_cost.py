@@ -13,7 +13,9 @@ replayed window. Three samples per row:
 * ``beacon``: what ``audit run`` draws for ``--cheat-fraction 0.25 --confidence 0.99`` (the demo);
 * ``1/window``: one step in each state-checkpoint window (no sharing at all: the worst case).
 
-Ratios divide by the trainer's median step (audit hook included) measured in the same process.
+Ratios pair each audit with a training run of the same recipe timed just before it (its median
+step, audit hook included): this machine's speed drifts by 20-30 % over minutes, which a trainer
+timed once at the start would put into the ratios. Each cell is the median of its pairs' ratios.
 Not included: ``load_run`` (two BLS verifications per run) and signing each verdict, printed apart.
 """
 
@@ -26,6 +28,7 @@ import statistics
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,27 +94,35 @@ def audit_sample(
     return (time.perf_counter() - t) / len(steps), fetched / len(steps), passed, auditor
 
 
+Trainer = Callable[[], float]  # trains a fresh run of the recipe, returns its median step
+
+
 def cost_table(
-    store: RunStore, corpus: Corpus, train_step: float, every: int, repeats: int
-) -> StepAuditor | None:
+    store: RunStore, corpus: Corpus, trainer: Trainer, every: int, repeats: int
+) -> tuple[StepAuditor | None, list[float]]:
+    """Print the table; returns a tolerant auditor and every paired trainer step time."""
     run = load_run(store, check_signatures=False)
     picks = samples(run, every)
     print("sample sizes: " + ", ".join(f"{k} {len(v)}" for k, v in picks.items()))
     print(f"{'auditor / trainer step':40}" + "".join(f"{k:>18}" for k in picks) + "   KiB/step")
-    tolerant = None
+    tolerant, train_steps = None, []
     for label, cfg in ROWS:
         cells, kib = [], []
         for steps in picks.values():
-            runs = [audit_sample(store, run, corpus, cfg, steps) for _ in range(repeats)]
+            pairs = [(trainer(), audit_sample(store, run, corpus, cfg, steps))
+                     for _ in range(repeats)]  # fmt: skip
+            train_steps += [p[0] for p in pairs]
+            runs = [p[1] for p in pairs]
             t = statistics.median(r[0] for r in runs)
+            ratio = statistics.median(r[0] / train for train, r in pairs)
             ok = runs[0][2]
             flag = "" if ok == len(steps) else f" ({len(steps) - ok} FAILED)"
-            cells.append(f"{t / train_step:6.2f} ({t * 1e3:5.1f} ms){flag}")
+            cells.append(f"{ratio:6.2f} ({t * 1e3:5.1f} ms){flag}")
             kib.append(f"{runs[0][1] / 1024:,.0f}")
             if cfg.mode is Mode.TOLERANT:
                 tolerant = runs[0][3]
         print(f"{label:40}" + "".join(f"{c:>18}" for c in cells) + "   " + " / ".join(kib))
-    return tolerant
+    return tolerant, train_steps
 
 
 def fixed_costs(store: RunStore, auditor: StepAuditor) -> None:
@@ -182,18 +193,21 @@ def main() -> None:
         model = {"n_layer": 1, "n_head": 2, "d_model": 32, "context": 16, "dropout": 0.1}
     corpus = Corpus.from_paths([Path(sysconfig.get_paths()["stdlib"]) / "json"])
     with tempfile.TemporaryDirectory() as tmp:
-        # The same deterministic run, trained --repeats times: this machine's step time drifts
-        # by 10-20 % between runs, so the ratio's denominator is a median of runs too.
-        runs = [Path(tmp) / f"run{i}" for i in range(args.repeats)]
-        per_run = [_train(path, corpus, args.steps, args.every, model) for path in runs]
-        train_step = statistics.median(per_run)
-        store = RunStore(str(runs[-1]))
+        audited = Path(tmp) / "run"
+        _train(audited, corpus, args.steps, args.every, model)
+        store = RunStore(str(audited))
+
+        def trainer() -> float:
+            with tempfile.TemporaryDirectory(dir=tmp) as fresh:
+                return _train(Path(fresh) / "run", corpus, args.steps, args.every, model)
+
         print(f"model {model}, batch 8, {args.steps} steps, state checkpoint every {args.every}")
+        tolerant, per_run = cost_table(store, corpus, trainer, args.every, args.repeats)
         print(
-            f"trainer: {train_step * 1e3:.1f} ms/step (median over {len(runs)} runs of each run's "
-            f"median step, hook included; runs: {', '.join(f'{t * 1e3:.1f}' for t in per_run)})"
+            f"trainer: median step {statistics.median(per_run) * 1e3:.1f} ms over the "
+            f"{len(per_run)} paired runs (hook included), from {min(per_run) * 1e3:.1f} to "
+            f"{max(per_run) * 1e3:.1f} ms"
         )
-        tolerant = cost_table(store, corpus, train_step, args.every, args.repeats)
         if tolerant is not None:
             calibration_line(tolerant)
             fixed_costs(store, tolerant)

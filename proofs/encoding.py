@@ -334,7 +334,9 @@ def decode_tensors(chunks: Sequence[bytes | memoryview]) -> list[TensorBytes]:
                 )
         pos += count
         try:
-            data = memoryview(b"".join(parts))
+            # A private, writable buffer: trainer.checkpoint.decode_checkpoint adopts it as the
+            # tensor's storage instead of copying it a second time.
+            data = memoryview(bytearray().join(parts))
         except (BufferError, TypeError, ValueError) as exc:
             raise EncodingError(f"tensor {header.name!r}: unreadable chunk: {exc}") from None
         out.append(TensorBytes(name=header.name, dtype=header.dtype, shape=header.shape, data=data))

@@ -254,7 +254,7 @@ def encode_checkpoint(tensors: Mapping[str, torch.Tensor], *, chunk_size: int) -
 
 def decode_checkpoint(leaves: Sequence[bytes]) -> dict[str, torch.Tensor]:
     """Named tensors back from artifact leaves. Raises EncodingError if not canonical."""
-    return from_tensor_bytes_list(decode_tensors(leaves))
+    return from_tensor_bytes_list(decode_tensors(leaves), adopt=True)
 
 
 def checkpoint_root(tensors: Mapping[str, torch.Tensor], *, chunk_size: int) -> Root:

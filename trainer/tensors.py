@@ -66,15 +66,22 @@ def to_tensor_bytes(name: str, tensor: torch.Tensor) -> TensorBytes:
     )
 
 
-def from_tensor_bytes(tb: TensorBytes, *, device: torch.device | str | None = None) -> torch.Tensor:
-    """A new tensor (one copy) holding ``tb``'s values, on ``device`` (CPU by default)."""
+def from_tensor_bytes(
+    tb: TensorBytes, *, device: torch.device | str | None = None, adopt: bool = False
+) -> torch.Tensor:
+    """A new tensor (one copy) holding ``tb``'s values, on ``device`` (CPU by default).
+
+    ``adopt``: use ``tb.data`` itself as the CPU tensor's storage when it is writable (no copy);
+    only for buffers nobody else holds, such as those ``proofs.encoding.decode_tensors`` returns.
+    """
     dtype = torch_dtype(tb.dtype)
     if tb.data.nbytes != itemsize(tb.dtype) * _numel(tb.shape):
         raise EncodingError(f"tensor {tb.name!r}: byte length does not match shape and dtype")
     if tb.data.nbytes == 0:
         out = torch.empty(tb.shape, dtype=dtype)
     else:
-        raw = torch.frombuffer(bytearray(tb.data), dtype=torch.uint8)
+        own = adopt and not tb.data.readonly
+        raw = torch.frombuffer(tb.data if own else bytearray(tb.data), dtype=torch.uint8)
         out = raw.view(dtype).reshape(tb.shape)
     return out if device is None else out.to(device)
 
@@ -85,10 +92,10 @@ def to_tensor_bytes_list(tensors: Mapping[str, torch.Tensor]) -> list[TensorByte
 
 
 def from_tensor_bytes_list(
-    items: Iterable[TensorBytes], *, device: torch.device | str | None = None
+    items: Iterable[TensorBytes], *, device: torch.device | str | None = None, adopt: bool = False
 ) -> dict[str, torch.Tensor]:
     """``name -> tensor`` for every TensorBytes (e.g. the output of ``decode_tensors``)."""
-    return {tb.name: from_tensor_bytes(tb, device=device) for tb in items}
+    return {tb.name: from_tensor_bytes(tb, device=device, adopt=adopt) for tb in items}
 
 
 def _numel(shape: Sequence[int]) -> int:
