@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import random
 import statistics
 import sysconfig
@@ -41,7 +42,9 @@ from audit.tolerance import Mode
 from audit.verdict import sign_verdict
 from proofs.signatures import keypair_from_seed
 from trainer.data import Corpus
-from trainer.loop import TrainConfig, train
+from trainer.loop import TrainConfig, configure_determinism, lr_at, train
+from trainer.models import build_model
+from trainer.seeds import init_seed, seed_generators
 from trainer.store import RunStore
 
 ROWS = [
@@ -63,6 +66,32 @@ def _train(path: Path, corpus: Corpus, steps: int, every: int, model: dict[str, 
     train(cfg, str(path), keypair_from_seed(b"b" * 32), corpus=corpus,
           on_step=lambda s, st: stamps.append(time.perf_counter()))  # fmt: skip
     return statistics.median(b - a for a, b in itertools.pairwise(stamps))
+
+
+def _bare(corpus: Corpus, steps: int, model: dict[str, int]) -> float:
+    """Median step of the same training loop without the audit hook (nothing committed)."""
+    cfg = TrainConfig(run_id="bare", run_seed=1, steps=steps, batch_size=8, model_config=model,
+                      threads=1, warmup_steps=2)  # fmt: skip
+    configure_determinism(cfg.threads)
+    seed_generators(init_seed(cfg.run_seed))
+    net = build_model(cfg.model, cfg.model_config)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                            weight_decay=cfg.weight_decay)  # fmt: skip
+    net.train()
+    times = []
+    for step in range(steps):
+        t = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        batch = corpus.batch_for_step(cfg.run_seed, step, batch_size=8, context=cfg.context)
+        _, loss = net(batch.inputs, batch.targets)
+        assert loss is not None
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip or math.inf)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def samples(run: VerifiedRun, every: int) -> dict[str, list[int]]:
@@ -203,10 +232,13 @@ def main() -> None:
 
         print(f"model {model}, batch 8, {args.steps} steps, state checkpoint every {args.every}")
         tolerant, per_run = cost_table(store, corpus, trainer, args.every, args.repeats)
+        bare = statistics.median(_bare(corpus, args.steps, model) for _ in range(args.repeats))
+        hooked = statistics.median(per_run)
         print(
-            f"trainer: median step {statistics.median(per_run) * 1e3:.1f} ms over the "
-            f"{len(per_run)} paired runs (hook included), from {min(per_run) * 1e3:.1f} to "
-            f"{max(per_run) * 1e3:.1f} ms"
+            f"trainer: median step {hooked * 1e3:.1f} ms over the {len(per_run)} paired runs "
+            f"(hook included), from {min(per_run) * 1e3:.1f} to {max(per_run) * 1e3:.1f} ms; "
+            f"the same loop without the hook {bare * 1e3:.1f} ms (ratios against it are "
+            f"x{hooked / bare:.2f})"
         )
         if tolerant is not None:
             calibration_line(tolerant)
