@@ -208,6 +208,7 @@ class StepAuditor:
             return None
         if self._loss_pool is None or self._loss_model is None:
             self._loss_model = copy.deepcopy(self.model)
+            # Its slots are made here, so the loss thread only ever reads ``_slots``.
             self._slots[self._loss_model] = self._state_slots(self._loss_model)
             self._loss_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-loss")
         model, batch = self._loss_model, self._batch()

@@ -14,7 +14,7 @@ replayed window. Three samples per row:
 * ``1/window``: one step in each state-checkpoint window (no sharing at all: the worst case).
 
 Ratios pair each audit with a training run of the same recipe timed just before it (its median
-step, audit hook included): this machine's speed drifts by 20-30 % over minutes, which a trainer
+step, audit hook included): this machine's speed drifts by 30-50 % within minutes, which a trainer
 timed once at the start would put into the ratios. Each cell is the median of its pairs' ratios.
 Not included: ``load_run`` (two BLS verifications per run) and signing each verdict, printed apart.
 """
@@ -42,7 +42,7 @@ from audit.tolerance import Mode
 from audit.verdict import sign_verdict
 from proofs.signatures import keypair_from_seed
 from trainer.data import Corpus
-from trainer.loop import TrainConfig, configure_determinism, lr_at, train
+from trainer.loop import TrainConfig, configure_determinism, lr_at, make_optimizer, train
 from trainer.models import build_model
 from trainer.seeds import init_seed, seed_generators
 from trainer.store import RunStore
@@ -75,15 +75,16 @@ def _bare(corpus: Corpus, steps: int, model: dict[str, int]) -> float:
     configure_determinism(cfg.threads)
     seed_generators(init_seed(cfg.run_seed))
     net = build_model(cfg.model, cfg.model_config)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                            weight_decay=cfg.weight_decay)  # fmt: skip
+    opt = make_optimizer(cfg, net)
     net.train()
     times = []
     for step in range(steps):
         t = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        batch = corpus.batch_for_step(cfg.run_seed, step, batch_size=8, context=cfg.context)
+        batch = corpus.batch_for_step(
+            cfg.run_seed, step, batch_size=cfg.batch_size, context=cfg.context
+        )
         _, loss = net(batch.inputs, batch.targets)
         assert loss is not None
         loss.backward()

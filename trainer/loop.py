@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from proofs.signatures import KeyPair
 from trainer.data import Corpus
@@ -112,6 +113,13 @@ def configure_determinism(threads: int | None) -> None:
     torch.set_num_threads(threads if threads is not None else default_threads())
 
 
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The reference loop's optimizer for ``model`` (AdamW; the hook records it in the header)."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+    )
+
+
 def train(
     config: TrainConfig,
     store: RunStore | str,
@@ -132,9 +140,7 @@ def train(
     data = corpus if corpus is not None else _load_corpus(config.corpus)
     seed_generators(init_seed(config.run_seed))
     model = build_model(config.model, config.model_config).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
-    )
+    optimizer = make_optimizer(config, model)
     hook = AuditHook(
         model,
         optimizer,
