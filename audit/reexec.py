@@ -44,6 +44,7 @@ from trainer.checkpoint import (
     capture_gradients,
 )
 from trainer.data import Corpus
+from trainer.derived import derivation_problem
 from trainer.loop import configure_determinism
 from trainer.manifest import StateRef
 from trainer.models import build_model
@@ -359,13 +360,13 @@ class StepAuditor:
         heldout = None
         if cfg.usefulness and self._loss_job is None:
             heldout = self._heldout_loss(origin, step)
-        batch = self.corpus.batch_for_step(  # type: ignore[union-attr]
-            h.run_seed, step, batch_size=h.batch_size, context=h.context
-        )
-        if tuple(record.batch) and tuple(record.batch) != batch.offsets:
+        # Every value the record carries that the header derives (seed, learning rates, batch):
+        # a step trained with a rate or on data of the peer's choosing is not the assigned work.
+        problem = derivation_problem(h, record)
+        if problem is not None:
             if job is not None:
                 window.finish_chain(ref, step, job, passed=False)
-            return self._fail(record.grad_root, "committed batch differs from the seed's batch")
+            return self._fail(record.grad_root, f"step record: {problem}")
         cmp = self._compare(step, self._recompute(self.model, step))
         passed, reason, loss_after = cmp.passed, cmp.reason, None
         if job is not None:

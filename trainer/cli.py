@@ -10,7 +10,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -19,11 +21,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from proofs.errors import VeritrainError
 from proofs.signatures import KeyPair, generate_keypair, load_keypair, save_keypair
+from trainer.assignment import read_assignment
 from trainer.loop import TrainConfig, train
 from trainer.pipeline import Stats
 from trainer.verify import check_store
 
 console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _keypair(path: Path, create: bool) -> KeyPair:
@@ -48,22 +52,48 @@ def main(verbose: bool) -> None:
     )
 
 
+_RECIPE_DEFAULTS = {
+    "batch_size": 8,
+    "n_layer": 2,
+    "n_head": 4,
+    "d_model": 128,
+    "context": 64,
+    "dropout": 0.1,
+    "lr": 3e-3,
+    "grad_clip": 1.0,
+}
+
+
+def _recipe_option(name: str, kind: type, help_text: str = "") -> Callable[[F], F]:
+    default = _RECIPE_DEFAULTS[name.lstrip("-").replace("-", "_")]
+    return click.option(
+        name, type=kind, default=None, help=f"{help_text} [default: {default}; no --assignment]"
+    )
+
+
 @main.command()
 @click.option("--store", "store_url", required=True, help="Run store: folder or fsspec URL.")
 @click.option("--key-file", type=click.Path(path_type=Path), required=True, help="BLS key file.")
 @click.option("--new-key", is_flag=True, help="Create the key file if it does not exist.")
 @click.option("--run-id", default=None, help="Run name (default: the store's folder name).")
-@click.option("--seed", "run_seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--n-layer", type=int, default=2, show_default=True)
-@click.option("--n-head", type=int, default=4, show_default=True)
-@click.option("--d-model", type=int, default=128, show_default=True)
-@click.option("--context", type=int, default=64, show_default=True)
-@click.option("--dropout", type=float, default=0.1, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 disables.")
-@click.option("--checkpoint-every", type=int, default=100, show_default=True)
+@click.option(
+    "--assignment",
+    "assignment_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The epoch's assignment (JSON from `rewards assign`): it fixes the whole recipe. "
+    "Without it the run is unassigned work, which no epoch pays.",
+)
+@click.option("--steps", type=int, default=None, help="[default: the assignment's, else 200]")
+@_recipe_option("--batch-size", int)
+@_recipe_option("--n-layer", int)
+@_recipe_option("--n-head", int)
+@_recipe_option("--d-model", int)
+@_recipe_option("--context", int)
+@_recipe_option("--dropout", float)
+@_recipe_option("--lr", float)
+@_recipe_option("--grad-clip", float, "0 disables.")
+@click.option("--checkpoint-every", type=int, default=None, help="[default: 100]")
 @click.option("--corpus", multiple=True, help="Corpus file/folder (repeatable; default stdlib).")
 @click.option(
     "--threads", type=int, default=None, help="torch CPU threads (default: cores - 1; recorded)."
@@ -74,45 +104,53 @@ def run(
     key_file: Path,
     new_key: bool,
     run_id: str | None,
-    run_seed: int,
-    steps: int,
-    batch_size: int,
-    n_layer: int,
-    n_head: int,
-    d_model: int,
-    context: int,
-    dropout: float,
-    lr: float,
-    grad_clip: float,
-    checkpoint_every: int,
+    assignment_file: Path | None,
+    steps: int | None,
+    checkpoint_every: int | None,
     corpus: tuple[str, ...],
     threads: int | None,
     device: str,
+    **recipe: Any,
 ) -> None:
     """Train the reference GPT into STORE, resuming if it already holds this run."""
     try:
         keypair = _keypair(key_file, new_key)
-        config = TrainConfig(
-            run_id=run_id or os.path.basename(store_url.rstrip("/")) or "run",
-            run_seed=run_seed,
-            steps=steps,
-            batch_size=batch_size,
-            model_config={
-                "n_layer": n_layer,
-                "n_head": n_head,
-                "d_model": d_model,
-                "context": context,
-                "dropout": dropout,
-            },
-            lr=lr,
-            grad_clip=grad_clip or None,
-            checkpoint_every=checkpoint_every,
-            corpus=corpus,
-            threads=threads,
-            device=device,
-        )
+        name = run_id or os.path.basename(store_url.rstrip("/")) or "run"
+        given = sorted(k for k, v in recipe.items() if v is not None)
+        if assignment_file is not None:
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise click.UsageError(f"{flags}: the assignment fixes the recipe")
+            config = TrainConfig.from_assignment(
+                read_assignment(assignment_file),
+                run_id=name,
+                steps=steps,
+                checkpoint_every=checkpoint_every,
+                corpus=corpus,
+                threads=threads,
+                device=device,
+            )
+        else:
+            r: dict[str, Any] = {
+                k: _RECIPE_DEFAULTS[k] if v is None else v for k, v in recipe.items()
+            }
+            config = TrainConfig(
+                run_id=name,
+                steps=200 if steps is None else steps,
+                batch_size=r["batch_size"],
+                model_config={
+                    k: r[k] for k in ("n_layer", "n_head", "d_model", "context", "dropout")
+                },
+                lr=r["lr"],
+                grad_clip=r["grad_clip"] or None,
+                checkpoint_every=checkpoint_every or 100,
+                corpus=corpus,
+                threads=threads,
+                device=device,
+            )
     except (VeritrainError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
+    steps = config.steps
     console.print(f"run {config.run_id} -> {store_url}; public key 0x{bytes(keypair.public).hex()}")
     columns = (
         TextColumn("step {task.completed}/{task.total}"),

@@ -3,9 +3,9 @@
 A user loop needs five added lines::
 
     hook = AuditHook(model, optimizer, store="runs/my-run", keypair=load_keypair("peer.key"),
-                     config=HookConfig(run_id="my-run", run_seed=1234, checkpoint_every=50))
+                     config=HookConfig(run_id="my-run", schedule=Schedule.constant(1e-3)))
     for step in range(hook.start(), total_steps):   # start() writes the header or resumes
-        hook.begin_step(step)                       # seeds torch RNGs with the replay seed
+        hook.begin_step(step)                       # replay seed; lr from the schedule
         loss = loss_fn(model(x), y)
         loss.backward()
         hook.step(loss)                             # commit raw grads, clip, optimizer.step()
@@ -15,6 +15,12 @@ A user loop needs five added lines::
 those separately to keep your own optimizer call (then clip only with ``hook.clip()``, whose
 parameter order replay reproduces, and call ``end_step`` right after ``optimizer.step()``, before
 any lr scheduler step, so the state checkpoint holds the lr that step used).
+
+The run seed is not the caller's choice: it is derived from the peer's key, the assignment and the
+run id (``hook.run_seed``, or ``trainer.seeds.run_seed_for`` before the model is built). Nor is
+the learning rate: ``begin_step`` sets every param group's rate from the run's schedule, and
+``commit`` refuses a step whose optimizer holds another rate (an lr scheduler of the caller's
+would change what the step trains, and no auditor would pay for it).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch import nn
 from proofs.errors import VeritrainError
 from proofs.hashing import Hash32
 from proofs.signatures import KeyPair, sign
+from trainer.assignment import NO_ASSIGNMENT
 from trainer.checkpoint import (
     ParamLayout,
     capture_gradient_buffer,
@@ -49,9 +56,17 @@ from trainer.pipeline import (
     Stats,
     state_ref,
 )
-from trainer.recipe import HEADER_VERSION, VERITRAIN_VERSION, OptimizerSpec, RunHeader
+from trainer.recipe import (
+    HEADER_VERSION,
+    VERITRAIN_VERSION,
+    OptimizerSpec,
+    RunHeader,
+    check_run_id,
+    jsonable_hyperparameters,
+)
 from trainer.resume import resume_position
-from trainer.seeds import check_run_seed, replay_seed, seed_generators
+from trainer.schedule import Schedule
+from trainer.seeds import RunSeed, replay_seed, run_seed_for, seed_generators
 from trainer.signer import SignerProcess
 from trainer.store import RunStore
 from trainer.tensors import dtype_name
@@ -71,7 +86,11 @@ class HookConfig:
     """What the hook records beyond what it reads off the model and optimizer."""
 
     run_id: str
-    run_seed: int
+    """1-64 of A-Z a-z 0-9 . _ - (trainer.recipe.RUN_ID_PATTERN)."""
+    assignment: Hash32 = NO_ASSIGNMENT
+    """Hash of the assignment trained for (trainer.assignment); the default is unpaid work."""
+    schedule: Schedule | None = None
+    """The learning rate of every step; None: constant at the optimizer's rate at construction."""
     checkpoint_every: int = 100
     chunk_size: int = DEFAULT_CHUNK_SIZE
     grad_clip: float | None = None
@@ -86,7 +105,9 @@ class HookConfig:
     context: int = 0
 
     def __post_init__(self) -> None:
-        check_run_seed(self.run_seed)
+        check_run_id(self.run_id)
+        if len(self.assignment) != 32:
+            raise ValueError(f"assignment must be a 32-byte hash, got {len(self.assignment)} bytes")
         if self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
         if self.chunk_size <= 0 or self.queue_depth <= 0:
@@ -114,6 +135,11 @@ class AuditHook:
         self.store = store if isinstance(store, RunStore) else RunStore(store)
         self.keypair = keypair
         self.config = config
+        self.run_seed: RunSeed = run_seed_for(
+            bytes(keypair.public), config.assignment, config.run_id
+        )
+        first_lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else 0.0
+        self.schedule = config.schedule or Schedule.constant(first_lr)
         self.layout: ParamLayout = param_layout(model, optimizer)
         self.header: RunHeader | None = None
         self._committer: Committer | None = None
@@ -207,8 +233,11 @@ class AuditHook:
         committer.check()
         if self._in_step or step != self._next_step:
             raise HookStateError(f"begin_step({step}): expected step {self._next_step}")
-        seed = replay_seed(self.config.run_seed, step)
+        seed = replay_seed(self.run_seed, step)
         seed_generators(seed)
+        lr = self.schedule.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self._in_step = True
         self._committed = False
         return seed
@@ -222,13 +251,21 @@ class AuditHook:
         if not self._in_step or self._committed:
             raise HookStateError("commit() must follow begin_step() once per step")
         step = self._next_step
+        lrs = tuple(float(g["lr"]) for g in self.optimizer.param_groups)
+        off = [lr for lr in lrs if not self.schedule.matches(step, lr)]
+        if off:
+            raise HookStateError(
+                f"step {step}: the optimizer holds lr {off[0]!r}, the run's schedule says "
+                f"{self.schedule.lr_at(step)!r} (set it in the schedule, not between begin_step "
+                "and commit)"
+            )
         loss_t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         item = GradientItem(
             step=step,
-            replay_seed=replay_seed(self.config.run_seed, step),
+            replay_seed=replay_seed(self.run_seed, step),
             batch=tuple(int(i) for i in batch),
             loss=loss_t,
-            lrs=tuple(float(g["lr"]) for g in self.optimizer.param_groups),
+            lrs=lrs,
             grads=capture_gradient_buffer(self.model),
         )
         committer.submit(item)
@@ -285,11 +322,16 @@ class AuditHook:
             self.model,
             self.optimizer,
             self.layout,
-            run_seed=self.config.run_seed,
+            run_seed=self.run_seed,
             step=self._next_step,
         )
         self._require().submit(StateItem(step=self._next_step, tensors=tensors))
         self._window_steps = 0
+
+    def planned_header(self) -> RunHeader:
+        """The header ``start()`` would write for a new run, its initial state not yet filled
+        in: what a caller checks against an assignment before anything is written."""
+        return self._build_header()
 
     def _build_header(self) -> RunHeader:
         """The header this hook would write (initial_state filled in by ``_new_header``)."""
@@ -300,15 +342,17 @@ class AuditHook:
         return RunHeader(
             version=HEADER_VERSION,
             run_id=cfg.run_id,
-            run_seed=cfg.run_seed,
+            run_seed=self.run_seed,
+            assignment=cfg.assignment,
             model=cfg.model_name,
             model_config=dict(cfg.model_config),
             optimizer=OptimizerSpec(
                 name=type(self.optimizer).__name__,
-                defaults=_jsonable(self.optimizer.defaults),
+                defaults=jsonable_hyperparameters(self.optimizer.defaults, drop=("lr",)),
                 groups=self.layout.groups,
             ),
             grad_clip=cfg.grad_clip,
+            schedule=self.schedule,
             dataset=cfg.dataset,
             batch_size=cfg.batch_size,
             context=cfg.context,
@@ -327,7 +371,7 @@ class AuditHook:
     def _new_header(self, built: RunHeader) -> HeaderItem:
         """The complete header of a new run (initial state committed) for the worker to sign."""
         state = capture_state(
-            self.model, self.optimizer, self.layout, run_seed=self.config.run_seed, step=0
+            self.model, self.optimizer, self.layout, run_seed=self.run_seed, step=0
         )
         encoded = encode_checkpoint(state, chunk_size=self.config.chunk_size)
         initial = state_ref(0, encoded.root, encoded.index.leaf_count, encoded.nbytes)
@@ -349,16 +393,3 @@ def determinism_flags() -> dict[str, Any]:
         "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
     }
-
-
-def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Optimizer defaults as JSON values (tuples become lists; anything else becomes its repr)."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, tuple):
-            value = list(value)
-        if value is None or isinstance(value, bool | int | float | str | list):
-            out[key] = value
-        else:
-            out[key] = repr(value)
-    return out

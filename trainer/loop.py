@@ -1,16 +1,19 @@
 """The reference trainer: the byte-level GPT on a file corpus, through the same AuditHook as users.
 
 ``train(config, store, keypair)`` writes (or resumes) a run in ``store``. Everything random is
-seeded from ``config.run_seed``: weights from ``init_seed``, each step's dropout from its replay
-seed, each batch from ``batch_offsets(run_seed, step)``. The learning rate of step t is a pure
-function of t (linear warmup, then cosine decay to 10%), set before the step, so a resumed run
-uses exactly the rates an uninterrupted one would.
+seeded from the run seed, which is derived from the peer's key, the assignment and the run id
+(``run_seed_for``): weights from ``init_seed``, each step's dropout from its replay seed, each
+batch from ``batch_offsets(run_seed, step)``. The learning rate of step t is the schedule's (by
+default linear warmup, then cosine decay to 10%), set by the hook before the step, so a resumed
+run uses exactly the rates an uninterrupted one would. With ``config.assignment`` the whole recipe
+comes from the assignment (``TrainConfig.from_assignment``) and is checked against it before the
+first step.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,12 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from proofs.hashing import Hash32
 from proofs.signatures import KeyPair
+from trainer.assignment import NO_ASSIGNMENT, Assignment
 from trainer.data import Corpus
 from trainer.hook import DEFAULT_CHUNK_SIZE, AuditHook, HookConfig
 from trainer.models import GPT_NAME, build_model, parse_model_config
 from trainer.pipeline import Stats
-from trainer.seeds import check_run_seed, init_seed, seed_generators
+from trainer.recipe import check_run_id
+from trainer.replay import optimizer_class
+from trainer.schedule import Schedule
+from trainer.seeds import init_seed, run_seed_for, seed_generators
 from trainer.store import RunStore
 
 logger = logging.getLogger(__name__)
@@ -35,7 +43,6 @@ class TrainConfig:
     """The reference trainer's settings (validated on construction)."""
 
     run_id: str
-    run_seed: int = 0
     steps: int = 200
     batch_size: int = 8
     model: str = GPT_NAME
@@ -51,9 +58,11 @@ class TrainConfig:
     threads: int | None = None
     """torch CPU threads; None leaves one core to the committer and signer (see default_threads)."""
     device: str = "auto"
+    assignment: Assignment | None = None
+    """The work this run is paid for; None: unassigned (verifiable, never paid)."""
 
     def __post_init__(self) -> None:
-        check_run_seed(self.run_seed)
+        check_run_id(self.run_id)
         if self.steps < 0 or self.batch_size <= 0 or self.warmup_steps < 0:
             raise ValueError("steps and warmup_steps must be >= 0, batch_size > 0")
         if not self.lr > 0:
@@ -66,6 +75,56 @@ class TrainConfig:
     def context(self) -> int:
         return int(getattr(parse_model_config(self.model, self.model_config), "context", 0))
 
+    @property
+    def schedule(self) -> Schedule:
+        """The assignment's schedule, else warmup over ``warmup_steps``, cosine to 10%."""
+        if self.assignment is not None:
+            return self.assignment.schedule
+        return Schedule.warmup_cosine(
+            self.lr, warmup_steps=self.warmup_steps, total_steps=max(self.steps, 1)
+        )
+
+    @classmethod
+    def from_assignment(
+        cls,
+        assignment: Assignment,
+        *,
+        run_id: str,
+        steps: int | None = None,
+        checkpoint_every: int | None = None,
+        corpus: tuple[str, ...] = (),
+        threads: int | None = None,
+        device: str = "auto",
+    ) -> TrainConfig:
+        """The reference trainer's settings for ``assignment`` (steps default to the schedule's
+        length; the checkpoint interval to 100 within the assignment's bounds)."""
+        a = assignment
+        every = checkpoint_every or min(max(100, a.checkpoint_every_min), a.checkpoint_every_max)
+        return cls(
+            run_id=run_id,
+            steps=a.schedule.total_steps if steps is None else steps,
+            batch_size=a.batch_size,
+            model=a.model,
+            model_config=dict(a.model_config),
+            lr=a.schedule.lr,
+            warmup_steps=a.schedule.warmup_steps,
+            weight_decay=float(a.hyperparameters.get("weight_decay", 0.0)),
+            grad_clip=a.grad_clip,
+            checkpoint_every=every,
+            corpus=corpus,
+            threads=threads,
+            device=device,
+            assignment=a,
+        )
+
+    def run_seed(self, pubkey: bytes) -> int:
+        """This run's seed for the peer with BLS key ``pubkey``."""
+        return run_seed_for(pubkey, self.assignment_hash, self.run_id)
+
+    @property
+    def assignment_hash(self) -> Hash32:
+        return NO_ASSIGNMENT if self.assignment is None else self.assignment.hash()
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainResult:
@@ -75,15 +134,6 @@ class TrainResult:
     end_step: int
     last_loss: float
     bytes_written: int
-
-
-def lr_at(config: TrainConfig, step: int) -> float:
-    """Learning rate of ``step``: linear warmup over ``warmup_steps``, cosine decay to 10%."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    return config.lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
 
 
 def pick_device(name: str) -> torch.device:
@@ -114,10 +164,29 @@ def configure_determinism(threads: int | None) -> None:
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The reference loop's optimizer for ``model`` (AdamW; the hook records it in the header)."""
-    return torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
-    )
+    """The reference loop's optimizer for ``model``: AdamW, or the assignment's optimizer built
+    with the assignment's hyperparameters (the hook records them in the header)."""
+    if config.assignment is None:
+        return torch.optim.AdamW(
+            model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+        )
+    return build_assigned_optimizer(config.assignment, model)
+
+
+def build_assigned_optimizer(assignment: Assignment, model: nn.Module) -> torch.optim.Optimizer:
+    """``assignment``'s torch.optim optimizer over ``model``'s parameters, with every
+    hyperparameter the constructor takes (lists become tuples); EncodingError for an optimizer
+    outside torch.optim."""
+    # Typed loosely: concrete optimizers take (params, lr=...), the base class does not.
+    cls: Any = optimizer_class(assignment.optimizer)
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in assignment.hyperparameters.items()
+        if k in accepted
+    }
+    optimizer: torch.optim.Optimizer = cls(model.parameters(), lr=assignment.schedule.lr, **kwargs)
+    return optimizer
 
 
 def train(
@@ -138,7 +207,8 @@ def train(
     configure_determinism(config.threads)
     device = pick_device(config.device)
     data = corpus if corpus is not None else _load_corpus(config.corpus)
-    seed_generators(init_seed(config.run_seed))
+    run_seed = config.run_seed(bytes(keypair.public))
+    seed_generators(init_seed(run_seed))
     model = build_model(config.model, config.model_config).to(device)
     optimizer = make_optimizer(config, model)
     hook = AuditHook(
@@ -148,7 +218,8 @@ def train(
         keypair=keypair,
         config=HookConfig(
             run_id=config.run_id,
-            run_seed=config.run_seed,
+            assignment=config.assignment_hash,
+            schedule=config.schedule,
             checkpoint_every=config.checkpoint_every,
             chunk_size=config.chunk_size,
             grad_clip=config.grad_clip,
@@ -159,16 +230,17 @@ def train(
             context=config.context,
         ),
     )
+    if config.assignment is not None:
+        # Before anything is written: a store whose header is not the assigned work is unpaid.
+        config.assignment.check(hook.planned_header())
     with hook:
         start = hook.start()
         end = config.steps if stop_after is None else min(config.steps, start + stop_after)
         model.train()
         for step in range(start, end):
-            hook.begin_step(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(config, step)
+            hook.begin_step(step)  # the replay seed and the schedule's learning rate
             batch = data.batch_for_step(
-                config.run_seed, step, batch_size=config.batch_size, context=config.context
+                run_seed, step, batch_size=config.batch_size, context=config.context
             )
             _, loss = model(batch.inputs.to(device), batch.targets.to(device))
             if loss is None:  # pragma: no cover - GPT always returns a loss with targets

@@ -6,6 +6,12 @@ commitment, batch shape, dtype, device, versions, determinism flags, the run see
 interval, the encoding chunk size, the initial state checkpoint and the peer's BLS public key.
 Its hash (sha256 of canonical JSON) roots the hash chain of step records and manifests.
 
+Version 2 binds a run to its peer and its work: ``assignment`` names the work an epoch pays for
+(trainer.assignment; 32 zero bytes for none), ``run_seed`` must be the one derived from the
+peer's key, that assignment and the run id (trainer.seeds.run_seed_for), and ``schedule`` gives
+the learning rate of every step (trainer.schedule). ``run_id`` is restricted to RUN_ID_PATTERN.
+The optimizer's recorded defaults leave out ``lr``: every step's rate comes from the schedule.
+
 Gradient clipping: the *raw* gradient is committed (what an auditor recomputes); the clip in
 ``grad_clip`` is applied after the commitment and before the optimizer step, and replay re-applies
 it.
@@ -13,7 +19,8 @@ it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +39,45 @@ from trainer.jsonform import (
     record_hash,
 )
 from trainer.manifest import StateRef
+from trainer.schedule import Schedule
+from trainer.seeds import run_seed_for
 
-HEADER_VERSION = 1
+HEADER_VERSION = 2
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""Run ids: 1-64 ASCII letters, digits, '.', '_' and '-', starting with a letter or digit. They
+name folders, appear in tables and terminals, and are joined to a peer's name as ``peer/run``
+in the warehouse, so nothing in them can be markup, a path or a separator."""
+
+
+def check_run_id(run_id: str) -> str:
+    """Return ``run_id``; EncodingError unless it matches RUN_ID_PATTERN."""
+    if not isinstance(run_id, str) or RUN_ID_PATTERN.fullmatch(run_id) is None:
+        raise EncodingError(
+            f"run id must be 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit, "
+            f"got {run_id!r:.80}"
+        )
+    return run_id
+
+
 VERITRAIN_VERSION = "0.1.0"
+
+
+def jsonable_hyperparameters(
+    values: Mapping[str, Any], *, drop: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Optimizer hyperparameters as the header records them: tuples become lists, values JSON
+    cannot hold become their repr, keys in ``drop`` are left out."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in drop:
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        if value is None or isinstance(value, bool | int | float | str | list):
+            out[key] = value
+        else:
+            out[key] = repr(value)
+    return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,11 +117,15 @@ class RunHeader:
     version: int
     run_id: str
     run_seed: int
+    """Derived, never chosen: ``run_seed_for(pubkey, assignment, run_id)``."""
+    assignment: Hash32
+    """Hash of the assignment this run was trained for (32 zero bytes: none)."""
     model: str
     model_config: Mapping[str, Any]
     optimizer: OptimizerSpec
     grad_clip: float | None
     """Max L2 norm of all gradients (``clip_grad_norm_``), applied after commit; None = off."""
+    schedule: Schedule
     dataset: CorpusCommitment | None
     batch_size: int
     context: int
@@ -95,22 +142,34 @@ class RunHeader:
     """State-dict keys that alias a parameter (tied weights): key -> parameter name."""
 
     def __post_init__(self) -> None:
-        if not self.run_id or len(self.run_id) > 200:
-            raise EncodingError(f"run_id must be 1..200 characters, got {self.run_id!r}")
-        if self.checkpoint_every <= 0 or self.chunk_size <= 0:
-            raise EncodingError("checkpoint_every and chunk_size must be positive")
+        check_run_id(self.run_id)
         if len(self.pubkey) != 48:
             raise EncodingError(f"pubkey must be 48 bytes, got {len(self.pubkey)}")
+        if len(self.assignment) != 32:
+            raise EncodingError(f"assignment must be 32 bytes, got {len(self.assignment)}")
+        expected = run_seed_for(self.pubkey, self.assignment, self.run_id)
+        if self.run_seed != expected:
+            raise EncodingError(
+                f"run seed {self.run_seed} is not derived from the peer's key, the assignment and "
+                f"the run id (expected {expected}): a run cannot be re-signed or re-run by another "
+                "peer"
+            )
+        if "lr" in self.optimizer.defaults:
+            raise EncodingError("optimizer defaults record no lr: the schedule gives every rate")
+        if self.checkpoint_every <= 0 or self.chunk_size <= 0:
+            raise EncodingError("checkpoint_every and chunk_size must be positive")
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "run_id": self.run_id,
             "run_seed": self.run_seed,
+            "assignment": hex_bytes(self.assignment),
             "model": self.model,
             "model_config": dict(self.model_config),
             "optimizer": self.optimizer.to_json(),
             "grad_clip": self.grad_clip,
+            "schedule": self.schedule.to_json(),
             "dataset": None if self.dataset is None else self.dataset.to_json(),
             "batch_size": self.batch_size,
             "context": self.context,
@@ -144,10 +203,12 @@ class RunHeader:
             version=version,
             run_id=get_str(obj, "run_id"),
             run_seed=get_int(obj, "run_seed"),
+            assignment=Hash32(get_bytes(obj, "assignment", 32)),
             model=get_str(obj, "model"),
             model_config=dict(get_object(obj, "model_config")),
             optimizer=OptimizerSpec.from_json(obj["optimizer"]),
             grad_clip=None if clip is None else float(clip),
+            schedule=Schedule.from_json(obj["schedule"]),
             dataset=None if dataset is None else CorpusCommitment.from_json(dataset),
             batch_size=get_int(obj, "batch_size"),
             context=get_int(obj, "context"),

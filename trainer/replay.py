@@ -6,6 +6,11 @@ hook's ``step()`` did after each commitment (clip, set lr, ``optimizer.step()``,
 returns the state checkpoint tensors at c+k, which must match the stored ones bit for bit on the
 same device. No model code runs: parameters are rebuilt from the checkpoint, so this works for any
 ``nn.Module``. Only optimizers from ``torch.optim`` are resolved (never code named by the peer).
+
+Nothing the peer records is taken on trust: each step's learning rate is the header's schedule's
+(a recorded rate that differs is the record checks' business, and a state trained with another
+rate does not follow from the replay), and every param group of the starting state must carry
+the header's hyperparameters.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from trainer.checkpoint import (
     optimizer_tensors,
 )
 from trainer.manifest import StepRecord
-from trainer.recipe import RunHeader
+from trainer.recipe import RunHeader, jsonable_hyperparameters
 from trainer.seeds import cpu_rng_state, replay_seed
 
 
@@ -59,10 +64,19 @@ def build_optimizer(
         raise EncodingError(f"optimizer group names a parameter not in the state: {exc}") from None
     # Typed loosely: concrete optimizers take (params, lr=...), the base class does not.
     cls: Any = optimizer_class(header.optimizer.name)
-    lr = header.optimizer.defaults.get("lr")
-    optimizer: torch.optim.Optimizer = cls(groups) if lr is None else cls(groups, lr=lr)
-    # The saved param groups carry every hyper-parameter; loading them overrides the defaults.
+    optimizer: torch.optim.Optimizer = cls(groups, lr=header.schedule.lr)
+    # The saved param groups carry every hyper-parameter; loading them overrides the defaults,
+    # so they must be the ones the header records (a group with its own weight decay or betas
+    # would train another recipe than the one signed).
     optimizer.load_state_dict(optimizer_state_dict(state, layout))
+    for index, group in enumerate(optimizer.param_groups):
+        held = jsonable_hyperparameters(group, drop=("params", "lr", "initial_lr"))
+        for key, value in header.optimizer.defaults.items():
+            if held.get(key) != value:
+                raise EncodingError(
+                    f"param group {index}: {key} {held.get(key)!r} in the state checkpoint, "
+                    f"the header records {value!r}"
+                )
     return params, optimizer
 
 
@@ -133,9 +147,8 @@ def _apply_one(
         p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype, copy=True)
     if header.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(order, header.grad_clip)
-    if len(record.lrs) != len(optimizer.param_groups):
-        raise EncodingError(f"step {step}: {len(record.lrs)} lrs for {len(order)} groups")
-    for group, lr in zip(optimizer.param_groups, record.lrs, strict=True):
+    lr = header.schedule.lr_at(step)
+    for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -20,9 +20,11 @@ Seed = NewType("Seed", int)
 """A non-negative 63-bit integer fed to ``torch.manual_seed``."""
 
 RunSeed = NewType("RunSeed", int)
-"""The run's master seed in ``[0, 2**64)``, chosen by the peer and signed in the header."""
+"""The run's master seed in ``[0, 2**64)``, derived by :func:`run_seed_for` and signed in the
+header; no peer chooses it."""
 
 SEED_MAGIC = b"veritrain/seed/v1\x00"
+RUN_SEED_MAGIC = b"veritrain/run-seed/v1\x00"
 REPLAY_DOMAIN = "replay"
 """Domain of the seed set before each training step (dropout and any other sampling)."""
 INIT_DOMAIN = "init"
@@ -38,6 +40,26 @@ def check_run_seed(run_seed: int) -> RunSeed:
     if not 0 <= run_seed < _MAX_RUN_SEED:
         raise ValueError(f"run seed must be in [0, 2**64), got {run_seed}")
     return RunSeed(run_seed)
+
+
+def run_seed_for(pubkey: bytes, assignment: bytes, run_id: str) -> RunSeed:
+    """The run seed of run ``run_id`` of the peer with BLS key ``pubkey`` under ``assignment``
+    (the assignment's 32-byte hash; 32 zero bytes for work no epoch assigned).
+
+    Message: ``RUN_SEED_MAGIC || pubkey (48) || assignment (32) || u32be(len(run_id)) || run_id
+    (UTF-8)``; seed = first 8 bytes of its sha256, big-endian. Binding the seed to the key is what
+    makes a run the peer's own: another peer's key gives other batches and other dropout masks, so
+    a copied or re-run store can neither be re-signed nor be reproduced under the copier's key.
+    Raises ValueError on a key that is not 48 bytes or an assignment that is not 32.
+    """
+    if len(pubkey) != 48:
+        raise ValueError(f"pubkey must be 48 bytes, got {len(pubkey)}")
+    if len(assignment) != 32:
+        raise ValueError(f"assignment hash must be 32 bytes, got {len(assignment)}")
+    name = run_id.encode("utf-8")
+    message = RUN_SEED_MAGIC + bytes(pubkey) + bytes(assignment) + struct.pack(">I", len(name))
+    digest = hashlib.sha256(message + name).digest()
+    return RunSeed(int.from_bytes(digest[:8], "big"))
 
 
 def derive_seed(domain: str, run_seed: int, step: int) -> Seed:

@@ -3,10 +3,11 @@
 Walks the chain in commit order: the header's signature (and key, when the caller expects one), the
 initial state checkpoint, then window by window the manifest (file number, run id, first step, link
 to the previous manifest, signature), each step record (step number, link to the previous record,
-replay seed, batch offsets, gradient artifact against its root, leaf by leaf), the window's state
-checkpoint, and finally the gradient-to-state chain (replaying the window's gradients through the
-optimizer must give the stored state root bit for bit). The first failure stops the walk and is
-reported as a :class:`BrokenLink` (window, step, artifact, leaf index, reason).
+the replay seed, learning rates and batch offsets the header derives, the gradient artifact against
+its root, leaf by leaf), the window's state checkpoint, and finally the gradient-to-state chain
+(replaying the window's gradients through the optimizer must give the stored state root bit for
+bit). The first failure stops the walk and is reported as a :class:`BrokenLink` (window, step,
+artifact, leaf index, reason).
 
 ``check_store`` returns a report and ``verify_store`` a bool; neither raises on bad store content.
 """
@@ -24,12 +25,11 @@ from proofs.errors import VeritrainError
 from proofs.hashing import Hash32
 from trainer.artifact import first_bad_leaf
 from trainer.checkpoint import BUFFER, decode_checkpoint, encode_checkpoint
-from trainer.data import batch_offsets
+from trainer.derived import derivation_problem
 from trainer.jsonform import canonical_json
 from trainer.manifest import StepRecord, WindowManifest
 from trainer.recipe import RunHeader
 from trainer.replay import apply_gradients
-from trainer.seeds import replay_seed
 from trainer.store import HEADER_PATH, RunStore, manifest_name, object_name
 
 logger = logging.getLogger(__name__)
@@ -303,18 +303,7 @@ def _record_problem(
         return "hash chain", f"record for step {rec.step}, expected {step}"
     if rec.prev != prev:
         return "hash chain", "prev does not match the previous record's hash"
-    if rec.replay_seed != replay_seed(header.run_seed, step):
-        return "record", "replay seed is not the one derived from the run seed"
-    if len(rec.lrs) != len(header.optimizer.groups):
-        return "record", f"{len(rec.lrs)} lrs for {len(header.optimizer.groups)} param groups"
-    if header.dataset is not None and header.batch_size > 0:
-        expected = batch_offsets(
-            header.run_seed,
-            step,
-            batch_size=header.batch_size,
-            context=header.context,
-            corpus_size=header.dataset.nbytes,
-        )
-        if rec.batch != expected:
-            return "record", "batch offsets are not the ones derived from (run seed, step)"
+    problem = derivation_problem(header, rec)
+    if problem is not None:
+        return "record", problem
     return None
