@@ -53,10 +53,9 @@ def corpus() -> Corpus:
     return Corpus.from_paths([os.path.join(sysconfig.get_paths()["stdlib"], "json")])
 
 
-def config(name: str, *, steps: int, every: int, run_seed: int = 7, threads: int | None = None):  # type: ignore[no-untyped-def]
+def config(name: str, *, steps: int, every: int, threads: int | None = None):  # type: ignore[no-untyped-def]
     return TrainConfig(
         run_id=name,
-        run_seed=run_seed,
         steps=steps,
         batch_size=BATCH,
         model_config=MODEL,
@@ -100,7 +99,6 @@ def make_run(
     *,
     steps: int = 6,
     every: int = 3,
-    run_seed: int = 7,
     threads: int | None = 1,
     tamper: Tamper | None = None,
     tamper_state: Tamper | None = None,
@@ -114,7 +112,7 @@ def make_run(
     if name in _RUNS:
         return _RUNS[name]
     url = str(workdir() / name)
-    cfg = config(name, steps=steps, every=every, run_seed=run_seed, threads=threads)
+    cfg = config(name, steps=steps, every=every, threads=threads)
     saved = torch.get_num_threads()
     try:
         if tamper is not None:

@@ -126,7 +126,7 @@ def test_5_gradient_plus_one_percent_noise() -> None:
 
 
 def test_6_gradient_copied_from_another_peers_run() -> None:
-    other = make_run("other-peer", run_seed=8, keypair=OTHER_PEER)
+    other = make_run("other-peer", keypair=OTHER_PEER)
 
     def tamper(step: int, model: nn.Module) -> None:
         if step == CHEAT:
@@ -176,7 +176,7 @@ def test_9_stored_bytes_changed_after_commit() -> None:
 
 def test_10_manifests_replayed_from_another_run() -> None:
     url = copy_run(make_run("honest"), "attack-10")
-    other = make_run("other-peer", run_seed=8, keypair=OTHER_PEER)
+    other = make_run("other-peer", keypair=OTHER_PEER)
     shutil.rmtree(Path(url) / "manifests")
     shutil.copytree(Path(other) / "manifests", Path(url) / "manifests")
     with pytest.raises(ArtifactInvalid, match=r"manifests/w000000\.json"):

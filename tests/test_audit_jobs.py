@@ -185,7 +185,7 @@ def test_corrupted_copy_gives_invalid_verdict_file(tmp_path: Path) -> None:
 def test_parallel_workers_audit_each_run(tmp_path: Path) -> None:
     from audit_runs import OTHER_PEER
 
-    runs = [make_run("honest"), make_run("other-peer", run_seed=8, keypair=OTHER_PEER)]
+    runs = [make_run("honest"), make_run("other-peer", keypair=OTHER_PEER)]
     out = tmp_path / "out"
     args = [*_run_args(_key(tmp_path), out, *runs, count=1), "--workers", "2", "--no-usefulness"]
     result = CliRunner().invoke(main, args)

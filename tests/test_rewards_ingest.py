@@ -66,7 +66,6 @@ def _train(stores: Path, name: str, run: str = "r1") -> None:
 
     config = TrainConfig(
         run_id=f"{name}-{run}",
-        run_seed=7 if run == "r1" else 8,
         steps=STEPS,
         batch_size=2,
         model_config=TINY,

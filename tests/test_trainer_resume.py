@@ -25,7 +25,7 @@ STEPS, EVERY = 60, 5
 
 def cli_args(store: Path, key: Path) -> list[str]:
     return [
-        "run", "--store", str(store), "--key-file", str(key), "--seed", "21",
+        "run", "--store", str(store), "--key-file", str(key),
         "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--batch-size", "4",
         "--n-layer", "1", "--n-head", "2", "--d-model", "32", "--context", "16",
         "--threads", "1", "--corpus", str(Path(json.__file__).parent),

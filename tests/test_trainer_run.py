@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -25,10 +26,9 @@ SMALL = {"n_layer": 1, "n_head": 2, "d_model": 32, "context": 16, "dropout": 0.1
 KEY = keypair_from_seed(b"trainer-test-peer-key-seed-000001")
 
 
-def small_config(seed: int, *, steps: int = 6, every: int = 3) -> TrainConfig:
+def small_config(run_id: str = "run", *, steps: int = 6, every: int = 3) -> TrainConfig:
     return TrainConfig(
-        run_id="run",
-        run_seed=seed,
+        run_id=run_id,
         steps=steps,
         batch_size=4,
         model_config=SMALL,
@@ -53,9 +53,13 @@ def roots(url: str) -> tuple[list[bytes], list[bytes]]:
     return grads, states
 
 
-def test_same_seed_gives_identical_roots_other_seed_differs(tmp_path: Path, corpus: Corpus) -> None:
-    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        train(small_config(seed), str(tmp_path / name / "run"), KEY, corpus=corpus)
+def test_same_run_gives_identical_roots_other_run_id_differs(
+    tmp_path: Path, corpus: Corpus
+) -> None:
+    # The seed derives from (key, assignment, run id): the same three train the same run, another
+    # run id of the same peer trains other batches and other dropout masks.
+    for name, run_id in (("a", "run"), ("b", "run"), ("c", "other")):
+        train(small_config(run_id), str(tmp_path / name / "run"), KEY, corpus=corpus)
     grads_a, states_a = roots(str(tmp_path / "a" / "run"))
     grads_b, states_b = roots(str(tmp_path / "b" / "run"))
     grads_c, states_c = roots(str(tmp_path / "c" / "run"))
@@ -77,7 +81,7 @@ def test_same_seed_gives_identical_roots_other_seed_differs(tmp_path: Path, corp
 
 def test_memory_store_and_leaf_level_reads(corpus: Corpus) -> None:
     url = "memory://trainer-test/run"
-    train(small_config(5), url, KEY, corpus=corpus)
+    train(small_config(), url, KEY, corpus=corpus)
     store = RunStore(url)
     record = store.read_manifest(1).manifest.records[0]
     assert record.step == 3
@@ -97,7 +101,7 @@ def test_memory_store_and_leaf_level_reads(corpus: Corpus) -> None:
 
 
 def test_resume_in_process_gives_uninterrupted_roots(tmp_path: Path, corpus: Corpus) -> None:
-    config = small_config(7, steps=7)
+    config = small_config(steps=7)
     train(config, str(tmp_path / "full" / "run"), KEY, corpus=corpus)
     url = str(tmp_path / "cut" / "run")
     first = train(config, url, KEY, corpus=corpus, stop_after=4)
@@ -116,16 +120,17 @@ def test_resume_in_process_gives_uninterrupted_roots(tmp_path: Path, corpus: Cor
 
 def test_resume_refuses_a_different_recipe(tmp_path: Path, corpus: Corpus) -> None:
     url = str(tmp_path / "run")
-    train(small_config(1, steps=3), url, KEY, corpus=corpus)
+    train(small_config(steps=3), url, KEY, corpus=corpus)
     before = sorted(os.listdir(url))
+    other = dataclasses.replace(small_config(steps=3), lr=1e-3)
     with pytest.raises(OSError, match="different run"):
-        train(small_config(2, steps=3), url, KEY, corpus=corpus)
+        train(other, url, KEY, corpus=corpus)
     assert sorted(os.listdir(url)) == before
 
 
 def test_reader_reexecutes_a_step_to_the_committed_gradient(tmp_path: Path, corpus: Corpus) -> None:
     url = str(tmp_path / "run")
-    train(small_config(9), url, KEY, corpus=corpus)
+    train(small_config(), url, KEY, corpus=corpus)
     reader = RunReader(url)
     assert reader.committed_steps == 6
     for step in (0, 4):  # a window start, and a step the reader reaches by replaying gradients

@@ -13,12 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proofs.signatures import keypair_from_seed
+from proofs.signatures import Domain, keypair_from_seed, sign
 from trainer.data import Corpus
-from trainer.jsonform import canonical_json
+from trainer.jsonform import canonical_json, record_hash
 from trainer.loop import TrainConfig, train
 from trainer.manifest import SignedWindowManifest, sign_manifest
 from trainer.recipe import sign_header
+from trainer.seeds import run_seed_for
 from trainer.store import RunStore, manifest_name, object_name
 from trainer.verify import check_store
 
@@ -26,7 +27,6 @@ KEY = keypair_from_seed(b"trainer-tamper-peer-key-seed-0001")
 OTHER = keypair_from_seed(b"trainer-tamper-other-key-seed-002")
 CONFIG = TrainConfig(
     run_id="run",
-    run_seed=11,
     steps=6,
     batch_size=4,
     model_config={"n_layer": 1, "n_head": 2, "d_model": 32, "context": 16},
@@ -141,9 +141,30 @@ def test_manifest_resigned_with_another_key_is_caught(run: Path) -> None:
     assert broken is not None and (broken.check, broken.window) == ("signature", 1)
 
 
-def test_whole_run_resigned_with_another_key_fails_the_expected_key(run: Path) -> None:
+def test_run_resigned_with_another_key_keeping_the_seed_is_refused(run: Path) -> None:
+    # A copier signs the victim's header, seed unchanged, with its own key: the seed is not the
+    # one its key derives, so the header itself is refused, whatever key is expected.
+    obj = json.loads((run / "header.json").read_bytes())["header"]
+    obj["pubkey"] = "0x" + bytes(OTHER.public).hex()
+    signature = sign(OTHER, Domain.RUN_HEADER, obj["run_id"], record_hash(obj))
+    signed = {"header": obj, "signature": "0x" + bytes(signature).hex()}
+    (run / "header.json").write_bytes(canonical_json(signed))
+    broken = check_store(str(run), chain=False).broken
+    assert broken is not None and broken.artifact == "header.json"
+    assert "run seed" in broken.reason and "not derived from the peer's key" in broken.reason
+
+
+def test_whole_run_resigned_with_another_key_fails_its_records(run: Path) -> None:
+    # The copier re-derives the seed for its key and rebuilds the chain consistently: the stored
+    # steps then carry replay seeds and batches of another seed, which the records check catches
+    # (and re-executing them, which an auditor does, would need the copier's own training).
     store = RunStore(str(run))
-    header = dataclasses.replace(store.read_header().header, pubkey=bytes(OTHER.public))
+    original = store.read_header().header
+    header = dataclasses.replace(
+        original,
+        pubkey=bytes(OTHER.public),
+        run_seed=run_seed_for(bytes(OTHER.public), original.assignment, original.run_id),
+    )
     (run / "header.json").write_bytes(canonical_json(sign_header(OTHER, header).to_json()))
     prev_record = prev_manifest = header.hash()
     for w in store.manifest_windows():  # the forger rebuilds the whole chain consistently
@@ -156,7 +177,9 @@ def test_whole_run_resigned_with_another_key_fails_the_expected_key(run: Path) -
         prev_manifest = m.hash()
         signed: SignedWindowManifest = sign_manifest(OTHER, m)
         (run / manifest_name(w)).write_bytes(canonical_json(signed.to_json()))
-    assert check_store(str(run), chain=False).ok  # self-consistent under the forger's key...
+    broken = check_store(str(run), chain=False).broken
+    assert broken is not None and (broken.check, broken.step) == ("record", 0)
+    assert "replay seed is not the one derived" in broken.reason
     broken = check_store(str(run), pubkey=bytes(KEY.public), chain=False).broken
     assert broken is not None and (broken.check, broken.artifact) == ("key", "header.json")
 

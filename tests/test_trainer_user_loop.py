@@ -12,6 +12,7 @@ from proofs.hashing import Root
 from proofs.signatures import keypair_from_seed
 from trainer.hook import AuditHook, HookConfig, HookStateError
 from trainer.pipeline import PipelineError
+from trainer.schedule import Schedule
 from trainer.store import Data, RunStore
 from trainer.verify import check_store
 
@@ -44,7 +45,7 @@ def make(seed: int = 0) -> tuple[Regressor, torch.optim.Optimizer, torch.optim.l
         momentum=0.9,
         nesterov=True,
     )
-    return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    return model, optimizer
 
 
 def user_batch(step: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -56,7 +57,7 @@ def user_batch(step: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
 def run_loop(
     store: RunStore | str, steps: int, *, cheat: bool = False, subprocess_signer: bool = True
 ) -> AuditHook:
-    model, optimizer, scheduler = make()
+    model, optimizer = make()
     hook = AuditHook(
         model,
         optimizer,
@@ -64,7 +65,8 @@ def run_loop(
         keypair=KEY,
         config=HookConfig(
             run_id="user",
-            run_seed=42,
+            # StepLR's rates, per group: the hook sets them before every step.
+            schedule=Schedule.step_decay(0.1, step_size=2, gamma=0.5, group_scales=(1.0, 0.5)),
             checkpoint_every=3,
             grad_clip=0.5,
             sign_in_subprocess=subprocess_signer,
@@ -86,7 +88,6 @@ def run_loop(
             optimizer.step()
             optimizer.zero_grad()
             hook.end_step()
-        scheduler.step()
     hook.close()
     return hook
 
@@ -99,7 +100,7 @@ def test_user_loop_with_sgd_momentum_groups_scheduler_verifies(tmp_path: Path) -
     manifests = [m.manifest for m in store.read_manifests()]
     assert [m.end_step for m in manifests] == [3, 6, 7]  # the last window is closed by close()
     lrs = [r.lrs for m in manifests for r in m.records]
-    assert lrs[0] == (0.1, 0.05) and lrs[2] == (0.05, 0.025)  # StepLR as the optimizer saw it
+    assert lrs[0] == (0.1, 0.05) and lrs[2] == (0.05, 0.025)  # the schedule
     header = store.read_header().header
     assert header.optimizer.name == "SGD" and header.model == ""
     report = check_store(url, pubkey=bytes(KEY.public))
@@ -139,13 +140,13 @@ def test_pipeline_error_surfaces_in_the_training_loop(tmp_path: Path) -> None:
 
 
 def test_hook_rejects_out_of_order_calls(tmp_path: Path) -> None:
-    model, optimizer, _ = make()
+    model, optimizer = make()
     hook = AuditHook(
         model,
         optimizer,
         store=str(tmp_path / "x"),
         keypair=KEY,
-        config=HookConfig(run_id="x", run_seed=1),
+        config=HookConfig(run_id="x"),
     )
     with pytest.raises(HookStateError):
         hook.begin_step(0)

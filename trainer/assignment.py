@@ -192,6 +192,8 @@ class Assignment:
                 f"optimizer hyperparameters {dict(header.optimizer.defaults)}, "
                 f"assigned {dict(self.hyperparameters)}"
             )
+        if any(header.optimizer.overrides):
+            out.append(f"param group overrides {list(header.optimizer.overrides)}, assigned none")
         if header.schedule != self.schedule:
             out.append(f"schedule {header.schedule.to_json()}, assigned {self.schedule.to_json()}")
         if not self.checkpoint_every_min <= header.checkpoint_every <= self.checkpoint_every_max:

@@ -22,11 +22,13 @@ def derivation_problem(header: RunHeader, record: StepRecord) -> str | None:
     groups = len(header.optimizer.groups)
     if len(record.lrs) != groups:
         return f"{len(record.lrs)} lrs for {groups} param groups"
+    if header.schedule.group_scales and len(header.schedule.group_scales) != groups:
+        return f"the schedule scales {len(header.schedule.group_scales)} of {groups} param groups"
     for index, lr in enumerate(record.lrs):
-        if not header.schedule.matches(step, lr):
+        if not header.schedule.matches(step, index, lr):
             return (
                 f"param group {index} records lr {lr!r}, the schedule gives "
-                f"{header.schedule.lr_at(step)!r} at step {step}"
+                f"{header.schedule.lr_at(step, index)!r} at step {step}"
             )
     if header.dataset is not None and header.batch_size > 0:
         expected = batch_offsets(

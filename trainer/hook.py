@@ -57,6 +57,7 @@ from trainer.pipeline import (
     state_ref,
 )
 from trainer.recipe import (
+    GROUP_KEYS_NOT_HYPERPARAMETERS,
     HEADER_VERSION,
     VERITRAIN_VERSION,
     OptimizerSpec,
@@ -72,6 +73,8 @@ from trainer.store import RunStore
 from trainer.tensors import dtype_name
 
 logger = logging.getLogger(__name__)
+
+_MISSING = object()
 
 DEFAULT_CHUNK_SIZE = 1 << 16
 """Leaf size of gradient/state encodings: 64 KiB keeps leaf-level proofs small."""
@@ -138,8 +141,7 @@ class AuditHook:
         self.run_seed: RunSeed = run_seed_for(
             bytes(keypair.public), config.assignment, config.run_id
         )
-        first_lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else 0.0
-        self.schedule = config.schedule or Schedule.constant(first_lr)
+        self.schedule = config.schedule or _constant_schedule(optimizer)
         self.layout: ParamLayout = param_layout(model, optimizer)
         self.header: RunHeader | None = None
         self._committer: Committer | None = None
@@ -235,8 +237,8 @@ class AuditHook:
             raise HookStateError(f"begin_step({step}): expected step {self._next_step}")
         seed = replay_seed(self.run_seed, step)
         seed_generators(seed)
-        lr = self.schedule.lr_at(step)
-        for group in self.optimizer.param_groups:
+        groups = self.optimizer.param_groups
+        for group, lr in zip(groups, self.schedule.lrs_at(step, len(groups)), strict=True):
             group["lr"] = lr
         self._in_step = True
         self._committed = False
@@ -252,12 +254,12 @@ class AuditHook:
             raise HookStateError("commit() must follow begin_step() once per step")
         step = self._next_step
         lrs = tuple(float(g["lr"]) for g in self.optimizer.param_groups)
-        off = [lr for lr in lrs if not self.schedule.matches(step, lr)]
+        off = [i for i, lr in enumerate(lrs) if not self.schedule.matches(step, i, lr)]
         if off:
             raise HookStateError(
-                f"step {step}: the optimizer holds lr {off[0]!r}, the run's schedule says "
-                f"{self.schedule.lr_at(step)!r} (set it in the schedule, not between begin_step "
-                "and commit)"
+                f"step {step}: param group {off[0]} holds lr {lrs[off[0]]!r}, the run's schedule "
+                f"says {self.schedule.lr_at(step, off[0])!r} (set it in the schedule, not "
+                "between begin_step and commit)"
             )
         loss_t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         item = GradientItem(
@@ -339,6 +341,7 @@ class AuditHook:
         params = list(self.model.parameters())
         first = params[0] if params else torch.empty(0)
         placeholder = state_ref(0, bytes(32), 0, 0)
+        defaults = jsonable_hyperparameters(self.optimizer.defaults, drop=("lr",))
         return RunHeader(
             version=HEADER_VERSION,
             run_id=cfg.run_id,
@@ -348,8 +351,15 @@ class AuditHook:
             model_config=dict(cfg.model_config),
             optimizer=OptimizerSpec(
                 name=type(self.optimizer).__name__,
-                defaults=jsonable_hyperparameters(self.optimizer.defaults, drop=("lr",)),
+                defaults=defaults,
                 groups=self.layout.groups,
+                overrides=tuple(
+                    {k: v for k, v in held.items() if defaults.get(k, _MISSING) != v}
+                    for held in (
+                        jsonable_hyperparameters(g, drop=GROUP_KEYS_NOT_HYPERPARAMETERS)
+                        for g in self.optimizer.param_groups
+                    )
+                ),
             ),
             grad_clip=cfg.grad_clip,
             schedule=self.schedule,
@@ -393,3 +403,12 @@ def determinism_flags() -> dict[str, Any]:
         "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
     }
+
+
+def _constant_schedule(optimizer: torch.optim.Optimizer) -> Schedule:
+    """The optimizer's rates at construction, kept for every step (each group its own)."""
+    lrs = [float(g["lr"]) for g in optimizer.param_groups]
+    if not lrs:
+        raise ValueError("the optimizer has no param groups")
+    scales = tuple(lr / lrs[0] for lr in lrs) if len(set(lrs)) > 1 else ()
+    return Schedule.constant(lrs[0], group_scales=scales)

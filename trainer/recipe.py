@@ -62,6 +62,11 @@ def check_run_id(run_id: str) -> str:
 VERITRAIN_VERSION = "0.1.0"
 
 
+GROUP_KEYS_NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")
+"""Keys of a torch param group that are no hyperparameter the header records: the parameters,
+and the rates (the schedule's; ``initial_lr`` is what torch's lr schedulers leave behind)."""
+
+
 def jsonable_hyperparameters(
     values: Mapping[str, Any], *, drop: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -87,26 +92,45 @@ class OptimizerSpec:
     name: str
     """Class name inside ``torch.optim`` (e.g. "AdamW"); replay resolves nothing else."""
     defaults: Mapping[str, Any]
+    """Constructor defaults as :func:`jsonable_hyperparameters` records them, without ``lr``."""
     groups: tuple[tuple[str, ...], ...]
     """Parameter names of each param group, in the optimizer's order."""
+    overrides: tuple[Mapping[str, Any], ...]
+    """Per param group, the hyperparameters that differ from ``defaults`` (e.g. no weight decay
+    on biases); replay refuses a state whose groups hold anything else."""
+
+    def __post_init__(self) -> None:
+        if len(self.overrides) != len(self.groups):
+            raise EncodingError(
+                f"optimizer: {len(self.overrides)} overrides for {len(self.groups)} groups"
+            )
+
+    def group_hyperparameters(self, index: int) -> dict[str, Any]:
+        """Every hyperparameter of param group ``index`` but its learning rate."""
+        return {**self.defaults, **self.overrides[index]}
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "defaults": dict(self.defaults),
             "groups": [list(g) for g in self.groups],
+            "overrides": [dict(o) for o in self.overrides],
         }
 
     @classmethod
     def from_json(cls, obj: Any) -> OptimizerSpec:
-        check_keys(obj, "optimizer", ("name", "defaults", "groups"))
+        check_keys(obj, "optimizer", ("name", "defaults", "groups", "overrides"))
         groups = get_list(obj, "groups")
         if not all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in groups):
             raise EncodingError("optimizer.groups: expected lists of parameter names")
+        overrides = get_list(obj, "overrides")
+        if not all(isinstance(o, dict) for o in overrides):
+            raise EncodingError("optimizer.overrides: expected one object per group")
         return cls(
             name=get_str(obj, "name"),
             defaults=dict(get_object(obj, "defaults")),
             groups=tuple(tuple(g) for g in groups),
+            overrides=tuple(dict(o) for o in overrides),
         )
 
 

@@ -32,7 +32,7 @@ from trainer.checkpoint import (
     optimizer_tensors,
 )
 from trainer.manifest import StepRecord
-from trainer.recipe import RunHeader, jsonable_hyperparameters
+from trainer.recipe import GROUP_KEYS_NOT_HYPERPARAMETERS, RunHeader, jsonable_hyperparameters
 from trainer.seeds import cpu_rng_state, replay_seed
 
 
@@ -70,12 +70,13 @@ def build_optimizer(
     # would train another recipe than the one signed).
     optimizer.load_state_dict(optimizer_state_dict(state, layout))
     for index, group in enumerate(optimizer.param_groups):
-        held = jsonable_hyperparameters(group, drop=("params", "lr", "initial_lr"))
-        for key, value in header.optimizer.defaults.items():
-            if held.get(key) != value:
+        held = jsonable_hyperparameters(group, drop=GROUP_KEYS_NOT_HYPERPARAMETERS)
+        recorded = header.optimizer.group_hyperparameters(index)
+        for key in sorted(set(held) | set(recorded)):
+            if held.get(key) != recorded.get(key):
                 raise EncodingError(
                     f"param group {index}: {key} {held.get(key)!r} in the state checkpoint, "
-                    f"the header records {value!r}"
+                    f"the header records {recorded.get(key)!r}"
                 )
     return params, optimizer
 
@@ -147,8 +148,8 @@ def _apply_one(
         p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype, copy=True)
     if header.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(order, header.grad_clip)
-    lr = header.schedule.lr_at(step)
-    for group in optimizer.param_groups:
+    lrs = header.schedule.lrs_at(step, len(optimizer.param_groups))
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
