@@ -98,6 +98,73 @@ def open_epoch(db: str, epoch: int, pool: int) -> None:
 
 @main.command()
 @_db_option
+@click.option("--epoch", required=True, type=int, help="The open epoch that pays for this work.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the assignment file here.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Schedule length.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--n-layer", type=int, default=2, show_default=True)
+@click.option("--n-head", type=int, default=4, show_default=True)
+@click.option("--d-model", type=int, default=128, show_default=True)
+@click.option("--context", type=int, default=64, show_default=True)
+@click.option("--dropout", type=float, default=0.1, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option("--warmup-steps", type=int, default=10, show_default=True)
+@click.option("--weight-decay", type=float, default=0.1, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 disables.")
+@click.option("--checkpoint-min", type=int, default=1, show_default=True)
+@click.option("--checkpoint-max", type=int, default=1000, show_default=True)
+@click.option("--corpus", multiple=True, help="Corpus file/folder (repeatable; default stdlib).")
+@_friendly
+def assign(
+    db: str,
+    epoch: int,
+    out: str | None,
+    corpus: tuple[str, ...],
+    checkpoint_min: int,
+    checkpoint_max: int,
+    **recipe: Any,
+) -> None:
+    """State the work EPOCH pays for: the reference GPT recipe, its data and schedule.
+
+    Peers train it with `python -m trainer run --assignment FILE`; ingest refuses any run whose
+    signed header differs from it. An epoch's assignment is never changed once stated.
+    """
+    from rewards.assignments import assign as record
+    from trainer.assignment import assignment_text
+    from trainer.data import Corpus
+    from trainer.loop import TrainConfig, reference_assignment
+
+    model_keys = ("n_layer", "n_head", "d_model", "context", "dropout")
+    try:
+        config = TrainConfig(
+            run_id="assignment",
+            steps=recipe["steps"],
+            batch_size=recipe["batch_size"],
+            model_config={k: recipe[k] for k in model_keys},
+            lr=recipe["lr"],
+            warmup_steps=recipe["warmup_steps"],
+            weight_decay=recipe["weight_decay"],
+            grad_clip=recipe["grad_clip"] or None,
+        )
+        data = Corpus.from_paths(corpus) if corpus else Corpus.stdlib()
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    assignment = reference_assignment(
+        config, data.commitment(), checkpoint_every=(checkpoint_min, checkpoint_max)
+    )
+    with warehouse.opened(db) as con:
+        added = record(con, epoch, assignment)
+    if out is not None:
+        Path(out).write_text(assignment_text(assignment))
+    digest = "0x" + assignment.hash().hex()
+    state = "recorded" if added else "already recorded"
+    console.print(f"epoch {epoch} pays for assignment {digest} ({state})")
+    if out is not None:
+        console.print(f"assignment file {out}")
+
+
+@main.command()
+@_db_option
 @click.option("--cheat-fraction", type=float, help="Fraction of steps a cheater fakes.")
 @click.option("--confidence", type=float, help="Detection probability a run's audit must reach.")
 @click.option("--slash-bps", type=int, help="Stake share slashed per failing epoch (1/10000).")

@@ -6,6 +6,14 @@ was. A record that fails verification (bad signature, broken hash chain, unknown
 conflicting verdict, malformed file) is not loaded: it is rejected with its reason, counted and
 recorded in ``rejections``. Ingesting the same data again changes nothing.
 
+A run is named in the warehouse by its peer: ``runs.run_id`` is ``<peer_id>/<run id>``, the peer
+being the registered owner of the header's key, so no peer can squat or take over another's run
+id. A run is paid only for its epoch's work: it must match the epoch's assignment
+(rewards.assignments; the header's recipe, the assignment hash and the run seed derived from the
+peer's key) and no gradient root of it may be one already committed by another run (the run
+ingested later is refused; the earlier one is unaffected). Refused runs are never paid and never
+slashed: they are rejections with the reason.
+
 Runs are authenticated with audit.fetch.load_run (header signature, hash chain through every
 manifest and step record, last manifest signature: two BLS verifications per run), after checking
 that their key is a registered trainer (no BLS work for unknown keys). Verdicts get one aggregate
@@ -28,6 +36,7 @@ from typing import TYPE_CHECKING, Literal
 
 from proofs.errors import VeritrainError
 from proofs.signatures import Domain, aggregate, aggregate_verify
+from rewards.assignments import epoch_assignment
 from rewards.warehouse import (
     Connection,
     WarehouseValueError,
@@ -39,6 +48,7 @@ from rewards.warehouse import (
 if TYPE_CHECKING:
     from audit.fetch import VerifiedRun
     from audit.verdict import SignedVerdict, Verdict
+    from trainer.assignment import Assignment
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +128,17 @@ def run_urls(url: str) -> list[str]:
     return found
 
 
+def run_key(con: Connection, pubkey: bytes, run_id: str) -> str | None:
+    """The warehouse name ``<peer_id>/<run id>`` of run ``run_id`` signed by ``pubkey``, or None
+    when no trainer registered that key."""
+    peer = query(
+        con,
+        "SELECT peer_id FROM peers WHERE bls_pubkey = $k AND role = 'trainer'",
+        {"k": _hex(pubkey)},
+    )
+    return None if not peer else f"{peer[0][0]}/{run_id}"
+
+
 def _already_loaded(con: Connection, url: str) -> bool | None:
     """True when the run at ``url`` is in the warehouse unchanged (read without verifying: the
     identity compared was verified when it was loaded), None when not there or unreadable."""
@@ -126,10 +147,11 @@ def _already_loaded(con: Connection, url: str) -> bool | None:
     try:
         store = RunStore(url)
         header = store.read_header().header
+        key = run_key(con, header.pubkey, header.run_id)
         known = query(
             con,
             "SELECT header_hash, final_manifest_hash FROM runs WHERE run_id = $r",
-            {"r": header.run_id},
+            {"r": key},
         )
         if not known:
             return None
@@ -170,44 +192,70 @@ def _read_runs(batch: _Batch, con: Connection, url: str) -> None:
             batch.rejections.append(Rejection(kind="run", source=run_url, reason=str(exc)))
 
 
-def _run_problem(con: Connection, run: VerifiedRun) -> str | None:
+def _run_problem(con: Connection, run: VerifiedRun, key: str | None, batch: _Batch) -> str | None:
     """Why an authenticated run cannot be loaded, or None."""
     h = run.header
-    peer = query(
-        con,
-        "SELECT peer_id FROM peers WHERE bls_pubkey = $k AND role = 'trainer'",
-        {"k": _hex(h.pubkey)},
-    )
-    if not peer:
+    if key is None:
         return f"unknown peer: key {_hex(h.pubkey)[:14]}... is not a registered trainer"
     known = query(
-        con, "SELECT header_hash, final_manifest_hash FROM runs WHERE run_id = $r", {"r": h.run_id}
+        con, "SELECT header_hash, final_manifest_hash FROM runs WHERE run_id = $r", {"r": key}
     )
     if known:
         return (
-            f"run {h.run_id!r} was ingested with final manifest {known[0][1]}; the store now"
+            f"run {key!r} was ingested with final manifest {known[0][1]}; the store now"
             f" ends at {_hex(run.final_hash)} (runs are ingested once, when finished)"
         )
     if run.total_steps == 0:
         return "run has no steps"
+    if batch.assignment is None:
+        return f"epoch {batch.epoch} has no assignment: `python -m rewards assign` states its work"
+    problems = batch.assignment.problems(h)
+    if problems:
+        return f"not epoch {batch.epoch}'s assigned work: " + "; ".join(problems)
+    for r in run.records:
+        owner = batch.grad_roots.get(_hex(r.grad_root))
+        if owner is not None and owner != key:
+            return (
+                f"step {r.step}'s gradient root {_hex(r.grad_root)[:18]}... was committed by run"
+                f" {owner!r}, ingested earlier (two runs with the same gradients are never both"
+                " paid)"
+            )
     return None
+
+
+def _committed_roots(con: Connection, runs: Sequence[tuple[str, VerifiedRun]]) -> dict[str, str]:
+    """gradient root -> the warehouse run that holds it, for every root of ``runs`` already in
+    ``steps`` (one join for the whole batch, not one scan per run)."""
+    roots = sorted({_hex(r.grad_root) for _, run in runs for r in run.records})
+    if not roots:
+        return {}
+    rows = query(
+        con,
+        "SELECT grad_root, min(run_id) FROM steps"
+        " WHERE grad_root IN (SELECT unnest($roots)) GROUP BY grad_root",
+        {"roots": roots},
+    )
+    return {str(root): str(owner) for root, owner in rows}
 
 
 def _write_runs(batch: _Batch, con: Connection) -> int:
     loaded = 0
+    batch.grad_roots = _committed_roots(con, batch.runs)
     for source, run in batch.runs:
+        key = run_key(con, run.header.pubkey, run.header.run_id)
         same = query(
             con,
             "SELECT 1 FROM runs"
             " WHERE run_id = $r AND header_hash = $h AND final_manifest_hash = $f",
-            {"r": run.header.run_id, "h": _hex(run.header_hash), "f": _hex(run.final_hash)},
+            {"r": key, "h": _hex(run.header_hash), "f": _hex(run.final_hash)},
         )
         if same:  # the same run reached through two URLs of one batch
             batch.duplicates += 1
             continue
-        problem = _run_problem(con, run)
-        if problem is not None:
-            batch.rejections.append(Rejection(kind="run", source=source, reason=problem))
+        problem = _run_problem(con, run, key, batch)
+        if problem is not None or key is None:
+            reason = problem or "unknown peer"
+            batch.rejections.append(Rejection(kind="run", source=source, reason=reason))
             continue
         h = run.header
         query(
@@ -215,7 +263,7 @@ def _write_runs(batch: _Batch, con: Connection) -> int:
             "INSERT INTO runs SELECT $r, peer_id, $e, $hh, $m, $o, $d, $b, $c, $tps, $n, $fh,"
             " $dev, $url, $batch FROM peers WHERE bls_pubkey = $k",
             {
-                "r": h.run_id,
+                "r": key,
                 "e": batch.epoch,
                 "hh": _hex(run.header_hash),
                 "m": h.model,
@@ -234,7 +282,7 @@ def _write_runs(batch: _Batch, con: Connection) -> int:
         )
         rows = [
             (
-                h.run_id,
+                key,
                 r.step,
                 str(r.replay_seed),
                 _hex(r.grad_root),
@@ -246,6 +294,7 @@ def _write_runs(batch: _Batch, con: Connection) -> int:
             for r in m.records
         ]
         con.executemany("INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        batch.grad_roots.update((_hex(r.grad_root), key) for r in run.records)
         loaded += 1
     return loaded
 
@@ -261,6 +310,9 @@ class _Batch:
     verdicts: list[tuple[str, SignedVerdict]] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     duplicates: int = 0
+    assignment: Assignment | None = None
+    grad_roots: dict[str, str] = field(default_factory=dict)
+    """gradient root -> the run that committed it first (warehouse and this batch)."""
 
 
 def verdict_files(folder: str | os.PathLike[str]) -> list[Path]:
@@ -380,6 +432,10 @@ def ingest(
     error case nothing is written.
     """
     batch = _Batch(epoch=resolve_epoch(con, epoch), batch_id=_batch_id(stores, verdicts_dir))
+    try:
+        batch.assignment = epoch_assignment(con, batch.epoch)
+    except WarehouseValueError as exc:
+        raise IngestError(str(exc)) from exc
     for url in stores:
         _read_runs(batch, con, url)
     if verdicts_dir is not None:
@@ -440,17 +496,21 @@ def _write_rejections(batch: _Batch, con: Connection) -> int:
     return added
 
 
-def _verdict_problem(con: Connection, v: Verdict, verdict_id: str, epoch: int) -> str | None:
-    """Why a (signature-checked) verdict cannot be loaded, or None."""
+def _verdict_problem(
+    con: Connection, v: Verdict, key: str | None, verdict_id: str, epoch: int
+) -> str | None:
+    """Why a (signature-checked) verdict about warehouse run ``key`` cannot be loaded, or None."""
+    if key is None:
+        return f"verdict names peer {_hex(v.peer)[:14]}..., which is not a registered trainer"
     run = query(
         con,
         "SELECT p.bls_pubkey, r.step_count, r.header_hash, s.manifest_hash, r.epoch"
         " FROM runs AS r JOIN peers AS p USING (peer_id)"
         " LEFT JOIN steps AS s ON s.run_id = r.run_id AND s.step = $s WHERE r.run_id = $r",
-        {"r": v.run_id, "s": v.step},
+        {"r": key, "s": v.step},
     )
     if not run:
-        return f"unknown run {v.run_id!r} (ingest its store first or in the same batch)"
+        return f"unknown run {key!r} (ingest its store first or in the same batch)"
     if run[0][4] > epoch:
         return f"filed under epoch {epoch}, before its run (epoch {run[0][4]})"
     if run[0][0] != _hex(v.peer):
@@ -469,7 +529,7 @@ def _verdict_problem(con: Connection, v: Verdict, verdict_id: str, epoch: int) -
     clash = query(
         con,
         "SELECT verdict_id FROM verdicts WHERE run_id = $r AND step = $s AND auditor_id = $a",
-        {"r": v.run_id, "s": v.step, "a": auditor[0][0]},
+        {"r": key, "s": v.step, "a": auditor[0][0]},
     )
     if clash and clash[0][0] != verdict_id:
         return f"conflicts with verdict {clash[0][0]} of the same auditor on step {v.step}"
@@ -488,7 +548,8 @@ def _write_verdicts(batch: _Batch, con: Connection) -> int:
     for source, signed in batch.verdicts:
         v = signed.verdict
         verdict_id = _hex(v.digest())
-        problem = _verdict_problem(con, v, verdict_id, batch.epoch)
+        key = run_key(con, v.peer, v.run_id)
+        problem = _verdict_problem(con, v, key, verdict_id, batch.epoch)
         if problem is not None:
             batch.rejections.append(Rejection(kind="verdict", source=source, reason=problem))
             continue
@@ -497,7 +558,7 @@ def _write_verdicts(batch: _Batch, con: Connection) -> int:
         )
         useful = v.usefulness
         row = (
-            verdict_id, v.run_id, v.step, auditor[0][0], batch.epoch, v.outcome.value,
+            verdict_id, key, v.step, auditor[0][0], batch.epoch, v.outcome.value,
             v.mode.value, _worst([t.rel_l2 for t in v.tensors]),
             _worst([t.cosine for t in v.tensors]), useful.loss_before if useful else None,
             useful.loss_after if useful else None, _hex(v.replay_seed), _hex(v.recipe_hash),

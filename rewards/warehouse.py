@@ -32,6 +32,7 @@ PathOrConnection: TypeAlias = "str | os.PathLike[str] | duckdb.DuckDBPyConnectio
 _HEX32 = re.compile(r"0x[0-9a-f]{64}")
 _PUBKEY = re.compile(r"0x[0-9a-f]{96}")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_PEER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_AMOUNT = 10**38 - 1
 """The largest amount a DECIMAL(38,0) column holds (about 2**126, well inside uint256)."""
 
@@ -261,8 +262,12 @@ def register_peer(
         raise WarehouseValueError(f"pubkey must be 0x + 96 hex digits (48 bytes), got {pubkey!r}")
     if role not in ("trainer", "auditor"):
         raise WarehouseValueError(f"role must be trainer or auditor, got {role!r}")
-    if not peer_id or len(peer_id) > 100:
-        raise WarehouseValueError("peer id must be 1..100 characters")
+    if not _PEER_ID.fullmatch(peer_id):
+        # Peer ids name runs in the warehouse ("<peer>/<run id>") and appear in every table.
+        raise WarehouseValueError(
+            f"peer id must be 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit, got "
+            f"{peer_id!r:.80}"
+        )
     address = None if payout_address is None else normalize_address(payout_address)
     if role == "trainer" and address is None:
         raise WarehouseValueError("a trainer needs a payout address")

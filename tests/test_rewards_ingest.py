@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -31,8 +33,10 @@ from audit.beacon import Beacon
 from proofs.errors import VeritrainError
 from proofs.signatures import KeyPair, keypair_from_seed
 from rewards import ingest, payouts, policy, warehouse
+from rewards.assignments import assign
 from rewards.cli import main
 from rewards.ingest import IngestError
+from trainer.assignment import Assignment, read_assignment
 
 CORPUS = (str(Path(__file__).resolve().parents[1] / "proofs" / "hashing.py"),)
 TINY = {"n_layer": 1, "n_head": 2, "d_model": 16, "context": 16}
@@ -60,20 +64,31 @@ class RealWorld:
     reports: tuple[ingest.IngestReport, ingest.IngestReport]
 
 
-def _train(stores: Path, name: str, run: str = "r1") -> None:
+@functools.cache
+def assignment() -> Assignment:
+    """The work both epochs pay for: the tiny GPT on CORPUS."""
+    from trainer.data import Corpus
+    from trainer.loop import TrainConfig, reference_assignment
+
+    recipe = TrainConfig(
+        run_id="recipe", steps=STEPS, batch_size=2, model_config=TINY, warmup_steps=1
+    )
+    return reference_assignment(
+        recipe, Corpus.from_paths(CORPUS).commitment(), checkpoint_every=(1, 10)
+    )
+
+
+def _train(stores: Path, name: str, run: str = "r1", **changes: Any) -> Path:
     from trainer.data import Corpus
     from trainer.loop import TrainConfig, train
 
-    config = TrainConfig(
-        run_id=f"{name}-{run}",
-        steps=STEPS,
-        batch_size=2,
-        model_config=TINY,
-        checkpoint_every=2,
-        warmup_steps=1,
-        threads=1,
+    config = TrainConfig.from_assignment(
+        assignment(), run_id=f"{name}-{run}", checkpoint_every=2, threads=1
     )
-    train(config, str(stores / f"{name}-{run}"), key(name), corpus=Corpus.from_paths(CORPUS))
+    config = dataclasses.replace(config, **changes)
+    store = stores / f"{name}-{run}"
+    train(config, str(store), key(name), corpus=Corpus.from_paths(CORPUS))
+    return store
 
 
 def _audit(stores: Path, runs: list[str], out: Path, auditor: str, count: int) -> None:
@@ -142,6 +157,7 @@ def _bundle(files: list[Path], dst: Path) -> None:
 def register_all(con: warehouse.Connection) -> None:
     for epoch, pool in enumerate(POOLS):
         policy.open_epoch(con, epoch, pool)
+        assign(con, epoch, assignment())
     for name in ("alice", "bob", "carol", "eve"):
         warehouse.register_peer(
             con,
@@ -249,7 +265,7 @@ def test_batches_load_what_verifies_and_reject_the_rest(real_world: RealWorld) -
     by_aud2 = (
         "SELECT run_id, count(*) FROM verdicts WHERE auditor_id = 'aud2' GROUP BY 1 ORDER BY 1"
     )
-    assert con.execute(by_aud2).fetchall() == [("alice-r1", 2), ("alice-r2", 1)]
+    assert con.execute(by_aud2).fetchall() == [("alice/alice-r1", 2), ("alice/alice-r2", 1)]
     con.close()
 
 
@@ -261,15 +277,15 @@ def test_policy_on_the_real_runs(real_world: RealWorld) -> None:
         ).fetchall()
     )
     assert states == {
-        "alice-r1": "verified:0",
-        "alice-r2": "pending:-",
-        "bob-r1": "verified:1",
-        "carol-r1": "failed:0",
+        "alice/alice-r1": "verified:0",
+        "alice/alice-r2": "pending:-",
+        "bob/bob-r1": "verified:1",
+        "carol/carol-r1": "failed:0",
     }
     # The changed gradient is step 3's; steps 2 and 3 share its window (checkpoint_every=2), and
     # auditing either one reads it, so both are invalid, and steps 0-1 pass.
     outcomes = con.execute(
-        "SELECT step, outcome FROM verdicts WHERE run_id = 'carol-r1' ORDER BY step"
+        "SELECT step, outcome FROM verdicts WHERE run_id = 'carol/carol-r1' ORDER BY step"
     ).fetchall()
     assert outcomes == [(0, "pass"), (1, "pass"), (2, "invalid"), (3, "invalid")]
     rewards = con.execute("SELECT epoch, account, amount FROM rewards ORDER BY epoch").fetchall()
@@ -368,7 +384,7 @@ def test_conflicting_unknown_run_and_malformed_verdicts(
     report = ingest.ingest(con, stores=[], verdicts_dir=str(folder))
     reasons = {Path(r.source).name: r.reason for r in report.rejections}
     assert reasons["conflict.json"].startswith("conflicts with verdict 0x")
-    assert reasons["norun.json"].startswith("unknown run 'nobody-r9'")
+    assert reasons["norun.json"].startswith("unknown run 'alice/nobody-r9'")
     assert reasons["recipe.json"].startswith("verdict is about another recipe")
     assert reasons["truncated.json"].startswith("not JSON")
     assert "not-a-verdict.json" in reasons
@@ -434,6 +450,21 @@ def test_cli_end_to_end(real_world: RealWorld, tmp_path: Path) -> None:
 
     ok("migrate")
     ok("open-epoch", "0", "--pool", "1000")
+    recipe = ["--steps", str(STEPS), "--batch-size", "2", "--n-layer", "1", "--n-head", "2"]
+    recipe += ["--d-model", "16", "--context", "16", "--warmup-steps", "1", "--corpus", *CORPUS]
+    out = ok(
+        "assign",
+        "--epoch",
+        "0",
+        *recipe,
+        "--checkpoint-max",
+        "10",
+        "--out",
+        str(tmp_path / "a.json"),
+    )
+    # The command states the same work as the library's assignment the runs were trained for.
+    assert f"epoch 0 pays for assignment 0x{assignment().hash().hex()} (recorded)" in out
+    assert read_assignment(tmp_path / "a.json") == assignment()
     ok("params", "--cheat-fraction", "0.25", "--confidence", "0.7")
     ok(
         "register-peer",

@@ -97,7 +97,7 @@ def test_pass_rate_and_pending(results: dict[int, pl.DataFrame]) -> None:
         ("alice", STEPS + 2 + 1, STEPS + 3, 0, 0, 100.0),
         ("bob", STEPS, STEPS, 0, 0, 100.0),
     ]
-    assert rows(results[5]) == [("alice-r2", "alice", 0, 1, STEPS, 0.25, STEPS * 2 * 16)]
+    assert rows(results[5]) == [("alice/alice-r2", "alice", 0, 1, STEPS, 0.25, STEPS * 2 * 16)]
 
 
 def test_usefulness_matches_the_verdicts(

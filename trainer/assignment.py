@@ -48,12 +48,12 @@ class AssignmentError(EncodingError):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Assignment:
-    """What epoch ``epoch`` pays for. ``model_config`` is the model's whole config (every field,
-    defaults included); ``hyperparameters`` are the optimizer's constructor defaults as the run
-    header records them (learning rate excluded: it comes from ``schedule``)."""
+    """A unit of work an epoch can pay for (the warehouse says which epochs do: ``rewards
+    assign``). ``model_config`` is the model's whole config (every field, defaults included);
+    ``hyperparameters`` are the optimizer's constructor defaults as the run header records them
+    (learning rate excluded: it comes from ``schedule``)."""
 
     version: int = ASSIGNMENT_VERSION
-    epoch: int
     model: str
     model_config: Mapping[str, Any]
     dataset_root: Root
@@ -94,7 +94,6 @@ class Assignment:
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "epoch": self.epoch,
             "model": self.model,
             "model_config": dict(self.model_config),
             "dataset": {"root": hex_bytes(self.dataset_root), "nbytes": self.dataset_bytes},
@@ -124,7 +123,6 @@ class Assignment:
             raise EncodingError(f"grad_clip: expected a number or null, got {clip!r}")
         return cls(
             version=get_int(obj, "version"),
-            epoch=get_int(obj, "epoch"),
             model=get_str(obj, "model"),
             model_config=dict(get_object(obj, "model_config")),
             dataset_root=Root(get_bytes(dataset, "root", 32)),
@@ -151,7 +149,7 @@ class Assignment:
         if header.assignment != mine:
             out.append(
                 f"trained for assignment {hex_bytes(header.assignment)}, "
-                f"epoch {self.epoch} pays for {hex_bytes(mine)}"
+                f"the epoch pays for {hex_bytes(mine)}"
             )
         expected_seed = run_seed_for(header.pubkey, header.assignment, header.run_id)
         if header.run_seed != expected_seed:
@@ -211,7 +209,7 @@ class Assignment:
 
 
 _JSON_KEYS = (
-    "version", "epoch", "model", "model_config", "dataset", "batch_size", "context", "dtype",
+    "version", "model", "model_config", "dataset", "batch_size", "context", "dtype",
     "optimizer", "schedule", "grad_clip", "checkpoint_every",
 )  # fmt: skip
 

@@ -24,16 +24,17 @@ from torch import nn
 
 from proofs.hashing import Hash32
 from proofs.signatures import KeyPair
-from trainer.assignment import NO_ASSIGNMENT, Assignment
-from trainer.data import Corpus
+from trainer.assignment import NO_ASSIGNMENT, Assignment, full_model_config
+from trainer.data import Corpus, CorpusCommitment
 from trainer.hook import DEFAULT_CHUNK_SIZE, AuditHook, HookConfig
 from trainer.models import GPT_NAME, build_model, parse_model_config
 from trainer.pipeline import Stats
-from trainer.recipe import check_run_id
+from trainer.recipe import check_run_id, jsonable_hyperparameters
 from trainer.replay import optimizer_class
 from trainer.schedule import Schedule
 from trainer.seeds import init_seed, run_seed_for, seed_generators
 from trainer.store import RunStore
+from trainer.tensors import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,34 @@ class TrainResult:
     end_step: int
     last_loss: float
     bytes_written: int
+
+
+def reference_assignment(
+    config: TrainConfig,
+    dataset: CorpusCommitment,
+    *,
+    checkpoint_every: tuple[int, int] = (1, 1000),
+) -> Assignment:
+    """The assignment of ``config``'s recipe on ``dataset``: the model's
+    whole config, the optimizer's hyperparameters as the hook records them, the schedule. Builds
+    the model once (on CPU) to read them off the real optimizer."""
+    model = build_model(config.model, config.model_config)
+    optimizer = make_optimizer(config, model)
+    return Assignment(
+        model=config.model,
+        model_config=full_model_config(config.model, config.model_config),
+        dataset_root=dataset.root,
+        dataset_bytes=dataset.nbytes,
+        batch_size=config.batch_size,
+        context=config.context,
+        dtype=dtype_name(next(model.parameters()).dtype),
+        optimizer=type(optimizer).__name__,
+        hyperparameters=jsonable_hyperparameters(optimizer.defaults, drop=("lr",)),
+        schedule=config.schedule,
+        grad_clip=config.grad_clip,
+        checkpoint_every_min=checkpoint_every[0],
+        checkpoint_every_max=checkpoint_every[1],
+    )
 
 
 def pick_device(name: str) -> torch.device:
