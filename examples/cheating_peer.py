@@ -17,7 +17,7 @@ import os
 import random
 
 import torch
-from own_loop import Strategy, parse_args, report, train
+from own_loop import Strategy, main, parse_args
 from torch import nn
 
 
@@ -58,6 +58,12 @@ if __name__ == "__main__":
     parser.add_argument("--fraction", type=float, default=0.33, help="share of steps to cheat on")
     parser.add_argument("--attack", choices=["fabricate", "scale"], default="fabricate")
     args = parse_args("", parser)
+    if not 0.0 <= args.fraction <= 1.0:
+        parser.error(f"--fraction must be in [0, 1], got {args.fraction}")
     secret = os.urandom(16)
-    cheater = Cheater(steps=args.steps, fraction=args.fraction, attack=args.attack, secret=secret)
-    report(cheater, train(args, cheater), args.steps)
+    main(
+        lambda steps: Cheater(
+            steps=steps, fraction=args.fraction, attack=args.attack, secret=secret
+        ),
+        args,
+    )

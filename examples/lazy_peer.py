@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from own_loop import Strategy, parse_args, report, train
+from own_loop import Strategy, main, parse_args
 from torch import nn
 
 
@@ -47,5 +47,6 @@ if __name__ == "__main__":
         "--every", type=int, default=2, help="re-commit a stale gradient every Nth step"
     )
     args = parse_args("", parser)
-    lazy = Lazy(args.every)
-    report(lazy, train(args, lazy), args.steps)
+    if args.every < 1:
+        parser.error(f"--every must be at least 1, got {args.every}")
+    main(lambda steps: Lazy(args.every), args)
