@@ -40,12 +40,16 @@ from audit.reexec import ReexecConfig, StepAuditor
 from audit.sampling import detection_probability, plan_sample, sample_size_for
 from audit.tolerance import Mode
 from audit.verdict import sign_verdict
+from proofs.hashing import Hash32
 from proofs.signatures import keypair_from_seed
 from trainer.data import Corpus
-from trainer.loop import TrainConfig, configure_determinism, lr_at, make_optimizer, train
+from trainer.loop import TrainConfig, configure_determinism, make_optimizer, train
 from trainer.models import build_model
-from trainer.seeds import init_seed, seed_generators
+from trainer.seeds import init_seed, replay_seed, seed_generators
 from trainer.store import RunStore
+
+KEY = keypair_from_seed(b"b" * 32)
+"""The trainer's key: with the run id it derives the run seed of every timed run."""
 
 ROWS = [
     ("exact, chain check", ReexecConfig(mode=Mode.EXACT, usefulness=False)),
@@ -56,34 +60,36 @@ ROWS = [
 ]
 
 
-def _train(path: Path, corpus: Corpus, steps: int, every: int, model: dict[str, int]) -> float:
+def _train(path: Path, corpus: Corpus, steps: int, every: int, model: dict[str, float]) -> float:
     stamps: list[float] = []
     cfg = TrainConfig(
-        run_id="bench", run_seed=1, steps=steps, batch_size=8, model_config=model,
+        run_id="bench", steps=steps, batch_size=8, model_config=model,
         checkpoint_every=every, threads=1, warmup_steps=2,
     )  # fmt: skip
     stamps.append(time.perf_counter())
-    train(cfg, str(path), keypair_from_seed(b"b" * 32), corpus=corpus,
+    train(cfg, str(path), KEY, corpus=corpus,
           on_step=lambda s, st: stamps.append(time.perf_counter()))  # fmt: skip
     return statistics.median(b - a for a, b in itertools.pairwise(stamps))
 
 
-def _bare(corpus: Corpus, steps: int, model: dict[str, int]) -> float:
+def _bare(corpus: Corpus, steps: int, model: dict[str, float]) -> float:
     """Median step of the same training loop without the audit hook (nothing committed)."""
-    cfg = TrainConfig(run_id="bare", run_seed=1, steps=steps, batch_size=8, model_config=model,
+    cfg = TrainConfig(run_id="bench", steps=steps, batch_size=8, model_config=model,
                       threads=1, warmup_steps=2)  # fmt: skip
     configure_determinism(cfg.threads)
-    seed_generators(init_seed(cfg.run_seed))
+    run_seed, schedule = cfg.run_seed(bytes(KEY.public)), cfg.schedule
+    seed_generators(init_seed(run_seed))
     net = build_model(cfg.model, cfg.model_config)
     opt = make_optimizer(cfg, net)
     net.train()
     times = []
     for step in range(steps):
         t = time.perf_counter()
+        seed_generators(replay_seed(run_seed, step))  # as the hook's begin_step does
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = schedule.lr_at(step)
         batch = corpus.batch_for_step(
-            cfg.run_seed, step, batch_size=cfg.batch_size, context=cfg.context
+            run_seed, step, batch_size=cfg.batch_size, context=cfg.context
         )
         _, loss = net(batch.inputs, batch.targets)
         assert loss is not None
@@ -166,7 +172,7 @@ def fixed_costs(store: RunStore, auditor: StepAuditor) -> None:
         result = fresh.audit(0)
     verdict = build_verdict(
         run=auditor.run, step=0, result=result, config=auditor.config,
-        auditor=kp.public, sample_seed=auditor.sample_seed, device=auditor.device.type,
+        auditor=kp.public, sample_seed=Hash32(auditor.sample_seed), device=auditor.device.type,
     )  # fmt: skip
     t = time.perf_counter()
     sign_verdict(kp, verdict)

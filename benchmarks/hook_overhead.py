@@ -24,15 +24,16 @@ import torch
 from proofs.signatures import keypair_from_seed
 from trainer.data import Corpus
 from trainer.hook import AuditHook, HookConfig
-from trainer.loop import TrainConfig, configure_determinism, lr_at
+from trainer.loop import TrainConfig, configure_determinism
 from trainer.models import GPT_NAME, build_model
 from trainer.seeds import init_seed, replay_seed, seed_generators
 
 KEY = keypair_from_seed(b"benchmark-hook-overhead-key-seed-01")
+PUBKEY = bytes(KEY.public)
 
 
 def make(config: TrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    seed_generators(init_seed(config.run_seed))
+    seed_generators(init_seed(config.run_seed(PUBKEY)))
     model = build_model(GPT_NAME, {})
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95))
     return model, optimizer
@@ -40,12 +41,13 @@ def make(config: TrainConfig) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def plain(config: TrainConfig, corpus: Corpus, times: dict[str, float]) -> float:
     model, optimizer = make(config)
+    run_seed, schedule = config.run_seed(PUBKEY), config.schedule
     start = time.perf_counter()
     for step in range(config.steps):
-        seed_generators(replay_seed(config.run_seed, step))
+        seed_generators(replay_seed(run_seed, step))  # what begin_step does
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(config, step)
-        batch = corpus.batch_for_step(config.run_seed, step, batch_size=8, context=64)
+            group["lr"] = schedule.lr_at(step)
+        batch = corpus.batch_for_step(run_seed, step, batch_size=8, context=64)
         t = time.perf_counter()
         _, loss = model(batch.inputs, batch.targets)
         assert loss is not None
@@ -65,8 +67,8 @@ def hooked(config: TrainConfig, corpus: Corpus, store: Path, times: dict[str, fl
         store=str(store),
         keypair=KEY,
         config=HookConfig(
-            run_id="bench",
-            run_seed=config.run_seed,
+            run_id=config.run_id,
+            schedule=config.schedule,
             checkpoint_every=config.checkpoint_every,
             grad_clip=1.0,
             model_name=GPT_NAME,
@@ -80,10 +82,8 @@ def hooked(config: TrainConfig, corpus: Corpus, store: Path, times: dict[str, fl
     hook.start()
     times["start (header, initial state)"] += time.perf_counter() - t
     for step in range(config.steps):
-        hook.begin_step(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(config, step)
-        batch = corpus.batch_for_step(config.run_seed, step, batch_size=8, context=64)
+        hook.begin_step(step)  # replay seed and the schedule's lr
+        batch = corpus.batch_for_step(hook.run_seed, step, batch_size=8, context=64)
         t = time.perf_counter()
         _, loss = model(batch.inputs, batch.targets)
         assert loss is not None
@@ -121,9 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_determinism(args.threads)
     corpus = Corpus.stdlib()
-    config = TrainConfig(
-        run_id="bench", run_seed=1, steps=args.steps, checkpoint_every=args.checkpoint_every
-    )
+    config = TrainConfig(run_id="bench", steps=args.steps, checkpoint_every=args.checkpoint_every)
     ratios, plain_s, hooked_s, written, cpu_ratios = [], [], [], [], []
     t_plain: dict[str, float] = defaultdict(float)
     t_hook: dict[str, float] = defaultdict(float)
