@@ -44,6 +44,7 @@ from rewards.warehouse import (
     query,
     transaction,
 )
+from trainer.derived import derivation_problem
 
 if TYPE_CHECKING:
     from audit.fetch import VerifiedRun
@@ -212,6 +213,10 @@ def _run_problem(con: Connection, run: VerifiedRun, key: str | None, batch: _Bat
     problems = batch.assignment.problems(h)
     if problems:
         return f"not epoch {batch.epoch}'s assigned work: " + "; ".join(problems)
+    for r in run.records:  # the seeds, rates and batches the header derives, every step
+        derived = derivation_problem(h, r)
+        if derived is not None:
+            return f"step {r.step} record: {derived}"
     for r in run.records:
         owner = batch.grad_roots.get(_hex(r.grad_root))
         if owner is not None and owner != key:
