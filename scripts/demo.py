@@ -52,12 +52,13 @@ BEACON_DELAY = 2  # the beacon is the hash of the block 2 after the commitment
 class Peer:
     name: str
     kind: str
-    seed: int
     how: str  # the training command after `python`
 
     def train_args(self, out: Path, steps: int) -> list[str]:
         store, key = str(out / "runs" / self.name), str(out / "keys" / f"{self.name}.bls")
-        common = ["--store", store, "--seed", str(self.seed), "--steps", str(steps)]
+        # The assignment fixes the recipe; the run seed is derived from each peer's own key.
+        assignment = str(out / "assignment.json")
+        common = ["--store", store, "--assignment", assignment, "--steps", str(steps)]
         if self.how == "trainer":
             return ["-m", "trainer", "run", *common, "--key-file", key, "--checkpoint-every", "8"]
         script = "examples/cheating_peer.py" if self.kind == "cheater" else "examples/lazy_peer.py"
@@ -66,10 +67,10 @@ class Peer:
 
 
 PEERS = (
-    Peer(name="alice", kind="honest", seed=11, how="trainer"),
-    Peer(name="bob", kind="honest", seed=22, how="trainer"),
-    Peer(name="carol", kind="cheater", seed=33, how="script"),
-    Peer(name="dave", kind="lazy", seed=44, how="script"),
+    Peer(name="alice", kind="honest", how="trainer"),
+    Peer(name="bob", kind="honest", how="trainer"),
+    Peer(name="carol", kind="cheater", how="script"),
+    Peer(name="dave", kind="lazy", how="script"),
 )
 
 
@@ -168,6 +169,8 @@ class Demo:
             rewards("params", f"params --cheat-fraction {CHEAT_FRACTION} --confidence "
                     f"{CONFIDENCE} --slash-bps 5000 --usefulness-ppm 0"),
             rewards("open-epoch", f"open-epoch 0 --pool {POOL}"),
+            rewards("assign", f"assign --epoch 0 --steps {self.steps} --checkpoint-min 4 "
+                    f"--checkpoint-max 16 --out {self.out / 'assignment.json'}"),
             rewards("register auditor", f"register-peer auditor --role auditor "
                     f"--pubkey {self.pubkeys['auditor']}"),
         ]  # fmt: skip
@@ -177,7 +180,10 @@ class Demo:
             steps.append(rewards(f"register {p.name}", line))
             steps.append(rewards(f"stake {p.name}", f"stake {p.name} --epoch 0 --amount {STAKE}"))
         run_steps(self.sh, "warehouse", steps)
-        console.print(f"  warehouse {self.db}: epoch 0 pool 1000 tokens, 100 tokens staked each")
+        console.print(
+            f"  warehouse {self.db}: epoch 0 pool 1000 tokens for the reference GPT recipe "
+            f"({self.out / 'assignment.json'}), 100 tokens staked each"
+        )
 
     # ---- 2. training and commitments ----------------------------------------------------------
 
