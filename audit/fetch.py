@@ -178,6 +178,12 @@ def _check_manifest(
     for offset, r in enumerate(m.records):
         if r.step != first_step + offset:
             raise ArtifactInvalid(name, f"record {offset} is step {r.step}, not contiguous")
+    if m.spans_checkpoint(header.checkpoint_every):
+        raise ArtifactInvalid(
+            name,
+            f"window of steps {m.first_step}..{m.end_step - 1} is empty or crosses a multiple of"
+            f" checkpoint_every {header.checkpoint_every}",
+        )
     if m.state.step != m.end_step:
         raise ArtifactInvalid(name, f"state checkpoint at step {m.state.step}, not {m.end_step}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import weakref
 from collections.abc import Iterable, Mapping
@@ -98,6 +99,19 @@ def auditor_device(config: ReexecConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+LOSS_TOLERANCE = 1e-4
+"""Relative difference allowed between a step's recorded and re-executed training loss: float32
+cross-entropy differs by ~1e-6 relative between kernels and devices, a peer's made-up loss by far
+more."""
+
+
+def loss_matches(recorded: float, recomputed: float) -> bool:
+    """True when ``recorded`` is ``recomputed`` within LOSS_TOLERANCE (NaN matches only NaN)."""
+    if math.isnan(recorded) or math.isnan(recomputed):
+        return math.isnan(recorded) and math.isnan(recomputed)
+    return abs(recorded - recomputed) <= LOSS_TOLERANCE * max(1.0, abs(recomputed))
+
+
 class StepAuditor:
     """Re-executes steps of one verified run; keeps the model and calibration between steps."""
 
@@ -140,6 +154,7 @@ class StepAuditor:
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.calibration: Calibration | None = None
         self.bytes_fetched = 0  # this step's chunk-sampled reads; the window counts its own
+        self._last_loss = math.nan  # the training loss of the last re-execution
         # Reused across the steps of one window (jobs audit sampled steps in ascending order):
         # verified gradients, replayed states, chain results, held-out losses. Nothing is kept
         # before it was checked.
@@ -280,6 +295,7 @@ class StepAuditor:
         _, loss = model(batch.inputs.to(self.device), batch.targets.to(self.device))
         if loss is None:
             raise AuditSetupError("model returned no loss")
+        self._last_loss = float(loss.detach())
         loss.backward()
         grads = capture_gradients(model)
         if dtype is not None:
@@ -367,8 +383,14 @@ class StepAuditor:
             if job is not None:
                 window.finish_chain(ref, step, job, passed=False)
             return self._fail(record.grad_root, f"step record: {problem}")
-        cmp = self._compare(step, self._recompute(self.model, step))
+        recomputed = self._recompute(self.model, step)
+        loss = self._last_loss
+        cmp = self._compare(step, recomputed)
         passed, reason, loss_after = cmp.passed, cmp.reason, None
+        if passed and not loss_matches(record.loss, loss):
+            # The recorded loss is signed, shown and charted: it must be the step's.
+            passed = False
+            reason = f"step record: loss {record.loss!r}, re-execution gives {loss!r}"
         if job is not None:
             window.finish_chain(ref, step, job, passed=passed)
         # Both need the whole committed gradient of the step, which chunk sampling does not fetch.

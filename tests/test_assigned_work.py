@@ -372,3 +372,27 @@ def test_a_param_group_trained_with_other_hyperparameters_is_refused(
     state = decode_checkpoint(store.read_artifact(store.read_manifest(0).manifest.state.root)[1])
     with pytest.raises(EncodingError, match=r"weight_decay 0\.0 in the state checkpoint"):
         build_optimizer(header, state)
+
+
+@pytest.mark.usefixtures("_one_thread")
+def test_a_made_up_training_loss_fails_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    commit = AuditHook.commit
+
+    def halve_loss(hook: AuditHook, loss: Any, *, batch: Any = ()) -> None:
+        commit(hook, loss * 0.5 if hook.next_step == 4 else loss, batch=batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AuditHook, "commit", halve_loss)
+        url = make_run("half-loss")
+    assert check_store(url).ok  # signed and consistent
+    results = _audit_all(url, Mode.TOLERANT)
+    assert results[3].passed, results[3].reason
+    assert not results[4].passed and results[4].reason.startswith("step record: loss")
+
+
+def test_a_window_never_crosses_a_checkpoint_multiple() -> None:
+    m = RunStore(make_run("honest-lr-field")).read_manifest(1).manifest  # steps 3..5, every 3
+    assert not m.spans_checkpoint(3)
+    assert m.spans_checkpoint(2)  # 3..5 crosses 4
+    assert dataclasses.replace(m, first_step=2).spans_checkpoint(3)  # 2..4 crosses 3
+    assert dataclasses.replace(m, records=()).spans_checkpoint(3)  # empty

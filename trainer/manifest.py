@@ -166,6 +166,14 @@ class WindowManifest:
         """The step the window's state checkpoint resumes at."""
         return self.first_step + len(self.records)
 
+    def spans_checkpoint(self, checkpoint_every: int) -> bool:
+        """True when the window is empty or crosses a multiple of ``checkpoint_every``: the hook
+        closes a window at every multiple (and at ``close()``), so an honest one never does. The
+        header's interval, checked against the assignment, thereby bounds every window."""
+        if not self.records:
+            return True
+        return self.first_step // checkpoint_every != (self.end_step - 1) // checkpoint_every
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SignedWindowManifest:

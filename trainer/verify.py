@@ -214,6 +214,10 @@ class _Walker:
             _fail(path, "hash chain", f"first step {m.first_step}, expected {step}", window=w)
         if m.prev != prev:
             _fail(path, "hash chain", "prev is not the previous manifest's hash", window=w)
+        if m.spans_checkpoint(header.checkpoint_every):
+            reason = f"window of steps {m.first_step}..{m.end_step - 1} is empty or crosses a"
+            reason += f" multiple of checkpoint_every {header.checkpoint_every}"
+            _fail(path, "record", reason, window=w)
         if not signed.verify(header.pubkey):
             _fail(
                 path,
