@@ -59,7 +59,6 @@ from trainer.pipeline import (
 from trainer.recipe import (
     GROUP_KEYS_NOT_HYPERPARAMETERS,
     HEADER_VERSION,
-    VERITRAIN_VERSION,
     OptimizerSpec,
     RunHeader,
     check_run_id,
@@ -369,7 +368,6 @@ class AuditHook:
             dtype=dtype_name(first.dtype),
             device=first.device.type,
             torch_version=torch.__version__,
-            veritrain_version=VERITRAIN_VERSION,
             determinism=determinism_flags(),
             checkpoint_every=cfg.checkpoint_every,
             chunk_size=cfg.chunk_size,

@@ -2,8 +2,9 @@
 
 The header names the model (registry name + JSON config), the optimizer (a ``torch.optim`` class
 and the parameter names of each param group, in optimizer order), gradient clipping, the dataset
-commitment, batch shape, dtype, device, versions, determinism flags, the run seed, the checkpoint
-interval, the encoding chunk size, the initial state checkpoint and the peer's BLS public key.
+commitment, batch shape, dtype, device, torch version, determinism flags, the run seed, the
+checkpoint interval, the encoding chunk size, the initial state checkpoint and the peer's BLS
+public key.
 Its hash (sha256 of canonical JSON) roots the hash chain of step records and manifests.
 
 Version 2 binds a run to its peer and its work: ``assignment`` names the work an epoch pays for
@@ -59,7 +60,6 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-VERITRAIN_VERSION = "0.1.0"
 
 
 GROUP_KEYS_NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")
@@ -156,7 +156,6 @@ class RunHeader:
     dtype: str
     device: str
     torch_version: str
-    veritrain_version: str
     determinism: Mapping[str, Any]
     checkpoint_every: int
     chunk_size: int
@@ -200,7 +199,6 @@ class RunHeader:
             "dtype": self.dtype,
             "device": self.device,
             "torch_version": self.torch_version,
-            "veritrain_version": self.veritrain_version,
             "determinism": dict(self.determinism),
             "checkpoint_every": self.checkpoint_every,
             "chunk_size": self.chunk_size,
@@ -239,7 +237,6 @@ class RunHeader:
             dtype=get_str(obj, "dtype"),
             device=get_str(obj, "device"),
             torch_version=get_str(obj, "torch_version"),
-            veritrain_version=get_str(obj, "veritrain_version"),
             determinism=dict(get_object(obj, "determinism")),
             checkpoint_every=get_int(obj, "checkpoint_every", minimum=1),
             chunk_size=get_int(obj, "chunk_size", minimum=1),

@@ -125,7 +125,6 @@ def header_v2(pubkey: bytes, assignment: bytes) -> dict[str, Any]:
         "dtype": "float32",
         "device": "cpu",
         "torch_version": "2.0.0",
-        "veritrain_version": "0.1.0",
         "determinism": {"cudnn_benchmark": False, "cudnn_deterministic": True,
                         "deterministic_algorithms": True, "num_threads": 1},
         "checkpoint_every": 2,
