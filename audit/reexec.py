@@ -170,6 +170,16 @@ class StepAuditor:
         self.sample_seed = bytes(sample_seed) if sample_seed is not None else os.urandom(32)
         self.store, self.run, self.corpus, self.config = store, run, corpus, config
         self.device = auditor_device(config)
+        if not h.model:
+            raise AuditSetupError("run uses a model outside the registry: cannot re-execute")
+        if h.dataset is None or corpus is None:
+            raise AuditSetupError("run has no dataset commitment or no corpus was given")
+        if corpus.commitment().root != h.dataset.root:
+            raise AuditSetupError("the auditor's corpus does not match the run's dataset root")
+        try:
+            self.model: nn.Module = build_model(h.model, h.model_config).to(self.device)
+        except (KeyError, ValueError) as exc:
+            raise AuditSetupError(f"cannot build model {h.model!r}: {exc}") from exc
         self._restore: Settings | None = None
         if config.mode is Mode.EXACT:
             # Before any worker thread exists: a torch thread keeps the thread count it had at
@@ -185,16 +195,6 @@ class StepAuditor:
         self.key_differences = key_differences(
             device=h.device, torch_version=h.torch_version, recorded=h.determinism, here=self.device
         )
-        if not h.model:
-            raise AuditSetupError("run uses a model outside the registry: cannot re-execute")
-        if h.dataset is None or corpus is None:
-            raise AuditSetupError("run has no dataset commitment or no corpus was given")
-        if corpus.commitment().root != h.dataset.root:
-            raise AuditSetupError("the auditor's corpus does not match the run's dataset root")
-        try:
-            self.model: nn.Module = build_model(h.model, h.model_config).to(self.device)
-        except (KeyError, ValueError) as exc:
-            raise AuditSetupError(f"cannot build model {h.model!r}: {exc}") from exc
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.calibration: Calibration | None = None
         self.bytes_fetched = 0  # this step's chunk-sampled reads; the window counts its own
