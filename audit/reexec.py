@@ -13,7 +13,11 @@ For step ``t`` of a run whose records passed :func:`audit.fetch.load_run`:
 4. compare with the committed gradient (:mod:`audit.compare`), measure usefulness, and check
    that the window's next state checkpoint follows from its gradients.
 
-Device: ``cuda`` when present, else CPU. Exact mode needs the run's device type.
+Device: ``cuda`` when present, else CPU. Exact mode adopts the run's recorded determinism
+settings (thread count, deterministic kernels) and refuses, before any verdict, a run whose
+recorded key it cannot reproduce (device type, CPU kernel capability, GPU, versions:
+trainer.determinism). The chain check always runs: bit for bit where the key is reproduced,
+per tensor within a calibrated tolerance elsewhere (trainer.chain).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from audit.usefulness import HeldoutBatch, heldout_batch, heldout_loss
 from audit.verdict import Evidence, TensorCheck
 from audit.window import ChainJob, State, WindowReplay, max_artifact_bytes
 from proofs.hashing import Root
+from trainer.chain import ChainComparison
 from trainer.checkpoint import (
     BUFFER,
     PARAM,
@@ -46,9 +51,10 @@ from trainer.checkpoint import (
 )
 from trainer.data import Corpus
 from trainer.derived import derivation_problem
-from trainer.loop import configure_determinism
+from trainer.determinism import Settings, apply_settings, key_differences, reproduce
 from trainer.manifest import StateRef
 from trainer.models import build_model
+from trainer.recipe import RunHeader
 from trainer.seeds import replay_seed, seed_generators
 from trainer.store import RunStore, object_name
 
@@ -57,7 +63,38 @@ log = logging.getLogger(__name__)
 
 class AuditSetupError(RuntimeError):
     """The auditor cannot audit this run (its fault or choice, not the peer's): unknown model,
-    missing corpus, exact mode on another device type."""
+    missing corpus, exact mode where the run's recorded determinism settings cannot be
+    reproduced."""
+
+
+def exact_settings(header: RunHeader, device: torch.device) -> Settings:
+    """Adopt the run's recorded determinism settings for exact mode (thread count, deterministic
+    kernels, TF32, matmul precision) and return the previous ones; raises AuditSetupError, with
+    the settings restored, when the rest of the recorded key (device type, CPU kernel
+    capability, GPU, versions) differs here, so that no verdict blames the peer for it."""
+    before = reproduce(header.determinism)
+    differs = key_differences(
+        device=header.device,
+        torch_version=header.torch_version,
+        recorded=header.determinism,
+        here=device,
+    )
+    if not differs:
+        return before
+    apply_settings(before)
+    hints = []
+    capability = header.determinism.get("cpu_capability")
+    if header.device == device.type == "cpu" and isinstance(capability, str):
+        hints.append(
+            f"start the auditor with ATEN_CPU_CAPABILITY={capability.lower()} if this CPU has it"
+        )
+    hints.append("or audit in tolerant mode")
+    raise AuditSetupError(
+        "exact mode cannot reproduce this run's recorded determinism settings ("
+        + "; ".join(differs)
+        + "): "
+        + " ".join(hints)
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -91,6 +128,24 @@ class StepResult:
     loss_before: float | None
     loss_after: float | None
     bytes_fetched: int
+
+
+def state_checks(end: int, cmp: ChainComparison) -> tuple[TensorCheck, ...]:
+    """A tolerant chain comparison as verdict tensor checks, named ``state@<end>/<entry>``: every
+    entry compared within tolerance (distance relative to the update, the update's cosine
+    distance, the threshold; no cosine bound), and the exactly compared ones that differ."""
+    return tuple(
+        TensorCheck(
+            name=f"state@{end}/{c.name}",
+            rel_l2=c.distance,
+            cosine=c.cosine,
+            max_rel_l2=c.threshold,
+            max_cosine=None,
+            passed=c.passed,
+        )
+        for c in cmp.checks
+        if c.threshold is not None or not c.passed
+    )
 
 
 def auditor_device(config: ReexecConfig) -> torch.device:
@@ -130,17 +185,6 @@ class StepAuditor:
         self.sample_seed = bytes(sample_seed) if sample_seed is not None else os.urandom(32)
         self.store, self.run, self.corpus, self.config = store, run, corpus, config
         self.device = auditor_device(config)
-        if config.mode is Mode.EXACT:
-            if self.device.type != h.device:
-                raise AuditSetupError(
-                    f"exact mode needs a {h.device} device, this auditor has {self.device.type}"
-                )
-            configure_determinism(None)  # the trainer's own settings (deterministic kernels)
-        if self.device.type == "cuda":
-            # TF32 matmuls carry ~1e-3 relative error, far above the float32 noise calibrated
-            # against: an auditor must never run them.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
         if not h.model:
             raise AuditSetupError("run uses a model outside the registry: cannot re-execute")
         if h.dataset is None or corpus is None:
@@ -151,6 +195,21 @@ class StepAuditor:
             self.model: nn.Module = build_model(h.model, h.model_config).to(self.device)
         except (KeyError, ValueError) as exc:
             raise AuditSetupError(f"cannot build model {h.model!r}: {exc}") from exc
+        self._restore: Settings | None = None
+        if config.mode is Mode.EXACT:
+            # Before any worker thread exists: a torch thread keeps the thread count it had at
+            # its first parallel kernel.
+            self._restore = exact_settings(h, self.device)
+        elif self.device.type == "cuda":
+            # TF32 matmuls carry ~1e-3 relative error, far above the float32 noise calibrated
+            # against: a tolerant auditor must never run them.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        # The chain is compared bit for bit only where this auditor reproduces the recorded key;
+        # a declaration can only make it tolerant, never switch it off.
+        self.key_differences = key_differences(
+            device=h.device, torch_version=h.torch_version, recorded=h.determinism, here=self.device
+        )
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.calibration: Calibration | None = None
         self.bytes_fetched = 0  # this step's chunk-sampled reads; the window counts its own
@@ -159,7 +218,13 @@ class StepAuditor:
         # verified gradients, replayed states, chain results, held-out losses. Nothing is kept
         # before it was checked.
         self._window = WindowReplay(
-            store, run, shapes=self._shapes(), param_bytes=self.param_bytes, device=self.device
+            store,
+            run,
+            shapes=self._shapes(),
+            param_bytes=self.param_bytes,
+            device=self.device,
+            bitwise=not self.key_differences,
+            safety_factor=config.safety_factor,
         )
         self._heldout: dict[tuple[int, int], float | None] = {}
         self._heldout_batch: HeldoutBatch | None = None
@@ -181,6 +246,9 @@ class StepAuditor:
         if self._loss_pool is not None:
             self._loss_pool.shutdown(wait=True)
         self._window.close()
+        if self._restore is not None:
+            apply_settings(self._restore)
+            self._restore = None
 
     def __enter__(self) -> StepAuditor:
         return self
@@ -386,7 +454,7 @@ class StepAuditor:
         recomputed = self._recompute(self.model, step)
         loss = self._last_loss
         cmp = self._compare(step, recomputed)
-        passed, reason, loss_after = cmp.passed, cmp.reason, None
+        passed, reason, loss_after, tensors = cmp.passed, cmp.reason, None, cmp.tensors
         if passed and not loss_matches(record.loss, loss):
             # The recorded loss is signed, shown and charted: it must be the step's.
             passed = False
@@ -406,13 +474,18 @@ class StepAuditor:
                 chain = window.check_chain(ref, step)
                 if chain is not None:
                     passed, reason = False, chain
+                state_cmp = window.comparison(step)
+                if state_cmp is not None:
+                    tensors += state_checks(run.manifest_of(step).state.step, state_cmp)
+                    if chain is None:
+                        reason += f"; state checkpoint follows within tolerance: {state_cmp.reason}"
         return StepResult(
             passed=passed,
             invalid=False,
             reason=reason,
             committed_root=record.grad_root,
             recomputed_root=cmp.recomputed_root,
-            tensors=cmp.tensors,
+            tensors=tensors,
             evidence=cmp.evidence,
             loss_before=heldout,
             loss_after=loss_after,

@@ -27,6 +27,7 @@ from audit.compare import structure_problem
 from audit.fetch import ArtifactInvalid, VerifiedRun, decode_checked, fetch_artifact
 from proofs.hashing import Root
 from trainer.artifact import ArtifactIndex
+from trainer.chain import CHAIN_SAFETY_FACTOR, ChainComparison, compare_chain
 from trainer.checkpoint import checkpoint_root
 from trainer.manifest import StateRef
 from trainer.replay import replay_states
@@ -188,15 +189,22 @@ class WindowReplay:
 
     def __init__(
         self, store: RunStore, run: VerifiedRun, *, shapes: Mapping[str, torch.Tensor],
-        param_bytes: int, device: torch.device,
+        param_bytes: int, device: torch.device, bitwise: bool,
+        safety_factor: float = CHAIN_SAFETY_FACTOR,
     ) -> None:  # fmt: skip
+        """``bitwise``: this auditor reproduces the run's recorded determinism key, so a chain
+        whose replayed root differs fails; otherwise its states are compared per tensor within
+        the tolerance calibrated with ``safety_factor`` (trainer.chain)."""
         self.store, self.run, self.device, self.param_bytes = store, run, device, param_bytes
+        self.bitwise, self.safety_factor = bitwise, safety_factor
         self.fetcher = GradientFetcher(
             store, run, shapes=shapes, max_bytes=max_artifact_bytes(param_bytes, 2)
         )
         self.states = ReplayedStates(limit=MAX_KEPT_STATES)
         self.expected: tuple[int, ...] = ()
         self.chain: dict[int, str | None] = {}  # window end step -> chain problem or None
+        # window end step -> the per-tensor comparison, where the roots differed and it ran
+        self.comparisons: dict[int, ChainComparison] = {}
         self.bytes_fetched = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-replay")
 
@@ -260,9 +268,13 @@ class WindowReplay:
         end = self.run.manifest_of(step).state
         if end.step not in self.chain:
             final = self.state(ref, end.step)
-            self._store_chain(end, checkpoint_root(final, chunk_size=self.run.header.chunk_size),
-                              final)  # fmt: skip
+            root = checkpoint_root(final, chunk_size=self.run.header.chunk_size)
+            self._store_chain(ref, end, root, final)
         return self.chain[end.step]
+
+    def comparison(self, step: int) -> ChainComparison | None:
+        """The per-tensor comparison of ``step``'s window, when its roots differed."""
+        return self.comparisons.get(self.run.manifest_of(step).state.step)
 
     def start_chain(self, ref: StateRef, step: int, state: State) -> ChainJob | None:
         """Replay ``step``'s window from ``state`` (the state before ``step``) to its next
@@ -288,19 +300,51 @@ class WindowReplay:
         self.bytes_fetched += out.nbytes
         for s, st in sorted(out.states.items()):
             self.states.put(ref.step, s, st)
-        self._store_chain(end, out.root, out.states[end.step])
+        try:
+            self._store_chain(ref, end, out.root, out.states[end.step])
+        except ArtifactInvalid:
+            if passed:
+                raise
 
-    def _store_chain(self, end: StateRef, root: Root, final: State) -> None:
+    def _store_chain(self, ref: StateRef, end: StateRef, root: Root, final: State) -> None:
+        """Judge the window ``ref`` .. ``end`` from its replayed final state: equal roots pass;
+        otherwise bit for bit (fail) where this auditor reproduces the recorded key, else per
+        tensor within the calibrated tolerance. Never skipped, whatever the header declares."""
         if root == end.root:
             self.states.put(end.step, end.step, final)
             self.chain[end.step] = None
-        elif self.device.type != self.run.header.device:
-            self.chain[end.step] = None  # bitwise state equality is promised on one device type
-        else:
+            return
+        problem = (
+            f"state checkpoint at step {end.step} ({object_name(end.root)}) does not follow "
+            f"from the committed gradients"
+        )
+        if self.bitwise:
             self.chain[end.step] = (
-                f"state checkpoint at step {end.step} ({object_name(end.root)}) does not follow "
-                f"from the committed gradients"
+                f"{problem} (compared bit for bit: this auditor reproduces the run's recorded "
+                "determinism settings)"
             )
+            return
+        cmp = self._tolerant_chain(ref, end, final)
+        self.comparisons[end.step] = cmp
+        self.chain[end.step] = None if cmp.passed else f"{problem} within tolerance: {cmp.reason}"
+
+    def _tolerant_chain(self, ref: StateRef, end: StateRef, final: State) -> ChainComparison:
+        """Compare the replayed end state with the committed one per tensor (trainer.chain):
+        reads the window's start and end checkpoints and its gradients (verified as ever)."""
+        start = self.states.get(ref.step, ref.step)
+        if start is None:
+            start = self._checkpoint(ref)
+        committed = self._checkpoint(end)
+        steps = []
+        for s in range(ref.step, end.step):
+            steps.append((self.run.record(s), self.gradient(s).tensors))
+        try:
+            return compare_chain(header=self.run.header, start=start, steps=steps, replayed=final,
+                                 committed=committed, device=self.device,
+                                 safety_factor=self.safety_factor)  # fmt: skip
+        except (ValueError, KeyError) as exc:
+            name = f"steps {ref.step}..{end.step - 1}"
+            raise ArtifactInvalid(name, f"replay failed: {exc}") from exc
 
     def _keep(self, ref: StateRef, start: int, stop: int) -> set[int]:
         """Steps in (start, stop) where expected steps start or land, not held yet."""

@@ -46,6 +46,7 @@ from trainer.checkpoint import (
     param_layout,
 )
 from trainer.data import CorpusCommitment
+from trainer.determinism import determinism_flags
 from trainer.pipeline import (
     ChainPosition,
     Committer,
@@ -368,7 +369,7 @@ class AuditHook:
             dtype=dtype_name(first.dtype),
             device=first.device.type,
             torch_version=torch.__version__,
-            determinism=determinism_flags(),
+            determinism=determinism_flags(first.device),
             checkpoint_every=cfg.checkpoint_every,
             chunk_size=cfg.chunk_size,
             initial_state=placeholder,
@@ -391,16 +392,6 @@ class AuditHook:
         if self.header is None:
             raise HookStateError("call start() first")
         return self.header.hash()
-
-
-def determinism_flags() -> dict[str, Any]:
-    """The torch settings that bit-exact replay depends on, as recorded in the header."""
-    return {
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "num_threads": torch.get_num_threads(),
-        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-    }
 
 
 def _constant_schedule(optimizer: torch.optim.Optimizer) -> Schedule:

@@ -60,8 +60,6 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-
-
 GROUP_KEYS_NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")
 """Keys of a torch param group that are no hyperparameter the header records: the parameters,
 and the rates (the schedule's; ``initial_lr`` is what torch's lr schedulers leave behind)."""
