@@ -365,6 +365,10 @@ def load_keypair(path: str | os.PathLike[str]) -> KeyPair:
                 f"key file {target} has mode {stat.S_IMODE(info.st_mode):04o}; "
                 "it must not be accessible by group or others (chmod 600)"
             )
+        if info.st_size > MAX_KEY_FILE_BYTES:
+            raise KeyFileError(
+                f"key file {target} is {info.st_size} bytes; the limit is {MAX_KEY_FILE_BYTES}"
+            )
         with os.fdopen(fd, "rb", closefd=False) as handle:
             raw = handle.read(MAX_KEY_FILE_BYTES + 1)
     finally:
