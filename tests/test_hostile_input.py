@@ -19,8 +19,19 @@ from pathlib import Path
 import pytest
 from audit_runs import make_run
 
-from audit.jsonform import MAX_VERDICT_JSON
+from audit.jsonform import (
+    MAX_ITEMS,
+    MAX_VERDICT_JSON,
+    VerdictError,
+    list_field,
+    str_field,
+    uint_field,
+)
+from audit.jsonform import MAX_STR as MAX_VERDICT_STR
+from proofs.errors import EncodingError
 from proofs.signatures import keypair_from_seed, load_keypair, save_keypair
+from trainer.jsonform import MAX_STR, check_keys, get_int, get_str
+from trainer.manifest import MAX_BATCH, MAX_RECORDS, StepRecord, WindowManifest
 from trainer.store import MAX_HEADER_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,3 +235,40 @@ def test_audit_refuses_hostile_verdict_files(
     result = _cli("audit", command, path, cwd=tmp_path)
     _refused(result, phrase)
     assert sorted(tmp_path.iterdir()) == [path]
+
+
+# ---- the strict readers bound what a peer controls -----------------------------------------------
+
+
+def test_manifest_reader_bounds_counts_lengths_and_ints() -> None:
+    manifest = {"version": 1, "run_id": "r", "window": 0, "first_step": 0, "state": {},
+                "prev": "0x", "records": [None] * (MAX_RECORDS + 1)}  # fmt: skip
+    with pytest.raises(EncodingError, match=f"records: {MAX_RECORDS + 1} items; the limit"):
+        WindowManifest.from_json(manifest)
+    record = {"step": 0, "replay_seed": 0, "batch": [0] * (MAX_BATCH + 1), "loss": 0.0, "lrs": [],
+              "grad_root": "0x", "grad_leaves": 0, "grad_bytes": 0, "prev": "0x"}  # fmt: skip
+    with pytest.raises(EncodingError, match=f"batch: {MAX_BATCH + 1} items; the limit"):
+        StepRecord.from_json(record)
+    with pytest.raises(EncodingError, match="batch: expected a list of ints in"):
+        StepRecord.from_json({**record, "batch": [1 << 64]})
+    with pytest.raises(EncodingError, match=f"run_id: {MAX_STR + 1} characters; the limit"):
+        get_str({"run_id": "x" * (MAX_STR + 1)}, "run_id")
+    assert get_int({"step": (1 << 64) - 1}, "step") == (1 << 64) - 1
+    with pytest.raises(EncodingError, match=r"step: expected an int in \[0, 2\^64\)"):
+        get_int({"step": 1 << 64}, "step")
+
+
+def test_unknown_keys_are_quoted_bounded() -> None:
+    keys = {f"{'k' * 10_000}{i}": 0 for i in range(1000)}
+    with pytest.raises(EncodingError, match="and 995 more") as info:
+        check_keys(keys, "run header", ())
+    assert len(str(info.value)) < 200
+
+
+def test_verdict_reader_bounds_counts_lengths_and_ints() -> None:
+    with pytest.raises(VerdictError, match=f"{MAX_VERDICT_STR + 1} characters; the limit"):
+        str_field("r" * (MAX_VERDICT_STR + 1))
+    with pytest.raises(VerdictError, match=f"tensors has {MAX_ITEMS + 1} items; the limit"):
+        list_field([0] * (MAX_ITEMS + 1), "tensors")
+    with pytest.raises(VerdictError, match=r"in \[0, 2\^64\)"):
+        uint_field(1 << 64)
