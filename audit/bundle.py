@@ -6,7 +6,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from audit.jsonform import VerdictError, expect_header, expect_keys, hex_str, str_field, unhex
+from audit.jsonform import (
+    MAX_BUNDLE_JSON,
+    VerdictError,
+    expect_header,
+    expect_keys,
+    hex_str,
+    list_field,
+    read_verdict_json,
+    str_field,
+    unhex,
+)
 from audit.verdict import BUNDLE_KIND, VERDICT_VERSION, SignedVerdict, Verdict
 from proofs.signatures import BLSSignature, Domain, aggregate, aggregate_verify
 
@@ -32,14 +42,18 @@ class VerdictBundle:
     def from_json(cls, obj: object) -> VerdictBundle:
         body = expect_header(obj, BUNDLE_KIND)
         expect_keys(body, {"run_id", "verdicts", "signature"})
-        verdicts = body["verdicts"]
-        if not isinstance(verdicts, list):
-            raise VerdictError("bundle verdicts must be a list")
+        verdicts = list_field(body["verdicts"], "bundle verdicts")
         return cls(
             run_id=str_field(body["run_id"]),
             verdicts=tuple(Verdict.from_json(v) for v in verdicts),
             signature=BLSSignature(unhex(body["signature"], 96)),
         )
+
+
+def load_verdict_bundle(data: bytes) -> VerdictBundle:
+    """Parse a bundle file's bytes strictly (at most MAX_BUNDLE_JSON bytes, nesting limited by
+    proofs.jsonlimits); raises :class:`VerdictError`."""
+    return VerdictBundle.from_json(read_verdict_json(data, max_bytes=MAX_BUNDLE_JSON))
 
 
 def aggregate_verdicts(signed: Sequence[SignedVerdict]) -> VerdictBundle:

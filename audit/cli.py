@@ -28,7 +28,7 @@ from audit.beacon import (
     beacon_for_run,
     parse_beacon_hex,
 )
-from audit.bundle import VerdictBundle, aggregate_verdicts, verify_bundle
+from audit.bundle import aggregate_verdicts, load_verdict_bundle, verify_bundle
 from audit.evidence import check_verdict
 from audit.fetch import load_run
 from audit.jobs import JobSpec, RunOutcome, SampleSpec, run_job
@@ -382,7 +382,7 @@ def aggregate(paths: tuple[Path, ...], out: Path) -> None:
 def verify_bundle_cmd(path: Path) -> None:
     """Check an aggregated verdict bundle's single signature."""
     try:
-        bundle = VerdictBundle.from_json(json.loads(path.read_text()))
+        bundle = load_verdict_bundle(path.read_bytes())
     except (OSError, ValueError, VeritrainError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         sys.exit(2)

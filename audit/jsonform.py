@@ -13,12 +13,33 @@ from typing import Any
 
 from proofs.errors import EncodingError
 from proofs.hashing import Hash32
+from proofs.jsonlimits import UntrustedJsonError, loads_untrusted
 
 VERSION = 1
+
+# Limits of the strict readers (docs/auditing.md, section 7): a verdict file may come from any
+# auditor, so every length and count it controls is bounded. ``reason`` may quote an error found
+# in a peer's store, hence the generous string limit.
+MAX_VERDICT_JSON = 1 << 20
+"""Bytes of one signed verdict file: ~2 KB, plus ~130 bytes per parameter tensor checked."""
+MAX_BUNDLE_JSON = 64 << 20
+"""Bytes of one verdict bundle (many auditors' verdicts on one run)."""
+MAX_STR = 1 << 16
+MAX_ITEMS = 1 << 16
+MAX_UINT = (1 << 64) - 1
 
 
 class VerdictError(EncodingError):
     """A verdict JSON document is malformed or of an unknown version."""
+
+
+def read_verdict_json(data: bytes, *, max_bytes: int = MAX_VERDICT_JSON) -> object:
+    """Parse a verdict or bundle file's bytes through proofs.jsonlimits (size, nesting depth,
+    strict JSON); raises :class:`VerdictError` naming the limit or the fault."""
+    try:
+        return loads_untrusted(data, max_bytes=max_bytes, what="verdict file")
+    except UntrustedJsonError as exc:
+        raise VerdictError(str(exc)) from exc
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -58,15 +79,17 @@ def float_in(value: object) -> float:
     return float(value)
 
 
-def str_field(value: object) -> str:
+def str_field(value: object, max_len: int = MAX_STR) -> str:
     if not isinstance(value, str):
         raise VerdictError(f"expected a string, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise VerdictError(f"string of {len(value)} characters; the limit is {max_len}")
     return value
 
 
 def uint_field(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise VerdictError(f"expected a non-negative integer, got {str(value)[:40]!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_UINT:
+        raise VerdictError(f"expected an integer in [0, 2^64), got {str(value)[:40]!r}")
     return value
 
 
@@ -92,9 +115,11 @@ def opt_hex(value: bytes | None) -> str | None:
     return None if value is None else hex_str(value)
 
 
-def list_field(value: object, what: str) -> list[Any]:
+def list_field(value: object, what: str, max_items: int = MAX_ITEMS) -> list[Any]:
     if not isinstance(value, list):
         raise VerdictError(f"{what} must be a list")
+    if len(value) > max_items:
+        raise VerdictError(f"{what} has {len(value)} items; the limit is {max_items}")
     return value
 
 

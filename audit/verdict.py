@@ -10,10 +10,10 @@ JSON layout and test vectors: docs/auditing.md and tests/vectors/verdict/.
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from audit.jsonform import MAX_VERDICT_JSON as MAX_VERDICT_JSON
 from audit.jsonform import VerdictError as VerdictError
 from audit.jsonform import (
     canonical_json,
@@ -27,6 +27,7 @@ from audit.jsonform import (
     opt_float,
     opt_hash,
     opt_hex,
+    read_verdict_json,
     str_field,
     uint_field,
     unhex,
@@ -46,7 +47,6 @@ from proofs.signatures import (
 VERDICT_VERSION = 1
 VERDICT_KIND = "veritrain-verdict"
 BUNDLE_KIND = "veritrain-verdict-bundle"
-MAX_VERDICT_JSON = 16 << 20  # a verdict with evidence is kilobytes; refuse absurd files early
 
 
 class Outcome(enum.Enum):
@@ -336,11 +336,6 @@ def _verdict_from(d: dict[str, object]) -> Verdict:
 
 
 def load_signed_verdict(data: bytes) -> SignedVerdict:
-    """Parse a verdict file's bytes strictly; raises :class:`VerdictError`."""
-    if len(data) > MAX_VERDICT_JSON:
-        raise VerdictError(f"verdict file too large ({len(data)} bytes)")
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VerdictError(f"verdict file is not JSON: {exc}") from exc
-    return SignedVerdict.from_json(obj)
+    """Parse a verdict file's bytes strictly (at most MAX_VERDICT_JSON bytes, nesting limited by
+    proofs.jsonlimits); raises :class:`VerdictError`."""
+    return SignedVerdict.from_json(read_verdict_json(data))

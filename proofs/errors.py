@@ -28,3 +28,7 @@ class SignatureError(VeritrainError, ValueError):
 
 class KeyFileError(VeritrainError, OSError):
     """A key file is missing, unreadable, malformed or has unsafe permissions."""
+
+
+class KeyFileExistsError(KeyFileError, FileExistsError):
+    """A key file already exists where a new one would be written (pass overwrite/--force)."""

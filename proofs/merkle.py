@@ -17,7 +17,6 @@ environment, or ``set_native(False)``, forces hashlib.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +29,10 @@ from proofs.accelerator import native_enabled as native_enabled
 from proofs.accelerator import set_native as set_native
 from proofs.errors import MalformedProofError
 from proofs.hashing import LEAF_PREFIX, NODE_PREFIX, Hash32, Root
+from proofs.jsonlimits import UntrustedJsonError, loads_untrusted
 
 PROOF_VERSION = 1
+MAX_PROOF_JSON = 64 << 20  # a proof's JSON text: ~70 bytes per hash, ~1M hashes
 EMPTY_ROOT = Root(hashlib.sha256(b"").digest())
 
 # Below this many leaf bytes in total, threads cost more than they save: hash inline.
@@ -188,9 +189,9 @@ class MultiProof:
 def _load_json(data: Mapping[str, Any] | str, kind: str, fields: set[str]) -> Mapping[str, Any]:
     if isinstance(data, str):
         try:
-            data = json.loads(data)
-        except ValueError as exc:
-            raise MalformedProofError(f"proof is not valid JSON: {exc}") from None
+            data = loads_untrusted(data, max_bytes=MAX_PROOF_JSON, what="proof JSON")
+        except UntrustedJsonError as exc:
+            raise MalformedProofError(str(exc)) from None
     if not isinstance(data, Mapping):
         raise MalformedProofError(f"proof JSON must be an object, got {type(data).__name__}")
     expected = fields | {"version", "kind"}

@@ -21,15 +21,27 @@ import os
 import secrets
 import stat
 import struct
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from eth_typing import BLSPubkey, BLSSignature
-from py_ecc.bls.ciphersuites import G2ProofOfPossession as _Bls
-from py_ecc.optimized_bls12_381.optimized_curve import curve_order as _CURVE_ORDER
 
-from proofs.errors import KeyFileError, SignatureError
+# py_ecc's package __init__ raises Python's recursion limit to 100000 (its pure-Python field
+# arithmetic once recursed deeply; signing and verifying need far less, tests/test_signatures.py
+# runs under the restored limit). With that limit a deeply nested JSON document from a peer
+# overflows the C stack inside json.loads (a segfault, not an exception), so the limit is put back
+# right after the import. If py_ecc was already imported (web3 imports it too), the limit seen here
+# is already raised: Python's default (1000) is restored instead.
+_RECURSION_LIMIT = sys.getrecursionlimit()
+from py_ecc.bls.ciphersuites import G2ProofOfPossession as _Bls  # noqa: E402
+from py_ecc.optimized_bls12_381.optimized_curve import curve_order as _CURVE_ORDER  # noqa: E402
+
+sys.setrecursionlimit(_RECURSION_LIMIT if _RECURSION_LIMIT < 100_000 else 1000)
+
+from proofs.errors import KeyFileError, KeyFileExistsError, SignatureError  # noqa: E402
+from proofs.jsonlimits import UntrustedJsonError, loads_untrusted  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +76,7 @@ MESSAGE_MAGIC = b"veritrain/bls-msg/v1\x00"
 
 KEY_FILE_VERSION = 1
 KEY_FILE_KIND = "veritrain-bls12381-keypair"
+MAX_KEY_FILE_BYTES = 64 << 10  # a key file is ~230 bytes; anything near this is not one
 
 
 class Domain(enum.Enum):
@@ -274,32 +287,50 @@ def keypair_from_json(obj: object) -> KeyPair:
     return derived
 
 
-def save_keypair(path: str | os.PathLike[str], keypair: KeyPair) -> None:
-    """Write ``keypair`` as JSON with mode 0600, atomically (temp file, fsync, rename).
+def save_keypair(
+    path: str | os.PathLike[str], keypair: KeyPair, *, overwrite: bool = False
+) -> None:
+    """Write ``keypair`` as JSON with mode 0600, atomically (temp file, fsync, link or rename).
 
-    An existing file at ``path`` is replaced only once the new one is fully on disk.
-    Raises KeyFileError when the file cannot be written.
+    An existing key file is never replaced unless ``overwrite`` is set (then only once the new
+    file is fully on disk): replacing it would lose that identity for good. Raises
+    KeyFileExistsError (a FileExistsError) when ``path`` exists and ``overwrite`` is not set, and
+    KeyFileError when ``path`` is a directory, its folder does not exist, or the write fails.
     """
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
+    if os.path.isdir(target):
+        raise KeyFileError(f"key file {target} is a directory")
+    if not overwrite and os.path.lexists(target):
+        raise KeyFileExistsError(f"key file {target} already exists; refusing to overwrite it")
+    if not os.path.isdir(directory):
+        raise KeyFileError(f"cannot create key file {target}: folder {directory} does not exist")
     data = json.dumps(keypair_to_json(keypair), indent=2).encode("utf-8") + b"\n"
     try:
         # mkstemp creates the file with 0600 from the start, so the secret is never exposed.
         fd, tmp = tempfile.mkstemp(prefix=".keypair-", suffix=".tmp", dir=directory)
     except OSError as exc:
-        raise KeyFileError(f"cannot create key file in {directory}: {exc}") from exc
+        raise KeyFileError(f"cannot create key file in {directory}: {exc.strerror}") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o600)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)  # atomic, and fails if a file appeared meanwhile
+    except FileExistsError as exc:
+        raise KeyFileExistsError(
+            f"key file {target} already exists; refusing to overwrite it"
+        ) from exc
     except OSError as exc:
-        with contextlib.suppress(OSError):
+        raise KeyFileError(f"cannot write key file {target}: {exc.strerror}") from exc
+    finally:
+        with contextlib.suppress(OSError):  # gone after a rename; a leftover name after a link
             os.unlink(tmp)
-        raise KeyFileError(f"cannot write key file {target}: {exc}") from exc
-    with contextlib.suppress(OSError):  # make the rename durable where the platform allows it
+    with contextlib.suppress(OSError):  # make the new name durable where the platform allows it
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -310,16 +341,23 @@ def save_keypair(path: str | os.PathLike[str], keypair: KeyPair) -> None:
 def load_keypair(path: str | os.PathLike[str]) -> KeyPair:
     """Read a key file written by :func:`save_keypair`.
 
-    Raises KeyFileError when the file is missing, not a regular file, readable or writable by
-    group or others, or malformed (including a public key that does not match the secret).
+    Raises KeyFileError when the file is missing, a directory or otherwise not a regular file,
+    readable or writable by group or others, over MAX_KEY_FILE_BYTES, or malformed (including a
+    public key that does not match the secret). Each message names the file.
     """
     target = os.fspath(path)
     try:
         fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {target} does not exist") from None
     except OSError as exc:
-        raise KeyFileError(f"cannot open key file {target}: {exc}") from exc
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
+        raise KeyFileError(f"cannot open key file {target}: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        # Checked on the descriptor (no race with a rename), before fdopen, which refuses a
+        # directory with a message naming the descriptor number instead of the file.
+        if stat.S_ISDIR(info.st_mode):
+            raise KeyFileError(f"key file {target} is a directory")
         if not stat.S_ISREG(info.st_mode):
             raise KeyFileError(f"key file {target} is not a regular file")
         if info.st_mode & 0o077:
@@ -327,9 +365,16 @@ def load_keypair(path: str | os.PathLike[str]) -> KeyPair:
                 f"key file {target} has mode {stat.S_IMODE(info.st_mode):04o}; "
                 "it must not be accessible by group or others (chmod 600)"
             )
-        raw = handle.read(1 << 16)
+        if info.st_size > MAX_KEY_FILE_BYTES:
+            raise KeyFileError(
+                f"key file {target} is {info.st_size} bytes; the limit is {MAX_KEY_FILE_BYTES}"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            raw = handle.read(MAX_KEY_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KeyFileError(f"key file {target} is not valid JSON") from exc
+        obj = loads_untrusted(raw, max_bytes=MAX_KEY_FILE_BYTES, what=f"key file {target}")
+    except UntrustedJsonError as exc:
+        raise KeyFileError(str(exc)) from exc
     return keypair_from_json(obj)

@@ -335,15 +335,14 @@ def _parse_verdict_file(path: Path) -> list[SignedVerdict]:
     pairing check) and its members are returned as verified. An audit plan file (plan.json, the
     auditor's record of its sample) holds no verdict: it gives an empty list.
     """
-    import json
-
     from audit.bundle import VerdictBundle, verify_bundle
+    from audit.jsonform import MAX_BUNDLE_JSON, read_verdict_json
     from audit.verdict import BUNDLE_KIND, SignedVerdict
 
     data = path.read_bytes()
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = read_verdict_json(data, max_bytes=MAX_BUNDLE_JSON)  # size and depth limited
+    except ValueError as exc:  # VerdictError: not UTF-8, not JSON, over a limit
         raise IngestError(f"not JSON: {exc}") from exc
     if isinstance(obj, dict) and obj.get("kind") == PLAN_KIND:
         return []

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from py_ecc.bls import G2ProofOfPossession
 
-from proofs.errors import KeyFileError, SignatureError, VeritrainError
+from proofs.errors import KeyFileError, KeyFileExistsError, SignatureError, VeritrainError
 from proofs.signatures import (
     Domain,
     KeyPair,
@@ -194,8 +196,43 @@ def test_key_file_roundtrip_and_permissions(tmp_path: Path, alice: KeyPair) -> N
     assert load_keypair(path) == alice
     assert json.loads(path.read_text())["version"] == 1
     # Overwriting is atomic: no temporary file is left behind.
-    save_keypair(path, alice)
+    save_keypair(path, alice, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alice.key"]
+
+
+def test_key_file_never_overwritten_by_default(
+    tmp_path: Path, alice: KeyPair, bob: KeyPair
+) -> None:
+    path = tmp_path / "alice.key"
+    save_keypair(path, alice)
+    with pytest.raises(KeyFileExistsError, match="already exists") as info:
+        save_keypair(path, bob)
+    assert isinstance(info.value, FileExistsError) and isinstance(info.value, KeyFileError)
+    assert load_keypair(path) == alice  # the old identity is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alice.key"]
+    save_keypair(path, bob, overwrite=True)
+    assert load_keypair(path) == bob
+
+
+def test_key_file_paths_that_cannot_hold_a_key(tmp_path: Path, alice: KeyPair) -> None:
+    with pytest.raises(KeyFileError, match="does not exist"):
+        save_keypair(tmp_path / "no" / "such" / "alice.key", alice)
+    with pytest.raises(KeyFileError, match=r"is a directory$"):
+        save_keypair(tmp_path, alice, overwrite=True)
+    with pytest.raises(KeyFileError, match=r"is a directory$"):
+        load_keypair(tmp_path)
+    with pytest.raises(KeyFileError, match="does not exist"):
+        load_keypair(tmp_path / "missing.key")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("first", ["", "import py_ecc; "])
+def test_py_ecc_import_leaves_the_recursion_limit_low(first: str) -> None:
+    # py_ecc sets 100000 on import; with it, deeply nested JSON overflows the C stack. A fresh
+    # interpreter, as other tests start py-evm, which raises the limit again at run time.
+    code = first + "import sys, proofs.signatures; print(sys.getrecursionlimit())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) == 1000
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660])

@@ -17,7 +17,6 @@ leaves (trainer.artifact stores them under that root).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from torch import nn
 from proofs.encoding import TensorBytes, decode_tensors, encode_tensors
 from proofs.errors import EncodingError
 from proofs.hashing import Root
+from proofs.jsonlimits import loads_untrusted
 from trainer.artifact import Encoded, encode_artifact
 from trainer.jsonform import canonical_json
 from trainer.seeds import cpu_rng_state, replay_seed
@@ -43,6 +43,7 @@ PARAM = "param/"
 BUFFER = "buffer/"
 OPTIM_STATE = "optim/state/"
 OPTIM_META = "optim/meta"
+_MAX_META_BYTES = 16 << 20
 RNG_CPU = "rng/cpu"
 STEP = "step"
 
@@ -206,7 +207,11 @@ def optimizer_tensors(
 def optimizer_state_dict(state: Mapping[str, torch.Tensor], layout: ParamLayout) -> dict[str, Any]:
     """Rebuild an optimizer ``state_dict()`` from state checkpoint tensors."""
     try:
-        meta = json.loads(bytes(state[OPTIM_META].numpy().tobytes()))
+        # Peer-written bytes (committed, but by the peer): depth- and size-limited like any
+        # other peer JSON; the meta is optimizer hyperparameters and scalars, kilobytes.
+        meta = loads_untrusted(
+            bytes(state[OPTIM_META].numpy().tobytes()), max_bytes=_MAX_META_BYTES, what=OPTIM_META
+        )
     except (KeyError, ValueError) as exc:
         raise EncodingError(f"state checkpoint has no valid {OPTIM_META}: {exc}") from exc
     per_param: dict[int, dict[str, Any]] = {}

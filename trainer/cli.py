@@ -1,7 +1,10 @@
 """``python -m trainer`` / ``veritrain-train``: run the reference trainer, verify a run store.
 
 Thin: parse options, call trainer.loop / trainer.verify, print. Secrets are never printed; a new
-key file is created with 0600 permissions by proofs.signatures.save_keypair.
+key file is created with 0600 permissions by proofs.signatures.save_keypair, which never replaces
+an existing one (``keygen --force`` does). Exit codes: 0 done, 1 a store that does not verify,
+2 bad input (one line on stderr). Run ids, paths and reasons come from peers: they are printed
+as text, never as rich markup, and keys and hashes are never wrapped across lines.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from proofs.errors import VeritrainError
+from proofs.errors import KeyFileExistsError, VeritrainError
 from proofs.signatures import KeyPair, generate_keypair, load_keypair, save_keypair
 from trainer.assignment import read_assignment
 from trainer.loop import TrainConfig, train
@@ -30,15 +36,44 @@ console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class BadInput(click.ClickException):
+    """Bad input: click prints ``Error: <message>`` (plain text, no markup) and exits 2."""
+
+    exit_code = 2
+
+
 def _keypair(path: Path, create: bool) -> KeyPair:
     if path.exists():
         return load_keypair(path)
     if not create:
-        raise click.ClickException(f"key file {path} not found (pass --new-key to create it)")
+        raise BadInput(f"key file {path} not found (pass --new-key to create it)")
     keypair = generate_keypair()
     save_keypair(path, keypair)
-    console.print(f"created key file {path} (mode 0600)")
+    console.print(f"created key file {escape(str(path))} (mode 0600)", soft_wrap=True)
     return keypair
+
+
+def _check_store_url(url: str) -> None:
+    """Refuse a local store path that is (or lies under) a file before anything is created."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ValueError, ImportError) as exc:  # an unknown protocol, a missing fsspec backend
+        raise BadInput(f"run store {url}: {exc}") from exc
+    if not isinstance(fs, LocalFileSystem):
+        return
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):  # the store and its missing parents are created later
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = (
+            "is a file" if existing == os.path.abspath(path) else f"lies under the file {existing}"
+        )
+        raise BadInput(f"run store {url} {what}; a run store is a folder")
+
+
+def _progress(*columns: TextColumn | BarColumn | TimeElapsedColumn) -> Progress:
+    # Off when stderr is not a terminal: a log or a pipe gets the result lines, not bar frames.
+    return Progress(*columns, console=console, disable=not console.is_terminal)
 
 
 @click.group()
@@ -113,6 +148,7 @@ def run(
     **recipe: Any,
 ) -> None:
     """Train the reference GPT into STORE, resuming if it already holds this run."""
+    _check_store_url(store_url)
     try:
         keypair = _keypair(key_file, new_key)
         name = run_id or os.path.basename(store_url.rstrip("/")) or "run"
@@ -149,9 +185,13 @@ def run(
                 device=device,
             )
     except (VeritrainError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise BadInput(str(exc)) from exc
     steps = config.steps
-    console.print(f"run {config.run_id} -> {store_url}; public key 0x{bytes(keypair.public).hex()}")
+    console.print(
+        f"run {escape(config.run_id)} -> {escape(store_url)}; "
+        f"public key 0x{bytes(keypair.public).hex()}",
+        soft_wrap=True,
+    )
     columns = (
         TextColumn("step {task.completed}/{task.total}"),
         BarColumn(),
@@ -160,7 +200,7 @@ def run(
         TextColumn("{task.fields[mb]:.1f} MB committed"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console) as progress:
+    with _progress(*columns) as progress:
         task = progress.add_task("train", total=steps, loss=float("nan"), rate=0.0, mb=0.0)
 
         first: list[tuple[int, float]] = []  # (step, time) of the first step of this process
@@ -181,7 +221,7 @@ def run(
         try:
             result = train(config, store_url, keypair, on_step=on_step)
         except (VeritrainError, ValueError, OSError) as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise BadInput(str(exc)) from exc
         progress.update(task, loss=result.last_loss, mb=result.bytes_written / 1e6)
     console.print(
         f"steps {result.start_step}..{result.end_step} committed; last loss "
@@ -200,16 +240,15 @@ def verify_store_cmd(store_url: str, pubkey: str | None, no_chain: bool) -> None
         try:
             expected = bytes.fromhex(pubkey.removeprefix("0x"))
         except ValueError as exc:
-            raise click.ClickException(f"--pubkey is not hex: {exc}") from exc
-    with Progress(
-        TextColumn("window {task.completed}/{task.total}"), BarColumn(), console=console
-    ) as progress:
+            raise BadInput(f"--pubkey is not hex: {exc}") from exc
+    with _progress(TextColumn("window {task.completed}/{task.total}"), BarColumn()) as progress:
         task = progress.add_task("verify", total=None)
 
         def on_window(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
         report = check_store(store_url, pubkey=expected, chain=not no_chain, progress=on_window)
+    # click.echo writes plain text: the store's reasons and run id are never read as markup.
     if report.broken is not None:
         click.echo(f"FAIL {report.broken.describe()}")
         sys.exit(1)
@@ -221,10 +260,17 @@ def verify_store_cmd(store_url: str, pubkey: str | None, no_chain: bool) -> None
 
 @main.command()
 @click.argument("key_file", type=click.Path(path_type=Path))
-def keygen(key_file: Path) -> None:
-    """Create a new BLS key file (0600) and print its public key."""
-    if key_file.exists():
-        raise click.ClickException(f"{key_file} already exists")
-    keypair = generate_keypair()
-    save_keypair(key_file, keypair)
+@click.option("--force", is_flag=True, help="Replace an existing key file (its identity is lost).")
+def keygen(key_file: Path, force: bool) -> None:
+    """Create a new BLS key file (0600) and print its public key.
+
+    Refuses to replace an existing KEY_FILE unless --force is given.
+    """
+    try:
+        keypair = generate_keypair()
+        save_keypair(key_file, keypair, overwrite=force)
+    except KeyFileExistsError as exc:
+        raise BadInput(f"{exc} (pass --force to replace it and lose that key)") from exc
+    except VeritrainError as exc:
+        raise BadInput(str(exc)) from exc
     click.echo(f"0x{bytes(keypair.public).hex()}")

@@ -29,10 +29,17 @@ from trainer.jsonform import (
     get_object,
     get_str,
     hex_bytes,
+    is_uint,
     record_hash,
 )
 
 MANIFEST_VERSION = 1
+MAX_RECORDS = 100_000
+"""Step records in one window manifest (a window is ``checkpoint_every`` steps)."""
+MAX_BATCH = 1 << 20
+"""Sample indices in one step record."""
+MAX_GROUPS = 4096
+"""Learning rates in one step record (one per optimizer param group)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -97,15 +104,15 @@ class StepRecord:
     def from_json(cls, obj: Any) -> StepRecord:
         keys = ("step", "replay_seed", "batch", "loss", "lrs", "grad_root", "grad_leaves")
         check_keys(obj, "step record", (*keys, "grad_bytes", "prev"))
-        batch = get_list(obj, "batch")
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in batch):
-            raise EncodingError("batch: expected a list of ints >= 0")
+        batch = get_list(obj, "batch", max_items=MAX_BATCH)
+        if not all(is_uint(i) for i in batch):
+            raise EncodingError("batch: expected a list of ints in [0, 2^64)")
         return cls(
             step=get_int(obj, "step"),
             replay_seed=get_int(obj, "replay_seed"),
             batch=tuple(batch),
             loss=get_float(obj, "loss"),
-            lrs=tuple(float_in(x, "lrs") for x in get_list(obj, "lrs")),
+            lrs=tuple(float_in(x, "lrs") for x in get_list(obj, "lrs", max_items=MAX_GROUPS)),
             grad_root=Root(get_bytes(obj, "grad_root", 32)),
             grad_leaves=get_int(obj, "grad_leaves"),
             grad_bytes=get_int(obj, "grad_bytes"),
@@ -153,7 +160,9 @@ class WindowManifest:
             run_id=get_str(obj, "run_id"),
             window=get_int(obj, "window"),
             first_step=get_int(obj, "first_step"),
-            records=tuple(StepRecord.from_json(r) for r in get_list(obj, "records")),
+            records=tuple(
+                StepRecord.from_json(r) for r in get_list(obj, "records", max_items=MAX_RECORDS)
+            ),
             state=StateRef.from_json(get_object(obj, "state")),
             prev=Hash32(get_bytes(obj, "prev", 32)),
         )

@@ -19,7 +19,6 @@ errors raise :class:`StoreError`, and checking roots and signatures is the calle
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from proofs.errors import EncodingError, VeritrainError
 from proofs.hashing import Root
+from proofs.jsonlimits import UntrustedJsonError, loads_untrusted
 from trainer.artifact import PREFIX_SIZE, ArtifactIndex, parse_artifact, parse_prefix, parse_table
 from trainer.jsonform import canonical_json
 from trainer.manifest import SignedWindowManifest
@@ -47,6 +47,12 @@ MANIFEST_DIR = "manifests"
 OBJECT_DIR = "objects"
 OBJECT_SUFFIX = ".vtar"
 _MANIFEST_RE = re.compile(r"^w(\d{6,})\.json$")
+
+# Size limits of the JSON files a peer writes (docs/run-store.md, "Limits"); nesting is limited
+# to proofs.jsonlimits.MAX_DEPTH. A header is a few KB (large models: their parameter names);
+# a manifest ~0.5 KB per step plus ~10 bytes per batch index, i.e. ~1 MB for 1000 steps.
+MAX_HEADER_BYTES = 4 << 20
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 class StoreError(VeritrainError, OSError):
@@ -169,12 +175,15 @@ class RunStore:
             raise StoreError(f"{self.url}: cannot read {rel}: {exc}") from exc
         return bytes(data)
 
-    def _read_json(self, rel: str) -> Mapping[str, Any]:
-        raw = self.read_bytes(rel)
+    def _read_json(self, rel: str, max_bytes: int) -> Mapping[str, Any]:
+        # One byte past the limit is enough to refuse an oversized file without reading it all.
+        raw = self.read_bytes(rel, 0, max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise StoreError(f"{self.url}: {rel} is larger than its limit of {max_bytes} bytes")
         try:
-            obj = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{self.url}: {rel} is not valid JSON: {exc}") from exc
+            obj = loads_untrusted(raw, max_bytes=max_bytes, what=rel)
+        except UntrustedJsonError as exc:
+            raise StoreError(f"{self.url}: {exc}") from exc
         if not isinstance(obj, dict):
             raise StoreError(f"{self.url}: {rel} is not a JSON object")
         return obj
@@ -185,7 +194,7 @@ class RunStore:
     def read_header(self) -> SignedRunHeader:
         """The signed run header (signature NOT checked). StoreError if missing or malformed."""
         try:
-            return SignedRunHeader.from_json(self._read_json(HEADER_PATH))
+            return SignedRunHeader.from_json(self._read_json(HEADER_PATH, MAX_HEADER_BYTES))
         except EncodingError as exc:
             raise StoreError(f"{self.url}: {HEADER_PATH}: {exc}") from exc
 
@@ -206,7 +215,7 @@ class RunStore:
         """Window ``window``'s signed manifest (signature NOT checked); StoreError if malformed."""
         rel = manifest_name(window)
         try:
-            return SignedWindowManifest.from_json(self._read_json(rel))
+            return SignedWindowManifest.from_json(self._read_json(rel, MAX_MANIFEST_BYTES))
         except EncodingError as exc:
             raise StoreError(f"{self.url}: {rel}: {exc}") from exc
 
