@@ -39,7 +39,7 @@ def fail(problem: str | BaseException) -> NoReturn:
     """One line on stderr (the traceback too with -v), exit 2."""
     if isinstance(problem, BaseException) and logging.getLogger().isEnabledFor(logging.INFO):
         err.print("".join(traceback.format_exception(problem)), markup=False, highlight=False)
-    err.print(line(("error:", "red"), " ", " ".join(str(problem).split())))
+    err.print(line(("error:", "red"), " ", " ".join(str(problem).split())), soft_wrap=True)
     sys.exit(2)
 
 
