@@ -239,7 +239,10 @@ def _stores(stores: tuple[str, ...], under: str | None) -> tuple[str, ...]:
 @click.option("--mode", type=click.Choice(["exact", "tolerant"]), default="tolerant")
 @click.option("--chunk-fraction", type=float, help="compare only this fraction of leaves")
 @click.option("--corpus", "corpus", multiple=True, help="corpus files/folders (default: stdlib)")
-@click.option("--workers", type=int, default=1, show_default=True)
+@click.option(
+    "--workers", type=int, default=1, show_default=True,
+    help="processes, one run each; they die with the job",
+)  # fmt: skip
 @click.option("--device", help="cpu or cuda (default: cuda when present)")
 @click.option("--no-chain-check", is_flag=True, help="skip replaying to the next state root")
 @click.option("--no-usefulness", is_flag=True, help="skip the held-out loss measurement")
@@ -266,7 +269,9 @@ def run_cmd(
     no_chain_check: bool,
     no_usefulness: bool,
 ) -> None:
-    """Audit runs (resumable: verdicts already in OUT are kept, never redone). Alias: batch."""
+    """Audit runs (resumable: verdicts already in OUT are kept, never redone). Alias: batch.
+
+    One job at a time per OUT: a second one exits 2, naming the first one's pid."""
     try:
         if count is None and confidence is None:
             raise click.UsageError("give --count N or --confidence C")
