@@ -345,7 +345,7 @@ def run_job(
 ) -> list[RunOutcome]:
     """Audit every run of ``job``; ``workers`` > 1 runs that many processes, one per run.
 
-    Holds ``job.out``'s lock throughout: raises OutputLocked (``audit.outlock``) when another
+    Holds ``job.out``'s lock throughout: raises OutputLocked (``audit.outfolder``) when another
     job holds it. ``on_run`` is called after each run, ``on_plan``/``on_verdict`` as in
     :func:`audit_run` (from worker processes too). A worker process that dies (a crash, a
     signal, the OOM killer) makes its run errored; the other runs go on.

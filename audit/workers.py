@@ -8,7 +8,7 @@ per task, a dead process names its own task, which is recorded as errored; the o
 A worker dies with its job. On Linux it asks the kernel for SIGKILL when its parent dies
 (``prctl(PR_SET_PDEATHSIG)``), so even a SIGKILLed job leaves no worker behind; and because the
 parent may die before ``prctl`` runs, or on a platform without it, :func:`exit_if_orphaned` (called
-before every file a worker commits) ends a worker whose parent is no longer the job.
+before every file a worker commits) stops a worker whose parent is no longer the job.
 
 Workers are forked from the calling thread; callers should not run other threads that hold locks
 the workers need (the audit CLI refreshes its progress display by hand for this reason). The
@@ -51,10 +51,19 @@ class WorkerDied:
     reason: str
 
 
+class OrphanedWorker(SystemExit):
+    """Raised in a worker whose job has died: it unwinds (``finally`` blocks remove temporary
+    files) and the worker exits without writing anything more."""
+
+
+def _orphaned() -> bool:
+    return _parent is not None and os.getppid() != _parent
+
+
 def exit_if_orphaned() -> None:
-    """In a worker whose job has died, exit at once (nothing more is written); else no-op."""
-    if _parent is not None and os.getppid() != _parent:
-        os._exit(_ORPHANED_EXIT)
+    """In a worker whose job has died, raise OrphanedWorker; elsewhere a no-op."""
+    if _orphaned():
+        raise OrphanedWorker(_ORPHANED_EXIT)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -64,7 +73,8 @@ def _die_with_parent(parent: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    exit_if_orphaned()  # the job died before prctl took effect
+    if _orphaned():  # the job died before prctl took effect
+        os._exit(_ORPHANED_EXIT)
 
 
 def _child(parent: int, work: Callable[[T, Send], R], task: T, conn: Connection) -> None:
@@ -73,7 +83,8 @@ def _child(parent: int, work: Callable[[T, Send], R], task: T, conn: Connection)
         result: object = ("done", work(task, lambda message: conn.send(("message", message))))
     except BaseException as exc:  # reported as this task's death, with its reason
         result = ("died", f"{type(exc).__name__}: {exc}")
-    exit_if_orphaned()
+    if _orphaned():
+        os._exit(_ORPHANED_EXIT)
     conn.send(result)
     conn.close()
 

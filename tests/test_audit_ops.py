@@ -23,7 +23,7 @@ from audit.beacon import StaticBeaconFor, parse_beacon_hex
 from audit.cli import main
 from audit.fetch import load_run
 from audit.jobs import JobSpec, SampleSpec, run_job
-from audit.outfolder import LOCK_NAME, output_lock
+from audit.outfolder import LOCK_NAME, output_lock, write_atomic
 from audit.reexec import ReexecConfig
 from audit.tolerance import Mode
 from proofs.signatures import load_keypair
@@ -255,3 +255,19 @@ def test_piped_output_keeps_hashes_on_one_line(tmp_path: Path) -> None:
     assert f"commitment root (final manifest hash) 0x{root}" in result.output.splitlines()
     seed = next(line for line in result.output.splitlines() if line.startswith("sample seed"))
     assert len(seed) == len("sample seed 0x") + 64
+
+
+def test_a_worker_whose_job_is_gone_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check behind PR_SET_PDEATHSIG, for a job that died before prctl ran: a worker whose
+    recorded job is not its parent writes no verdict and leaves no temporary file."""
+    import audit.workers
+
+    monkeypatch.setattr(audit.workers, "_parent", os.getppid() + 1)
+    path = tmp_path / "run" / "step-00000000.json"
+    with pytest.raises(audit.workers.OrphanedWorker):
+        write_atomic(path, b"{}")
+    assert list(path.parent.iterdir()) == []
+    monkeypatch.setattr(audit.workers, "_parent", os.getppid())
+    assert write_atomic(path, b"{}") and path.read_bytes() == b"{}"
