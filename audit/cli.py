@@ -1,7 +1,12 @@
 """``python -m audit``: sample, re-execute and judge committed training runs.
 
 Thin layer: parse options, call the library, print with rich. Exit codes: 0 all good, 1 a run or
-verdict failed or is invalid, 2 bad usage or input.
+verdict failed, is invalid or could not be audited, 2 bad usage or input (one line; the traceback
+too with -v), or an output folder held by another job.
+
+Run ids, paths and reasons come from peers: they are printed as plain text (``rich.text.Text``),
+never parsed as console markup, so ``[/x]`` cannot crash a batch and ``[conceal]`` cannot hide
+anything. When stdout is not a terminal, lines are not wrapped, so hashes and keys stay whole.
 """
 
 from __future__ import annotations
@@ -14,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from audit.beacon import (
@@ -29,27 +32,24 @@ from audit.beacon import (
     parse_beacon_hex,
 )
 from audit.bundle import aggregate_verdicts, load_verdict_bundle, verify_bundle
+from audit.cli_output import console, err, fail, print_table, run_with_progress, say, summary
 from audit.evidence import check_verdict
 from audit.fetch import load_run
-from audit.jobs import JobSpec, RunOutcome, SampleSpec, run_job
+from audit.jobs import JobSpec, SampleSpec
+from audit.outfolder import OutputLocked
 from audit.reexec import ReexecConfig
 from audit.registry import RegistryBeaconFor
 from audit.report import report_command
 from audit.sampling import SamplingError, detection_probability, plan_sample
 from audit.tolerance import Mode
 from audit.verdict import (
-    Outcome,
     VerdictError,
     load_signed_verdict,
 )
-from proofs.errors import VeritrainError
+from proofs.errors import KeyFileError, KeyFileExistsError, VeritrainError
 from proofs.payout import normalize_address
 from proofs.signatures import generate_keypair, load_keypair, save_keypair
 from trainer.store import HEADER_PATH, RunStore
-
-console = Console()
-err = Console(stderr=True)
-
 
 DEFAULT_DEPLOYMENT = ".veritrain/deployment.json"  # as `python -m rewards deploy` writes it
 
@@ -127,14 +127,23 @@ def main(verbose: int) -> None:
     """Audit committed training runs: sample steps, re-execute them, sign verdicts."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, handlers=[RichHandler(console=err)], format="%(message)s")
+    console.soft_wrap = not console.is_terminal  # piped output: one line stays one line
 
 
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-def keygen(path: Path) -> None:
-    """Create an auditor BLS key file (mode 0600) at PATH."""
+@click.option("--force", is_flag=True, help="replace an existing key file (its identity is lost)")
+def keygen(path: Path, force: bool) -> None:
+    """Create an auditor BLS key file (mode 0600) at PATH (never over a file, unless --force)."""
     keypair = generate_keypair()
-    save_keypair(path, keypair)
+    try:
+        # The check and the write are one atomic step in save_keypair (a file that appears
+        # meanwhile is not replaced either).
+        save_keypair(path, keypair, overwrite=force)
+    except KeyFileExistsError as exc:
+        fail(f"{exc} (an auditor identity?); give --force to replace it")
+    except KeyFileError as exc:
+        fail(exc)
     console.print(f"auditor public key 0x{keypair.public.hex()}", soft_wrap=True)
 
 
@@ -182,15 +191,14 @@ def sample(
             cheat_fraction=cheat_fraction,
             confidence=confidence,
         )
-    except (VeritrainError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
-    console.print(f"run {run.header.run_id}: {run.total_steps} steps")
-    console.print(f"commitment root (final manifest hash) 0x{run.final_hash.hex()}")
-    console.print(f"beacon 0x{value.value.hex()} from {value.source}", soft_wrap=True)
-    console.print(f"sample seed 0x{plan.seed.hex()}")
-    console.print(f"steps: {' '.join(str(s) for s in plan.steps)}")
-    console.print(
+    except (VeritrainError, ValueError, OSError) as exc:
+        fail(exc)
+    say(f"run {run.header.run_id}: {run.total_steps} steps")
+    say(f"commitment root (final manifest hash) 0x{run.final_hash.hex()}")
+    say(f"beacon 0x{value.value.hex()} from {value.source}")
+    say(f"sample seed 0x{plan.seed.hex()}")
+    say(f"steps: {' '.join(str(s) for s in plan.steps)}")
+    say(
         f"detection probability for a peer cheating on {cheat_fraction:.1%} of steps: "
         f"{plan.detection_exact:.4f} (exact), {plan.detection_binomial:.4f} (1-(1-f)^n)"
     )
@@ -200,13 +208,20 @@ def sample(
         table.add_column(f"f={f:.0%}", justify="right")
     for n in (1, 5, 10, 20, 50, 100):
         table.add_row(str(n), *(f"{detection_probability(f, n):.3f}" for f in (0.01, 0.05, 0.1)))
-    console.print(table)
+    print_table(table)
 
 
 def _stores(stores: tuple[str, ...], under: str | None) -> tuple[str, ...]:
+    """The store URLs to audit; a local path that is no folder is bad input (a typo), whereas a
+    folder whose records are broken is that run's verdict."""
+    missing = [s for s in stores if "://" not in s and not Path(s).is_dir()]
+    if missing:
+        fail(f"no run store at {', '.join(missing)}")
     found = list(stores)
     if under is not None:
         root = Path(under)
+        if not root.is_dir():
+            fail(f"--stores-under {under}: no such folder")
         found += sorted(str(p.parent) for p in root.glob(f"*/{HEADER_PATH}"))
     if not found:
         raise click.UsageError("no run stores: give --store URL or --stores-under DIR")
@@ -223,7 +238,10 @@ def _stores(stores: tuple[str, ...], under: str | None) -> tuple[str, ...]:
 @click.option("--mode", type=click.Choice(["exact", "tolerant"]), default="tolerant")
 @click.option("--chunk-fraction", type=float, help="compare only this fraction of leaves")
 @click.option("--corpus", "corpus", multiple=True, help="corpus files/folders (default: stdlib)")
-@click.option("--workers", type=int, default=1, show_default=True)
+@click.option(
+    "--workers", type=int, default=1, show_default=True,
+    help="processes, one run each; they die with the job",
+)  # fmt: skip
 @click.option("--device", help="cpu or cuda (default: cuda when present)")
 @click.option("--no-chain-check", is_flag=True, help="skip replaying to the next state root")
 @click.option("--no-usefulness", is_flag=True, help="skip the held-out loss measurement")
@@ -250,7 +268,9 @@ def run_cmd(
     no_chain_check: bool,
     no_usefulness: bool,
 ) -> None:
-    """Audit runs (resumable: verdicts already in OUT are kept, never redone). Alias: batch."""
+    """Audit runs (resumable: verdicts already in OUT are kept, never redone). Alias: batch.
+
+    One job at a time per OUT: a second one exits 2, naming the first one's pid."""
     try:
         if count is None and confidence is None:
             raise click.UsageError("give --count N or --confidence C")
@@ -272,28 +292,13 @@ def run_cmd(
             corpus_paths=corpus,
             workers=workers,
         )
-    except (VeritrainError, ValueError, BeaconError, SamplingError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=err) as progress:
-        task = progress.add_task("runs audited", total=len(job.urls))
-        steps = progress.add_task("steps judged", total=None)
-
-        def done(outcome: RunOutcome) -> None:
-            progress.advance(task)
-            progress.console.log(f"{outcome.run_id}: {_status(outcome)}")
-
-        def judged(run_id: str, step: int, outcome: Outcome | None) -> None:
-            progress.advance(steps)
-
-        results = run_job(job, on_run=done, on_verdict=judged)
-    console.print(_summary(results, cheat_fraction))
+    except (VeritrainError, ValueError, OSError, BeaconError, SamplingError) as exc:
+        fail(exc)
+    try:
+        results = run_with_progress(job)
+    except (OutputLocked, OSError) as exc:  # OUT held by another job, or not writable
+        fail(exc)
+    print_table(summary(results, cheat_fraction))
     sys.exit(0 if all(r.ok for r in results) else 1)
 
 
@@ -301,49 +306,19 @@ main.add_command(run_cmd, name="batch")  # the name issue 4 uses
 main.add_command(report_command, name="report")
 
 
-def _status(r: RunOutcome) -> str:
-    if r.error is not None:
-        return f"[yellow]error[/yellow] {r.error}"
-    word = "[green]pass[/green]" if r.ok else "[red]FAIL[/red]"
-    return f"{word} ({r.passed} pass, {r.failed} fail, {r.invalid} invalid, {r.skipped} resumed)"
-
-
-def _summary(results: list[RunOutcome], cheat_fraction: float) -> Table:
-    caption = (
-        f"detection: exact probability that the sample hits a cheated step "
-        f"if {cheat_fraction:.1%} of a run's steps are cheated"
-    )
-    table = Table(title="audit summary", caption=caption)
-    for col in ("run", "steps", "pass", "fail", "invalid", "resumed", "detection", "status"):
-        table.add_column(col)
-    for r in results:
-        table.add_row(
-            r.run_id if r.run_id != "?" else r.url,
-            str(len(r.steps)),
-            str(r.passed),
-            str(r.failed),
-            str(r.invalid),
-            str(r.skipped),
-            "-" if r.detection is None else f"{r.detection:.4f}",
-            _status(r).split(" (")[0],
-        )
-    return table
-
-
 def _verify_verdict(path: Path, store_url: str | None) -> None:
     try:
         signed = load_signed_verdict(path.read_bytes())
     except (OSError, VerdictError) as exc:
-        err.print(f"[red]error:[/red] {path}: {exc}")
-        sys.exit(2)
+        fail(f"{path}: {exc}")
     problems = check_verdict(signed, store_url=store_url)
     v = signed.verdict
-    console.print(f"{path}: run {v.run_id} step {v.step}: {v.outcome.value} ({v.reason})")
+    say(f"{path}: run {v.run_id} step {v.step}: {v.outcome.value} ({v.reason})")
     for p in problems:
-        console.print(f"  [red]problem:[/red] {p}")
+        say("  ", ("problem:", "red"), f" {p}")
     if problems:
         sys.exit(1)
-    console.print("  [green]signature and evidence check out[/green]")
+    say("  ", ("signature and evidence check out", "green"))
 
 
 @main.command(name="verify-verdict")
@@ -370,11 +345,10 @@ def aggregate(paths: tuple[Path, ...], out: Path) -> None:
     try:
         signed = [load_signed_verdict(p.read_bytes()) for p in paths]
         bundle = aggregate_verdicts(signed)
+        out.write_text(json.dumps(bundle.to_json(), indent=1) + "\n")
     except (OSError, VeritrainError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
-    out.write_text(json.dumps(bundle.to_json(), indent=1) + "\n")
-    console.print(f"{len(signed)} verdicts on run {bundle.run_id} -> {out}")
+        fail(exc)
+    say(f"{len(signed)} verdicts on run {bundle.run_id} -> {out}")
 
 
 @main.command(name="verify-bundle")
@@ -384,10 +358,7 @@ def verify_bundle_cmd(path: Path) -> None:
     try:
         bundle = load_verdict_bundle(path.read_bytes())
     except (OSError, ValueError, VeritrainError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
+        fail(exc)
     ok = verify_bundle(bundle)
-    console.print(
-        f"{len(bundle.verdicts)} verdicts on {bundle.run_id}: {'valid' if ok else 'INVALID'}"
-    )
+    say(f"{len(bundle.verdicts)} verdicts on {bundle.run_id}: {'valid' if ok else 'INVALID'}")
     sys.exit(0 if ok else 1)

@@ -1,15 +1,10 @@
 """Batch audit jobs over many runs: resumable, idempotent, one signed verdict file per (run, step).
 
-Layout of the output folder::
-
-    OUT/<run id>/plan.json            the sample (beacon, seed, steps, detection probability)
-    OUT/<run id>/step-<t>.json        one signed verdict per sampled step
-    OUT/<run id>/run-invalid.json     when the run's header or manifests fail (no step re-executed)
-
-Every file is written to a temporary name in the same folder, fsynced, then hard-linked into place
-(``os.link`` refuses an existing name), so a job killed at any point leaves either no file or a
-complete one, and a restarted job skips every verdict already on disk: nothing is redone and
-nothing is duplicated. A run that cannot be read or audited never stops the other runs.
+The output folder (its layout, atomic writes, resume and the one-job lock) is ``audit.outfolder``:
+a job killed at any point leaves complete files only, and a restarted job redoes nothing. A run
+that cannot be read or audited never stops the other runs: with ``workers`` > 1 each run has its
+own process (``audit.workers``), so even a run that kills its process is one errored run, and the
+worker processes die with their job.
 """
 
 from __future__ import annotations
@@ -17,37 +12,43 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from audit.beacon import Beacon, BeaconFor, RunCommitment, beacon_for_run
 from audit.fetch import ArtifactInvalid, VerifiedRun, load_run
+from audit.outfolder import (
+    VerdictSlotTaken,
+    output_lock,
+    run_folder,
+    sweep_temporaries,
+    verdict_path,
+    verified_existing,
+    write_atomic,
+)
 from audit.reexec import ReexecConfig, StepAuditor, StepResult
 from audit.sampling import SamplePlan, plan_sample
 from audit.usefulness import heldout_description
 from audit.verdict import (
     Outcome,
-    SignedVerdict,
     Usefulness,
     Verdict,
-    VerdictError,
-    load_signed_verdict,
     sign_verdict,
 )
-from proofs.hashing import Hash32, sha256
+from audit.workers import Send, WorkerDied, run_each
+from proofs.hashing import Hash32
 from proofs.signatures import BLSPubkey, KeyPair
 from trainer.data import Corpus
 from trainer.store import RunStore, StoreError
 
 log = logging.getLogger(__name__)
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+OnVerdict = Callable[[str, int, Outcome], None]
+OnPlan = Callable[[str, int], None]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -77,54 +78,6 @@ class RunOutcome:
     @property
     def ok(self) -> bool:
         return self.error is None and self.failed == 0 and self.invalid == 0
-
-
-def write_atomic(path: Path, data: bytes) -> bool:
-    """Write ``data`` at ``path`` unless it exists; False (writing nothing) when it does."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        return False
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return True
-
-
-def run_folder(out: Path, run_id: str) -> Path:
-    """The run's output folder; a run id that is not a plain name is hashed (no path traversal)."""
-    name = (
-        run_id
-        if _SAFE_NAME.match(run_id) and run_id not in (".", "..")
-        else ("run-" + sha256(run_id.encode()).hex()[:32])
-    )
-    return out / name
-
-
-def verdict_path(out: Path, run_id: str, step: int) -> Path:
-    return run_folder(out, run_id) / f"step-{step:08d}.json"
-
-
-def _existing(path: Path, auditor: bytes) -> SignedVerdict | None:
-    """A finished verdict by this auditor at ``path`` (parsed, not re-verified), or None."""
-    try:
-        signed = load_signed_verdict(path.read_bytes())
-    except (OSError, VerdictError):
-        return None
-    return signed if signed.verdict.auditor == auditor else None
 
 
 def build_verdict(
@@ -221,15 +174,17 @@ def audit_run(
     spec: SampleSpec,
     config: ReexecConfig,
     corpus: Corpus | None,
-    on_verdict: Callable[[str, int, Outcome | None], None] | None = None,
+    on_verdict: OnVerdict | None = None,
+    on_plan: OnPlan | None = None,
 ) -> RunOutcome:
     """Audit the sampled steps of the run at ``url``; never raises for a bad run.
 
     ``beacon`` is the value itself or a beacon-for (``audit.beacon``), asked once the run is
     loaded and authenticated; a beacon it cannot give (not yet mined, registry root mismatch)
-    is this run's ``error``."""
+    is this run's ``error``. ``on_plan(run id, number of sampled steps)`` is called once the
+    sample is drawn, ``on_verdict(run id, step, outcome)`` after each step (resumed ones too)."""
     try:
-        return _audit_run(url, out, keypair, beacon, spec, config, corpus, on_verdict)
+        return _audit_run(url, out, keypair, beacon, spec, config, corpus, on_verdict, on_plan)
     except Exception as exc:  # one hostile or unreadable run must never stop the batch
         log.warning("run %s not audited: %s", url, exc)
         return RunOutcome(url=url, run_id="?", error=f"{type(exc).__name__}: {exc}")
@@ -243,7 +198,8 @@ def _audit_run(
     spec: SampleSpec,
     config: ReexecConfig,
     corpus: Corpus | None,
-    on_verdict: Callable[[str, int, Outcome | None], None] | None,
+    on_verdict: OnVerdict | None,
+    on_plan: OnPlan | None,
 ) -> RunOutcome:
     store = RunStore(url)
     me = BLSPubkey(keypair.public)
@@ -260,13 +216,15 @@ def _audit_run(
     plan = plan_for(run, beacon, me, spec)
     folder = run_folder(out, run.header.run_id)
     write_atomic(folder / "plan.json", json.dumps(_plan_json(plan, beacon, url), indent=1).encode())
+    if on_plan is not None:
+        on_plan(run.header.run_id, len(plan.steps))
     counts = {Outcome.PASS: 0, Outcome.FAIL: 0, Outcome.INVALID: 0}
     skipped = 0
     auditor: StepAuditor | None = None
     try:
         for step in plan.steps:
             path = verdict_path(out, run.header.run_id, step)
-            done = _existing(path, me)
+            done = verified_existing(path, me)
             if done is not None:  # finished before a crash or by an earlier job: never redone
                 outcome = done.verdict.outcome
                 skipped += 1
@@ -319,7 +277,11 @@ def _run_invalid(
     if verdict is None:
         return RunOutcome(url=url, run_id="?", error=str(exc))
     path = run_folder(out, verdict.run_id) / "run-invalid.json"
-    if _existing(path, me) is None:
+    try:
+        done = verified_existing(path, me)
+    except VerdictSlotTaken as exc:
+        return RunOutcome(url=url, run_id=verdict.run_id, error=str(exc))
+    if done is None:
         write_atomic(path, json.dumps(sign_verdict(keypair, verdict).to_json(), indent=1).encode())
     return RunOutcome(url=url, run_id=verdict.run_id, invalid=1, verdict_files=(str(path),))
 
@@ -358,7 +320,8 @@ def _corpus(paths: Sequence[str]) -> Corpus:
     return Corpus.from_paths(paths) if paths else Corpus.stdlib()
 
 
-def _worker(job: JobSpec, url: str) -> RunOutcome:
+def _worker(job: JobSpec, url: str, send: Send) -> RunOutcome:
+    """One run in a worker process; its plan and verdicts are reported back through ``send``."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, job.workers)))
     return audit_run(
         url,
@@ -368,6 +331,8 @@ def _worker(job: JobSpec, url: str) -> RunOutcome:
         spec=job.spec,
         config=job.config,
         corpus=_corpus(job.corpus_paths),
+        on_verdict=lambda run_id, step, outcome: send(("verdict", run_id, step, outcome)),
+        on_plan=lambda run_id, count: send(("plan", run_id, count)),
     )
 
 
@@ -375,40 +340,71 @@ def run_job(
     job: JobSpec,
     *,
     on_run: Callable[[RunOutcome], None] | None = None,
-    on_verdict: Callable[[str, int, Outcome | None], None] | None = None,
+    on_verdict: OnVerdict | None = None,
+    on_plan: OnPlan | None = None,
 ) -> list[RunOutcome]:
-    """Audit every run of ``job``; ``workers`` > 1 uses that many processes (one run each).
+    """Audit every run of ``job``; ``workers`` > 1 runs that many processes, one per run.
 
-    ``on_run`` is called after each run; ``on_verdict(run id, step, outcome)`` after each step
-    (single-process jobs only: worker processes report per run).
+    Holds ``job.out``'s lock throughout: raises OutputLocked (``audit.outfolder``) when another
+    job holds it. ``on_run`` is called after each run, ``on_plan``/``on_verdict`` as in
+    :func:`audit_run` (from worker processes too). A worker process that dies (a crash, a
+    signal, the OOM killer) makes its run errored; the other runs go on.
     """
-    results: list[RunOutcome] = []
-    if job.workers <= 1:
-        corpus = _corpus(job.corpus_paths)
-        for url in job.urls:
-            outcome = audit_run(
-                url,
-                out=job.out,
-                keypair=job.keypair,
-                beacon=job.beacon_for,
-                spec=job.spec,
-                config=job.config,
-                corpus=corpus,
-                on_verdict=on_verdict,
-            )
-            results.append(outcome)
+    with output_lock(job.out):
+        sweep_temporaries(job.out)
+        if job.workers <= 1:
+            return _run_here(job, on_run, on_verdict, on_plan)
+
+        def relay(url: str, message: object) -> None:
+            match message:
+                case ("verdict", str(run_id), int(step), Outcome() as outcome):
+                    if on_verdict is not None:
+                        on_verdict(run_id, step, outcome)
+                case ("plan", str(run_id), int(count)):
+                    if on_plan is not None:
+                        on_plan(run_id, count)
+
+        def finished(url: str, result: RunOutcome | WorkerDied) -> None:
             if on_run is not None:
-                on_run(outcome)
-        return results
-    with ProcessPoolExecutor(max_workers=job.workers) as pool:
-        futures = {pool.submit(_worker, job, url): url for url in job.urls}
-        for fut in as_completed(futures):
-            try:
-                outcome = fut.result()
-            except Exception as exc:  # a crashed worker loses its run, not the job
-                outcome = RunOutcome(url=futures[fut], run_id="?", error=f"worker: {exc}")
-            results.append(outcome)
-            if on_run is not None:
-                on_run(outcome)
-    order = {u: i for i, u in enumerate(job.urls)}
-    return sorted(results, key=lambda r: order[r.url])
+                on_run(_outcome(url, result))
+
+        done = run_each(
+            job.urls,
+            partial(_worker, job),
+            workers=job.workers,
+            on_message=relay,
+            on_result=finished,
+        )
+        return [_outcome(url, r) for url, r in zip(job.urls, done, strict=True)]
+
+
+def _outcome(url: str, result: RunOutcome | WorkerDied) -> RunOutcome:
+    if isinstance(result, WorkerDied):  # a crashed worker loses its run, not the job
+        return RunOutcome(url=url, run_id="?", error=result.reason)
+    return result
+
+
+def _run_here(
+    job: JobSpec,
+    on_run: Callable[[RunOutcome], None] | None,
+    on_verdict: OnVerdict | None,
+    on_plan: OnPlan | None,
+) -> list[RunOutcome]:
+    corpus = _corpus(job.corpus_paths)
+    results = []
+    for url in job.urls:
+        outcome = audit_run(
+            url,
+            out=job.out,
+            keypair=job.keypair,
+            beacon=job.beacon_for,
+            spec=job.spec,
+            config=job.config,
+            corpus=corpus,
+            on_verdict=on_verdict,
+            on_plan=on_plan,
+        )
+        results.append(outcome)
+        if on_run is not None:
+            on_run(outcome)
+    return results

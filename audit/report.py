@@ -340,6 +340,12 @@ def write_reports(
     return written
 
 
+class BadInput(click.ClickException):
+    """Bad input: one line, exit code 2 (as every audit command)."""
+
+    exit_code = 2
+
+
 @click.command("report")
 @click.option(
     "--db",
@@ -359,15 +365,17 @@ def write_reports(
 )
 @click.option("--decimals", default=18, show_default=True, help="Token decimals for the plots.")
 def report_command(db: str, epochs: tuple[int, ...], out: Path, decimals: int) -> None:
-    """Write a self-contained HTML audit report per epoch (loss, distances, usefulness, money)."""
+    """Write a self-contained HTML audit report per epoch (loss, distances, usefulness, money).
+
+    Exit code 2, with one line, when the warehouse or an epoch cannot be read."""
     if not Path(db).is_file():
-        raise click.ClickException(f"no warehouse at {db}")
+        raise BadInput(f"no warehouse at {db}")
     try:
         paths = write_reports(db, out, epochs=epochs, decimals=decimals)
-    except ReportError as exc:
-        raise click.ClickException(str(exc)) from exc
+    except (ReportError, OSError) as exc:
+        raise BadInput(str(exc)) from exc
     if not paths:
-        raise click.ClickException("no computed epoch in the warehouse (run `rewards compute`)")
+        raise BadInput("no computed epoch in the warehouse (run `rewards compute`)")
     for path in paths:
         click.echo(f"wrote {path}")
 

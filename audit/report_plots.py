@@ -41,8 +41,13 @@ def _color(runs: pl.DataFrame, run_id: str) -> str:
 
 
 def _label(runs: pl.DataFrame, run_id: str) -> str:
+    """The run's legend and axis label, as plain text: ids come from peers, and matplotlib reads
+    text between two ``$`` as mathtext (a bad formula fails the whole report) and drops legend
+    entries whose label starts with ``_``."""
     peer = runs.filter(pl.col("run_id") == run_id)["peer_id"]
-    return f"{peer[0]} / {run_id}" if peer.len() and peer[0] != run_id else run_id
+    text = f"{peer[0]} / {run_id}" if peer.len() and peer[0] != run_id else run_id
+    text = text.replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
 
 
 def plot_losses(data: EpochData) -> str:

@@ -10,6 +10,7 @@ images are broken must fail the same check, so the check can fail.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
 import shutil
@@ -17,12 +18,21 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 from test_rewards_ingest import RealWorld, real_world_once
 
-from audit.report import ReportError, load_epoch, report_command
+from audit.report import (
+    CLAIM_COLUMNS,
+    POST_COLUMNS,
+    EpochData,
+    ReportError,
+    load_epoch,
+    render_html,
+    report_command,
+)
 from rewards.analyst import Analyst
 
 SECTIONS = ("summary", "peers", "loss", "distances", "usefulness", "payouts", "settlement",
@@ -138,7 +148,36 @@ def test_missing_epoch_is_a_clear_error(world: RealWorld, tmp_path: Path) -> Non
     result = CliRunner().invoke(
         report_command, ["--db", str(world.db), "--epoch", "9", "--out", str(tmp_path)]
     )
-    assert result.exit_code == 1 and "epoch 9 is not in the warehouse" in result.output
+    assert result.exit_code == 2 and "epoch 9 is not in the warehouse" in result.output
     assert not list(tmp_path.glob("*.html"))
     missing = CliRunner().invoke(report_command, ["--db", str(tmp_path / "none.duckdb")])
-    assert missing.exit_code == 1 and "no warehouse" in missing.output
+    assert missing.exit_code == 2 and "no warehouse" in missing.output
+
+
+def test_peer_strings_are_text_in_the_page_and_the_plots() -> None:
+    """Run ids, peer ids and reasons come from peers: HTML-escaped in the page, plain text (not
+    mathtext, not a hidden legend entry) in the plots. The epoch is built by hand: the warehouse
+    keeps whatever strings the peers sent."""
+    run_id, peer = "<script>alert(1)</script>[/x]$\\foo{$", "_<b>peer</b>"
+    reason = "<img src=x onerror=alert(2)>"
+    data = EpochData(
+        epoch=3,
+        summary={"pool": 10, "carry_in": 0, "paid": 10, "carry_out": 0, "verified_runs": 1,
+                 "failed_runs": 0, "pending_runs": 0},
+        params={},
+        runs=pl.DataFrame({"run_id": [run_id], "peer_id": [peer], "payout_address": ["0x11"],
+                           "step_count": [3], "state": ["verified"], "confidence": [0.9],
+                           "usefulness_micro": [5], "payout": [10], "slashed": [0]}),
+        steps=pl.DataFrame({"run_id": [run_id] * 3, "step": [0, 1, 2], "loss": [3.0, 2.5, 2.0]}),
+        verdicts=pl.DataFrame({"run_id": [run_id], "step": [1], "outcome": ["pass"],
+                               "mode": ["exact"], "auditor_id": ["a"], "reason": [reason],
+                               "max_rel_l2": [0.0], "max_cos_dist": [0.0], "loss_before": [2.5],
+                               "loss_after": [2.4], "l2_ratio": [0.1], "cos_ratio": [0.1],
+                               "l2_threshold": [1e-5]}),
+        claims=pl.DataFrame(schema={c: pl.Utf8 for c in CLAIM_COLUMNS}),
+        posts=pl.DataFrame(schema={c: pl.Utf8 for c in POST_COLUMNS}),
+    )  # fmt: skip
+    page = render_html(data)  # a "$...$" label would fail here as bad mathtext
+    assert "<script>" not in page and "<img src=x" not in page and "<b>peer" not in page
+    assert html.escape(run_id) in page and html.escape(reason) in page
+    assert html.escape(peer) in page
