@@ -170,16 +170,20 @@ class Analyst:
         """Write every table and view as ``<name>.parquet`` in ``out_dir`` (each atomically).
 
         Money columns stay DECIMAL(38,0) in Parquet, so other engines read exact integers.
+        Raises OutputError when ``out_dir`` cannot be made or written.
         """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         written = []
-        for name in self.tables():
-            path = out / f"{name}.parquet"
-            tmp = path.with_name(path.name + ".tmp")
-            self.table(name).write_parquet(tmp)
-            os.replace(tmp, path)
-            written.append(path)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in self.tables():
+                path = out / f"{name}.parquet"
+                tmp = path.with_name(path.name + ".tmp")
+                self.table(name).write_parquet(tmp)
+                os.replace(tmp, path)
+                written.append(path)
+        except OSError as exc:
+            raise OutputError(f"cannot export to {out}: {exc.strerror or exc}") from exc
         log.info("exported %d tables to %s", len(written), out)
         return written
 

@@ -62,10 +62,14 @@ def _friendly(func: F) -> F:
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 def main(verbose: bool) -> None:
     """veritrain rewards: warehouse, payout policy, payout trees, analyst queries."""
+    # RichHandler lays records out in columns that wrap; off a terminal, one plain line each.
+    handler: logging.Handler = (
+        RichHandler(console=err_console, show_path=False, markup=False)
+        if err_console.is_terminal
+        else logging.StreamHandler(sys.stderr)
+    )
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)],
+        level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler]
     )
 
 

@@ -145,10 +145,11 @@ def test_register_peer_refuses_keys_that_are_not_g1_points(db: Path) -> None:
     assert count(db, "peers") == before
     good = "0x" + key("dave").public.hex()
     proc = rewards(
-        "register-peer", "dave", "--pubkey", good, "--address", address("dave"),
+        "register-peer", "[/x][conceal]dave", "--pubkey", good, "--address", address("dave"),
         "--db", str(db), cwd=db.parent,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[/x][conceal]dave: registered"  # a name, not markup
     assert count(db, "peers") == before + 1
 
 
@@ -168,7 +169,7 @@ def test_tree_on_a_binary_file(tmp_path: Path, content: bytes, fragment: str) ->
     assert listing(tmp_path) == ["payouts.csv"]
 
 
-def test_sql_out_into_a_missing_folder(db: Path) -> None:
+def test_sql_and_export_into_a_missing_folder(db: Path) -> None:
     before = listing(db.parent)
     proc = rewards(
         "sql", "--db", str(db), "--format", "csv", "--out", "no/such/dir/r.csv",
@@ -176,6 +177,11 @@ def test_sql_out_into_a_missing_folder(db: Path) -> None:
     )  # fmt: skip
     refused(proc, "folder no/such/dir does not exist")
     assert listing(db.parent) == before
+    (db.parent / "a-file").write_text("x")
+    refused(
+        rewards("export", "--db", str(db), "--out", "a-file/pq", cwd=db.parent), "cannot export"
+    )
+    assert listing(db.parent) == [*before, "a-file"]
 
 
 def test_deploy_on_the_in_process_tester_chain(tmp_path: Path) -> None:
@@ -326,3 +332,17 @@ def test_an_analyst_query_runs_while_another_process_writes(world: RealWorld, db
             holder.kill()
             holder.wait()
     assert _analyst_count(db, "runs") == 2  # published when the writer closed
+
+
+@pytest.mark.parametrize(
+    "amount", [0, 1, 10**18, 500 * 10**18, 15 * 10**17, 10**38 - 1, -(10**18 + 1)]
+)
+def test_tokens_are_exact(amount: int) -> None:
+    from decimal import Decimal, localcontext
+
+    from rewards.display import tokens
+
+    with localcontext() as ctx:  # the oracle: decimal arithmetic with room for 38 + 18 digits
+        ctx.prec = 80
+        assert Decimal(tokens(amount)) == Decimal(amount) / Decimal(10**18)
+    assert not tokens(amount).endswith(("0", ".")) or "." not in tokens(amount)
