@@ -128,6 +128,7 @@ def close_and_publish(con: Connection, path: str | os.PathLike[str]) -> Path:
 def _copy_atomically(source: Any, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, os.fstat(source.fileno()).st_mode & 0o777)  # readable by whoever reads the db
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(source, out, 1 << 20)
             out.flush()
