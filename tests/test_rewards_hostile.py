@@ -346,3 +346,18 @@ def test_tokens_are_exact(amount: int) -> None:
         ctx.prec = 80
         assert Decimal(tokens(amount)) == Decimal(amount) / Decimal(10**18)
     assert not tokens(amount).endswith(("0", ".")) or "." not in tokens(amount)
+
+
+def test_validate_pubkey() -> None:
+    from proofs.signatures import validate_pubkey
+
+    assert validate_pubkey(key("alice").public)
+    for bad in (
+        bytes.fromhex(_compressed_g1(1)[2:]),  # off the curve
+        bytes.fromhex(_compressed_g1(4)[2:]),  # on the curve, outside the subgroup
+        INFINITY,
+        key("alice").public[:47],
+        b"\xff" * 48,  # x >= p
+        "not bytes",
+    ):
+        assert validate_pubkey(bad) is False  # type: ignore[arg-type]
