@@ -115,7 +115,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="veritrain-scale-"))
     path = args.keep or tmp / "scale.duckdb"
     try:
-        con = warehouse.connect(path)
+        con = warehouse.connect(path, create=True)
         threads = con.execute("SELECT current_setting('threads')").fetchall()[0][0]
         start = time.perf_counter()
         load(con, args.peers, args.epochs)

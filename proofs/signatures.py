@@ -63,6 +63,7 @@ __all__ = [
     "save_keypair",
     "sign",
     "signing_message",
+    "validate_pubkey",
     "verify",
 ]
 
@@ -174,6 +175,19 @@ def sign(keypair: KeyPair, domain: Domain, context: str, payload: bytes) -> BLSS
 
 def _is_bytes(value: object, size: int) -> bool:
     return isinstance(value, bytes) and len(value) == size
+
+
+def validate_pubkey(pubkey: bytes) -> bool:
+    """True iff ``pubkey`` is a usable BLS public key: 48 bytes that decompress to a G1 point on
+    the curve, in the prime-order subgroup and not the point at infinity (KeyValidate of
+    draft-irtf-cfrg-bls-signature section 2.5). Never raises."""
+    if not _is_bytes(pubkey, PUBKEY_SIZE):
+        return False
+    try:
+        return bool(_Bls.KeyValidate(BLSPubkey(pubkey)))
+    except Exception:  # KeyValidate catches the errors it knows; verify* must never raise
+        logger.debug("BLS key validation rejected malformed input", exc_info=True)
+        return False
 
 
 def verify(pubkey: bytes, domain: Domain, context: str, payload: bytes, signature: bytes) -> bool:

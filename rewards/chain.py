@@ -260,9 +260,15 @@ def _nonce_clash(exc: BaseException) -> bool:
     return "nonce" in str(exc).lower()
 
 
+def _refused(sender: LocalAccount, exc: Exception) -> ChainError:
+    # e.g. a signer without ether for gas: py-evm's ValidationError, a node's Web3RPCError
+    return ChainError(f"the node refused the transaction from {sender.address}: {exc}")
+
+
 def send(w3: Web3, sender: LocalAccount, call: ContractFunction | ContractConstructor) -> TxResult:
     """Check, sign locally, send and wait for ``call``. Raises :class:`RevertError` (decoded)
-    whether the revert shows before sending or in the mined receipt."""
+    whether the revert shows before sending or in the mined receipt, and ChainError when the
+    node refuses the transaction (no ether for gas, bad nonce...)."""
     for attempt in range(3):
         try:
             tx = _prepared(w3, sender, call)
@@ -272,7 +278,7 @@ def send(w3: Web3, sender: LocalAccount, call: ContractFunction | ContractConstr
                 raise revert from None
             if _nonce_clash(exc) and attempt < 2:  # eth-tester checks the nonce when estimating
                 continue
-            raise
+            raise _refused(sender, exc) from exc
         signed = sender.sign_transaction(tx)
         try:
             tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
@@ -280,7 +286,7 @@ def send(w3: Web3, sender: LocalAccount, call: ContractFunction | ContractConstr
             if _nonce_clash(exc) and attempt < 2:
                 log.warning("nonce %s taken, retrying", tx["nonce"])
                 continue
-            raise
+            raise _refused(sender, exc) from exc
         receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT_S)
         hex_hash = "0x" + bytes(tx_hash).hex()
         if receipt["status"] != 1:

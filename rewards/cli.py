@@ -1,7 +1,12 @@
 """``python -m rewards``: the reward engine's command line (thin: parse, call the library, print).
 
-Every command takes ``--db`` (default $VERITRAIN_DB, else ./veritrain.duckdb). Chain commands
-(deploy, post, claim, chain node...) come from rewards.settlement_cli and are added to this group.
+Every command takes ``--db`` (default $VERITRAIN_DB, else ./veritrain.duckdb), which must exist:
+only ``init`` creates a warehouse. Writing commands publish the analysts' snapshot as they finish;
+``sql`` and ``export`` read it (docs/warehouse.md). Chain commands (deploy, post, claim, chain
+node...) come from rewards.settlement_cli and are added to this group.
+
+Exit status: 0 when the command did all its work, 1 on an error (nothing written), 2 on a usage
+error, 3 when ``ingest`` wrote its batch but rejected some records (listed on stderr).
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
 from rich.logging import RichHandler
-from rich.table import Table
 
 from proofs.errors import VeritrainError
 from rewards import analyst, payouts, policy, warehouse
+from rewards.display import make_console, print_frame, print_table, safe
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console(soft_wrap=True)  # hashes and roots must stay on one line
-err_console = Console(stderr=True, soft_wrap=True)
+console = make_console()  # no markup: peers' strings are data; hashes stay on one line
+err_console = make_console(stderr=True)
+EXIT_REJECTED = 3
+DEFAULT_TIMEOUT_S = 60.0
 
 
 def _db_option(func: F) -> F:
@@ -47,41 +53,52 @@ def _friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except VeritrainError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(safe(exc)) from exc
 
     return wrapper  # type: ignore[return-value]
-
-
-def _print_frame(frame: Any, title: str | None = None) -> None:
-    table = Table(title=title, show_lines=False)
-    for name in frame.columns:
-        table.add_column(name, overflow="fold")
-    for row in frame.iter_rows():
-        table.add_row(*("" if v is None else str(v) for v in row))
-    console.print(table)
 
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 def main(verbose: bool) -> None:
     """veritrain rewards: warehouse, payout policy, payout trees, analyst queries."""
+    # RichHandler lays records out in columns that wrap; off a terminal, one plain line each.
+    handler: logging.Handler = (
+        RichHandler(console=err_console, show_path=False, markup=False)
+        if err_console.is_terminal
+        else logging.StreamHandler(sys.stderr)
+    )
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)],
+        level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler]
     )
 
 
 @main.command()
 @_db_option
 @_friendly
-def migrate(db: str) -> None:
-    """Create the warehouse or bring its schema up to date."""
-    con = warehouse.connect(db)
+def init(db: str) -> None:
+    """Create a new, empty warehouse (the only command that creates one)."""
     from rewards import schema
 
-    console.print(f"{db}: schema version {schema.current_version(con)}")
-    con.close()
+    if Path(db).exists():
+        raise click.ClickException(
+            f"{db} exists already; `python -m rewards migrate` upgrades an existing warehouse"
+        )
+    with warehouse.opened(db, create=True) as con:
+        version = schema.current_version(con)
+    console.print(f"{db}: created, schema version {version}")
+
+
+@main.command()
+@_db_option
+@_friendly
+def migrate(db: str) -> None:
+    """Bring an existing warehouse's schema up to date (and publish its analyst snapshot)."""
+    from rewards import schema
+
+    with warehouse.opened(db) as con:
+        version = schema.current_version(con)
+    console.print(f"{db}: schema version {version}")
 
 
 @main.command("open-epoch")
@@ -221,7 +238,12 @@ def stake(db: str, peer_id: str, epoch: int, amount: int) -> None:
 def ingest_cmd(
     db: str, stores: tuple[str, ...], verdicts: str | None, epoch: int | None, strict: bool
 ) -> None:
-    """Load run stores and verdict files, verifying signatures; one transaction per batch."""
+    """Load run stores and verdict files, verifying signatures; one transaction per batch.
+
+    Exit status 0 when every record read was loaded or was already there; 3 when the batch was
+    written but some records were rejected (a table of them goes to stderr, and they are kept in
+    the rejections table); 1 when nothing was written (an error, or --strict with a rejection).
+    """
     from rewards import ingest
 
     if not stores and verdicts is None:
@@ -234,10 +256,14 @@ def ingest_cmd(
         f"epoch {report.epoch}: {report.runs_loaded} runs, {report.verdicts_loaded} verdicts"
         f" loaded; {report.duplicates} duplicates; {len(report.rejections)} rejected"
     )
-    for rejection in report.rejections:
-        err_console.print(
-            f"[red]rejected[/red] {rejection.kind} {rejection.source}: {rejection.reason}"
+    if report.rejections:
+        print_table(
+            err_console,
+            ("source", "kind", "reason"),
+            [(r.source, r.kind, r.reason) for r in report.rejections],
+            title=f"{len(report.rejections)} record(s) rejected",
         )
+        click.get_current_context().exit(EXIT_REJECTED)
 
 
 @main.command()
@@ -248,7 +274,7 @@ def compute(db: str) -> None:
     with warehouse.opened(db) as con:
         used = policy.compute(con)
         frame = con.sql("SELECT * FROM epoch_summaries ORDER BY epoch").pl()
-    _print_frame(frame, title=f"payouts ({used})")
+    print_frame(console, frame, title=f"payouts ({used})")
 
 
 @main.command()
@@ -292,18 +318,38 @@ def tree(csv_path: str, out: str | None) -> None:
 @click.option("--file", "file", type=click.Path(dir_okay=False, exists=True), help="SQL file.")
 @click.option("--format", "fmt", type=click.Choice(analyst.FORMATS), default="table")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT_S,
+    show_default=True,
+    help="Stop a statement that runs longer than this many seconds.",
+)
 @_friendly
-def sql(db: str, query: str | None, file: str | None, fmt: str, out: str | None) -> None:
-    """Run QUERY (or --file) on a read-only connection; writes are refused."""
+def sql(
+    db: str, query: str | None, file: str | None, fmt: str, out: str | None, timeout: float
+) -> None:
+    """Run QUERY (or --file) on the warehouse's read-only analyst snapshot.
+
+    Writes, setting changes and file access are refused. The snapshot is what the last writing
+    command (ingest, compute, ...) left; a running ingest never blocks it. The table format shows
+    money in tokens (18 decimals); csv, json and parquet keep exact base units.
+    """
     if (query is None) == (file is None):
         raise click.UsageError("give either QUERY or --file")
-    text = query if query is not None else Path(file or "").read_text(encoding="utf-8")
+    try:
+        text = query if query is not None else Path(file or "").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read SQL file {file}: {exc}") from exc
     if fmt == "parquet" and out is None:
         raise click.UsageError("--format parquet needs --out")
     if fmt == "table" and out is not None:
         raise click.UsageError("--format table prints; with --out use csv, json or parquet")
-    with analyst.Analyst(db) as a:
-        frame = a.sql(text)
+    try:
+        with analyst.Analyst(db, timeout=timeout) as a:
+            frame = a.sql(text)
+    except analyst.QueryTimeout as exc:
+        raise click.ClickException(f"{exc} (raise the limit with --timeout SECONDS)") from exc
     if out is not None:
         analyst.write_output(frame, fmt, out)  # type: ignore[arg-type]
         err_console.print(f"{frame.height} rows written to {out}")
@@ -312,7 +358,7 @@ def sql(db: str, query: str | None, file: str | None, fmt: str, out: str | None)
     elif fmt == "json":
         sys.stdout.write(analyst.to_json(frame) + "\n")
     else:
-        _print_frame(frame)
+        print_frame(console, frame)
 
 
 @main.command()

@@ -40,6 +40,10 @@ class PayoutDataError(VeritrainError, ValueError):
     """A payout list (CSV or warehouse epoch) is malformed, empty or has duplicate accounts."""
 
 
+class PayoutWriteError(VeritrainError, OSError):
+    """A payout tree could not be written where asked."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EpochPayout:
     """What an epoch's on-chain root commits to.
@@ -198,8 +202,22 @@ def read_csv(path: str | os.PathLike[str]) -> tuple[tuple[str, int], ...]:
 
     Amounts may use the whole uint256 range (the tree is not stored in the warehouse).
     Raises PayoutDataError naming the line of a malformed row, a negative or overflowing amount,
-    or a duplicated account (cumulative claims are per account, so one leaf per account).
+    or a duplicated account (cumulative claims are per account, so one leaf per account), and
+    for a file that is not UTF-8 CSV text (a binary file) or cannot be read.
     """
+    try:
+        return _read_csv(path)
+    except UnicodeDecodeError as exc:
+        raise PayoutDataError(
+            f"{path}: not a UTF-8 text CSV ({exc.reason} at byte {exc.start})"
+        ) from exc
+    except csv.Error as exc:  # e.g. a NUL byte: a binary file
+        raise PayoutDataError(f"{path}: not a CSV file ({exc})") from exc
+    except OSError as exc:
+        raise PayoutDataError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _read_csv(path: str | os.PathLike[str]) -> tuple[tuple[str, int], ...]:
     entries: list[tuple[str, int]] = []
     seen: dict[str, int] = {}
     with open(path, newline="", encoding="utf-8") as handle:
@@ -235,9 +253,17 @@ def write_tree(tree: PayoutTree, out_dir: str | os.PathLike[str]) -> tuple[Path,
     """Write ``tree.json`` (standard-v1 dump) and ``proofs.json`` (per account) atomically.
 
     proofs.json maps each account (EIP-55) to {"index", "amount" (decimal string), "proof"}.
-    Returns both paths.
+    Returns both paths; PayoutWriteError when ``out_dir`` cannot be made or written.
     """
     out = Path(out_dir)
+    try:
+        _write_tree(tree, out)
+    except OSError as exc:
+        raise PayoutWriteError(f"cannot write the tree to {out}: {exc.strerror or exc}") from exc
+    return out / "tree.json", out / "proofs.json"
+
+
+def _write_tree(tree: PayoutTree, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     proofs: dict[str, Any] = {
         "root": "0x" + tree.root.hex(),
@@ -255,4 +281,3 @@ def write_tree(tree: PayoutTree, out_dir: str | os.PathLike[str]) -> tuple[Path,
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-    return paths

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from proofs.errors import VeritrainError
 from rewards import chain as chainmod
+from rewards.display import make_console, print_table, safe, tokens
 from rewards.settlement import ClaimRequest, Deployment, Settlement, deploy_token
 
 if TYPE_CHECKING:
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
     from web3 import Web3
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console()
+console = make_console()  # no markup; hashes and keys stay whole on one line
 
 RPC_ENV = "VERITRAIN_RPC"
 DEPLOYMENT_ENV = "VERITRAIN_DEPLOYMENT"
@@ -48,7 +47,7 @@ def _friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except VeritrainError as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+            raise click.ClickException(safe(f"{type(exc).__name__}: {exc}")) from exc
 
     return wrapper  # type: ignore[return-value]
 
@@ -57,7 +56,26 @@ def _opt(*decls: str, **kw: Any) -> Callable[[F], F]:
     return click.option(*decls, show_default=True, **kw)
 
 
-rpc_option = _opt("--rpc", envvar=RPC_ENV, default=DEFAULT_RPC, help=f"JSON-RPC URL (${RPC_ENV}).")
+def _node_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    # chain.connect("tester") starts a chain inside this process: it starts empty (no ether for
+    # the signer) and is gone when the command exits, with whatever was deployed or posted on it.
+    if value == chainmod.TESTER_URL:
+        raise click.BadParameter(
+            "'tester' is an in-process test chain that ends with this command; give a node's"
+            " http(s):// URL (start one with `python -m rewards chain`)",
+            ctx=ctx,
+            param=param,
+        )
+    return value
+
+
+rpc_option = _opt(
+    "--rpc",
+    envvar=RPC_ENV,
+    default=DEFAULT_RPC,
+    callback=_node_url,
+    help=f"JSON-RPC URL of a node (${RPC_ENV}).",
+)
 deployment_option = _opt(
     "--deployment",
     envvar=DEPLOYMENT_ENV,
@@ -111,7 +129,7 @@ def chain_command(port: int, state: Path, fund: tuple[str, ...]) -> None:
         w3 = chainmod.connect(node.url)
         for address in fund:
             chainmod.fund_from_dev_account(w3, address, 100 * 10**18)
-        console.print(f"anvil on [bold]{node.url}[/] (chain {w3.eth.chain_id}, state {state})")
+        console.print(f"anvil on {node.url} (chain {w3.eth.chain_id}, state {state})")
         node.wait()
     except KeyboardInterrupt:
         pass
@@ -331,12 +349,20 @@ def verify_root_command(epoch: int, rpc: str, deployment: Path, db: str) -> None
         ("cumulative total", str(recomputed.cumulative_total), str(posted.cumulative_total)),
         ("inputs hash", "0x" + recomputed.inputs_hash.hex(), "0x" + posted.inputs_hash.hex()),
     ]
-    table = Table(title=f"epoch {epoch} (root index {posted.index}, revoked: {posted.revoked})")
-    for col in ("field", "recomputed", "on chain", "match"):
-        table.add_column(col, overflow="fold")
-    for name, ours, theirs in rows:
-        table.add_row(name, ours, theirs, "yes" if ours == theirs else "[red]NO[/]")
-    console.print(table)
+
+    def shown(name: str, value: str) -> str:
+        return tokens(int(value)) if name == "cumulative total" else value
+
+    print_table(
+        console,
+        ("field", "recomputed", "on chain", "match"),
+        [
+            (name, shown(name, ours), shown(name, theirs), "yes" if ours == theirs else "NO")
+            for name, ours, theirs in rows
+        ],
+        title=f"epoch {epoch} (root index {posted.index}, revoked: {posted.revoked});"
+        " totals in tokens",
+    )
     if any(ours != theirs for _, ours, theirs in rows):
         raise click.ClickException(f"epoch {epoch}: the posted root does not match the inputs")
 
@@ -355,19 +381,23 @@ def status_command(accounts: tuple[str, ...], rpc: str, deployment: Path) -> Non
         f"balance={s.token_balance(s.address)} paid={s.total_claimed()} "
         f"active={'none' if active is None else active.index}"
     )
-    table = Table(title="payout roots")
-    for col in ("index", "epoch", "root", "cumulative total", "activates at", "revoked"):
-        table.add_column(col, overflow="fold")
-    for r in s.roots():
-        table.add_row(
-            str(r.index),
-            str(r.epoch),
-            "0x" + r.root.hex(),
-            str(r.cumulative_total),
-            str(r.activated_at),
-            str(r.revoked),
-        )
-    console.print(table)
+    print_table(
+        console,
+        ("index", "epoch", "root", "cumulative total (tokens)", "activates at", "revoked"),
+        [
+            (
+                str(r.index),
+                str(r.epoch),
+                "0x" + r.root.hex(),
+                tokens(r.cumulative_total),
+                str(r.activated_at),
+                str(r.revoked),
+            )
+            for r in s.roots()
+        ],
+        title="payout roots",
+        right=(True, True, False, True, True, False),
+    )
     for a in accounts:
         console.print(f"{a}: claimed {s.claimed(a)}, balance {s.token_balance(a)}")
 

@@ -3,14 +3,25 @@
 One DuckDB file is the source of truth. A read-write connection applies pending migrations when
 it opens; a read-only connection refuses every write and every file system access, so an analyst's
 query can never change the database or write elsewhere through it.
+
+A missing warehouse is an error: only ``connect(path, create=True)`` (``python -m rewards init``)
+makes a new file, so a mistyped ``--db`` cannot silently start an empty warehouse.
+
+DuckDB lets one process write a file and, while it does, nobody else read it. So every writer that
+goes through :func:`opened` publishes, as it closes, a copy of the warehouse at
+``<db>.snapshot`` (temp file + rename, under the writer's lock), and analysts query that copy:
+an ingest of minutes never blocks them, and they never block a writer (docs/warehouse.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +36,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DB = "veritrain.duckdb"
 DB_ENV = "VERITRAIN_DB"
+SNAPSHOT_SUFFIX = ".snapshot"
+MEMORY = ":memory:"
 
 Connection: TypeAlias = duckdb.DuckDBPyConnection
 PathOrConnection: TypeAlias = "str | os.PathLike[str] | duckdb.DuckDBPyConnection"
@@ -49,12 +62,26 @@ class WarehouseValueError(VeritrainError, ValueError):
     """A value given to the warehouse is malformed (bad address, hash, negative amount...)."""
 
 
-def connect(path: str | os.PathLike[str]) -> Connection:
-    """Open (creating if needed) the warehouse read-write and apply pending migrations.
+def _check_exists(path: str | os.PathLike[str]) -> None:
+    target = Path(path)
+    if target.is_dir():
+        raise WarehouseError(f"warehouse {path!s} is a directory, not a DuckDB file")
+    if not target.exists():
+        raise WarehouseError(
+            f"warehouse {path!s} does not exist; create it with"
+            f" `python -m rewards init --db {path!s}`"
+        )
 
-    Raises WarehouseError when the file cannot be opened (e.g. locked by another writer) and
-    SchemaError when its schema is newer than this code or was altered.
+
+def connect(path: str | os.PathLike[str], *, create: bool = False) -> Connection:
+    """Open the warehouse read-write and apply pending migrations.
+
+    The file must exist unless ``create`` (``:memory:`` always may). Raises WarehouseError when it
+    is missing or cannot be opened (e.g. locked by another writer) and SchemaError when its schema
+    is newer than this code or was altered.
     """
+    if str(path) != MEMORY and not create:
+        _check_exists(path)
     try:
         con = duckdb.connect(str(path))
     except duckdb.Error as exc:
@@ -67,6 +94,51 @@ def connect(path: str | os.PathLike[str]) -> Connection:
     if applied:
         log.info("warehouse %s migrated to version %s", path, applied[-1])
     return con
+
+
+def snapshot_path(path: str | os.PathLike[str]) -> Path:
+    """Where the analysts' copy of the warehouse at ``path`` is published."""
+    return Path(str(path) + SNAPSHOT_SUFFIX)
+
+
+def close_and_publish(con: Connection, path: str | os.PathLike[str]) -> Path:
+    """Checkpoint ``con`` (the read-write connection to ``path``), copy the file to
+    :func:`snapshot_path` atomically, and close ``con``; returns the snapshot's path.
+
+    The copy is taken while ``con`` still holds DuckDB's write lock, so no other writer can change
+    the file meanwhile, and it is renamed into place before the lock is released, so snapshots
+    are published in the order of the writes. DuckDB's lock is a POSIX record lock, which closing
+    *any* descriptor of the file in this process drops: the source descriptor is therefore kept
+    open until after ``con`` is closed. Raises WarehouseError when the copy cannot be written
+    (the warehouse itself is then intact and ``con`` closed).
+    """
+    target = snapshot_path(path)
+    try:
+        with open(path, "rb") as source:
+            try:
+                con.execute("CHECKPOINT")  # everything into the main file, the WAL emptied
+                _copy_atomically(source, target)
+            finally:
+                con.close()  # before `source` closes: see above
+    except (OSError, duckdb.Error) as exc:
+        raise WarehouseError(f"could not publish the analyst snapshot {target}: {exc}") from exc
+    log.info("published analyst snapshot %s", target)
+    return target
+
+
+def _copy_atomically(source: Any, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    try:
+        os.fchmod(fd, os.fstat(source.fileno()).st_mode & 0o777)  # readable by whoever reads the db
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def connect_read_only(path: str | os.PathLike[str]) -> Connection:
@@ -99,16 +171,25 @@ def connect_read_only(path: str | os.PathLike[str]) -> Connection:
 
 
 @contextmanager
-def opened(target: PathOrConnection) -> Iterator[Connection]:
-    """Yield a read-write connection: ``target`` itself, or a new one (closed after) for a path."""
+def opened(target: PathOrConnection, *, create: bool = False) -> Iterator[Connection]:
+    """Yield a read-write connection: ``target`` itself, or a new one for a path.
+
+    A connection opened here is closed after the block; when the block returns, the analyst
+    snapshot is published as it closes (:func:`close_and_publish`). ``create`` as in connect.
+    """
     if isinstance(target, duckdb.DuckDBPyConnection):
         yield target
         return
-    con = connect(target)
+    con = connect(target, create=create)
     try:
         yield con
-    finally:
+    except BaseException:
         con.close()
+        raise
+    if str(target) == MEMORY:
+        con.close()
+    else:
+        close_and_publish(con, target)
 
 
 @contextmanager
@@ -254,12 +335,22 @@ def register_peer(
 ) -> bool:
     """Register a peer; returns False when the same registration exists already.
 
-    Raises WarehouseValueError for a malformed key or address, a trainer without a payout
+    Raises WarehouseValueError for a malformed or invalid key (not a point of G1's subgroup, or the
+    point at infinity) or address, a trainer without a payout
     address, or a peer id or key already registered differently.
     """
     key = pubkey.lower()
     if not _PUBKEY.fullmatch(key):
         raise WarehouseValueError(f"pubkey must be 0x + 96 hex digits (48 bytes), got {pubkey!r}")
+    # Imported here: py_ecc costs a second to import and raises the recursion limit, which no
+    # command but this one (and ingest) needs.
+    from proofs.signatures import validate_pubkey
+
+    if not validate_pubkey(bytes.fromhex(key[2:])):
+        raise WarehouseValueError(
+            f"pubkey {key} is not a valid BLS12-381 public key (expected a compressed G1 point"
+            " on the curve, in the prime-order subgroup and not the point at infinity)"
+        )
     if role not in ("trainer", "auditor"):
         raise WarehouseValueError(f"role must be trainer or auditor, got {role!r}")
     if not _PEER_ID.fullmatch(peer_id):

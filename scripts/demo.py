@@ -165,7 +165,7 @@ class Demo:
             return name, ["-m", "rewards", *line.split()], None
 
         steps = [
-            rewards("migrate", "migrate"),
+            rewards("init", "init"),
             rewards("params", f"params --cheat-fraction {CHEAT_FRACTION} --confidence "
                     f"{CONFIDENCE} --slash-bps 5000 --usefulness-ppm 0"),
             rewards("open-epoch", f"open-epoch 0 --pool {POOL}"),

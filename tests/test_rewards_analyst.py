@@ -52,12 +52,29 @@ def test_writes_are_refused_and_the_file_is_untouched(db: Path, statement: str) 
     before = _digest(db)
     result = CliRunner().invoke(main, ["sql", "--db", str(db), statement])
     assert result.exit_code == 1
-    assert "refused: the warehouse is opened read-only" in result.output
+    assert "refused: this " in result.output and "nothing was changed" in result.output
     assert _digest(db) == before
     with analyst.Analyst(db) as a, pytest.raises(warehouse.ReadOnlyViolation):
         a.sql(statement)
     assert _digest(db) == before
     assert not Path("/tmp/rewards-leak.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("statement", "what", "why"),
+    [
+        ("DELETE FROM payouts", "this DELETE statement", "would change the warehouse"),
+        ("SELECT * FROM read_csv('/etc/passwd')", "this SELECT statement", "files"),
+        ("SET threads = 1", "this SET statement", "settings"),
+    ],
+)
+def test_a_refusal_says_what_was_refused_and_why(
+    db: Path, statement: str, what: str, why: str
+) -> None:
+    result = CliRunner().invoke(main, ["sql", "--db", str(db), statement])
+    assert result.exit_code == 1
+    assert what in result.output and why in result.output
+    assert "statements cannot run" not in result.output  # it read as "no SELECT can run"
 
 
 def test_formats(db: Path, tmp_path: Path) -> None:
@@ -144,7 +161,7 @@ def test_schema_is_versioned_and_guarded(db: Path) -> None:
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "n.duckdb"
-    con = warehouse.connect(path)
+    con = warehouse.connect(path, create=True)
     con.execute("INSERT INTO schema_migrations VALUES (999, 'future', 'x', now())").fetchall()
     con.close()
     with pytest.raises(schema.SchemaError, match="upgrade veritrain"):

@@ -204,7 +204,7 @@ def test_record_root_and_settlement_write_back(tmp_path: Path) -> None:
 
 def test_write_back_through_a_path(tmp_path: Path) -> None:
     db = tmp_path / "w.duckdb"
-    warehouse.connect(db).close()
+    warehouse.connect(db, create=True).close()
     ok = warehouse.record_claim(
         db,
         account="0x" + "aa" * 20,

@@ -26,7 +26,7 @@ class World:
     """A warehouse in memory plus helpers that add the policy's input rows."""
 
     def __init__(self, path: str = ":memory:") -> None:
-        self.con = warehouse.connect(path)
+        self.con = warehouse.connect(path, create=True)
         self._n = 0
 
     def exec(self, sql: str, params: list[object] | None = None) -> list[tuple[object, ...]]:
