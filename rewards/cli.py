@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -169,10 +170,15 @@ def assign(
     assignment = reference_assignment(
         config, data.commitment(), checkpoint_every=(checkpoint_min, checkpoint_max)
     )
+    target = None if out is None else Path(out)
+    if target is not None and not target.parent.is_dir():
+        raise click.ClickException(f"--out: folder {target.parent} does not exist")
     with warehouse.opened(db) as con:
-        added = record(con, epoch, assignment)
-    if out is not None:
-        Path(out).write_text(assignment_text(assignment))
+        added = record(con, epoch, assignment)  # idempotent: a rerun rewrites a lost file
+    if target is not None:
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(assignment_text(assignment))
+        os.replace(tmp, target)  # peers never read half a file
     digest = "0x" + assignment.hash().hex()
     state = "recorded" if added else "already recorded"
     console.print(f"epoch {epoch} pays for assignment {digest} ({state})")

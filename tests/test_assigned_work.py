@@ -114,7 +114,7 @@ def _forge(src: Path, dst: Path, signer: KeyPair, run_id: str, *, rederive: bool
 
 
 def _world(tmp_path: Path) -> warehouse.Connection:
-    con = warehouse.connect(tmp_path / "w.duckdb")
+    con = warehouse.connect(tmp_path / "w.duckdb", create=True)
     register_all(con)
     _register_mallory(con)
     return con

@@ -144,12 +144,21 @@ def test_register_peer_refuses_keys_that_are_not_g1_points(db: Path) -> None:
         refused(proc, "is not a valid BLS12-381 public key")
     assert count(db, "peers") == before
     good = "0x" + key("dave").public.hex()
+    # Peer ids name runs ("<peer>/<run id>"): markup, separators and spaces are refused at the
+    # source, in a message that shows the name as data.
     proc = rewards(
         "register-peer", "[/x][conceal]dave", "--pubkey", good, "--address", address("dave"),
         "--db", str(db), cwd=db.parent,
     )  # fmt: skip
+    refused(proc, "peer id must be 1-64 of A-Z a-z 0-9 . _ -")
+    assert "[/x][conceal]dave" in proc.stderr
+    assert count(db, "peers") == before
+    proc = rewards(
+        "register-peer", "dave", "--pubkey", good, "--address", address("dave"),
+        "--db", str(db), cwd=db.parent,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[/x][conceal]dave: registered"  # a name, not markup
+    assert proc.stdout.strip() == "dave: registered"
     assert count(db, "peers") == before + 1
 
 
@@ -201,10 +210,10 @@ def test_ingest_of_a_deeply_nested_header_writes_nothing(world: RealWorld, tmp_p
     (evil / "header.json").write_text("[" * 200_000)
     runs, batches = count(db, "runs"), count(db, "ingest_batches")
     proc = rewards("ingest", "--db", str(db), "--store", str(evil), cwd=tmp_path)
-    # What this module guarantees today: a failure, no traceback, nothing loaded. (Whether the
-    # header is one rejected record or kills the process is the JSON reader's business.)
-    assert proc.returncode != 0
+    # One rejected record with its reason (the depth-limited JSON reader), not a crashed process.
+    assert proc.returncode == 3, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
+    assert "nests" in proc.stderr and "levels deep" in proc.stderr
     assert (count(db, "runs"), count(db, "ingest_batches")) == (runs, batches)
 
 
