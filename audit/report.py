@@ -14,6 +14,7 @@ are the exact integers of the warehouse; plots show them divided by 10**decimals
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
 import os
@@ -45,6 +46,8 @@ class EpochData:
     epoch: int
     summary: dict[str, Any]
     params: dict[str, Any]
+    assignment: dict[str, Any]
+    """The epoch's assignments row (assignment_hash, body), empty when it has none."""
     runs: pl.DataFrame  # one row per run in scope, with its outcome and epoch payout/slash
     steps: pl.DataFrame  # run_id, step, loss
     verdicts: pl.DataFrame  # one row per verdict, with its worst distance/threshold ratios
@@ -113,6 +116,12 @@ def load_epoch(db: str | os.PathLike[str], epoch: int) -> EpochData:
                 epoch=epoch,
                 summary=summary,
                 params=_one(con.sql("SELECT * FROM policy_params").pl()),
+                assignment=_one(
+                    con.sql(
+                        "SELECT assignment_hash, body FROM assignments WHERE epoch = $e",
+                        params={"e": epoch},
+                    ).pl()
+                ),
                 runs=runs,
                 steps=con.sql(
                     "SELECT run_id, step, loss FROM steps WHERE run_id IN "
@@ -281,6 +290,31 @@ def _facts(data: EpochData) -> list[list[Any]]:
     return [list(x) for x in (*money, *counts, ("policy", policy))]
 
 
+def _assignment_rows(data: EpochData) -> list[list[Any]]:
+    """The work the epoch pays for, one recipe field a row (docs/protocol.md §2.1)."""
+    if not data.assignment:
+        return [["assignment", "none: this epoch pays for no run (rewards assign)"]]
+    body = json.loads(str(data.assignment["body"]))
+    schedule = body["schedule"]
+    rows: list[list[Any]] = [
+        ["assignment hash", data.assignment["assignment_hash"]],
+        ["model", body["model"]],
+        *([f"  {k}", v] for k, v in sorted(body["model_config"].items())),
+        ["dataset", f"{body['dataset']['root']} ({body['dataset']['nbytes']} bytes)"],
+        ["batch size x context", f"{body['batch_size']} x {body['context']}"],
+        ["dtype", body["dtype"]],
+        ["optimizer", body["optimizer"]["name"]],
+        *([f"  {k}", v] for k, v in sorted(body["optimizer"]["hyperparameters"].items())),
+        ["learning rate", f"{schedule['kind']}, peak {schedule['lr']}"],
+        ["gradient clip", body["grad_clip"]],
+        [
+            "checkpoint every",
+            f"{body['checkpoint_every']['min']} to {body['checkpoint_every']['max']} steps",
+        ],
+    ]
+    return rows
+
+
 def _plots(data: EpochData, decimals: int) -> list[str]:
     note = (
         "<p>Each point is an audited step: the largest distance over its tensors divided by "
@@ -305,6 +339,11 @@ def render_html(data: EpochData, *, decimals: int = 18) -> str:
     parts = [
         f"<h1>veritrain audit report: epoch {data.epoch}</h1>",
         _section("summary", "Epoch summary", _table(_facts(data), ["", "value (base units)"])),
+        _section(
+            "assignment",
+            "Assigned work (runs outside it are refused at ingest)",
+            _table(_assignment_rows(data), ["", "value"]),
+        ),
         _section("peers", "Peers and runs", _table(_peer_rows(data), PEER_COLUMNS)),
         *(_plots(data, decimals) if data.runs.height else []),
         _section(

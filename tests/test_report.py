@@ -35,8 +35,8 @@ from audit.report import (
 )
 from rewards.analyst import Analyst
 
-SECTIONS = ("summary", "peers", "loss", "distances", "usefulness", "payouts", "settlement",
-            "verdicts")  # fmt: skip
+SECTIONS = ("summary", "assignment", "peers", "loss", "distances", "usefulness", "payouts",
+            "settlement", "verdicts")  # fmt: skip
 PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
@@ -132,7 +132,12 @@ def test_page_states_the_warehouse_outcomes_and_amounts(
         slashes = a.sql("SELECT amount FROM slashes WHERE epoch = 0")["amount"].to_list()
         verdicts = a.sql("SELECT count(*) AS n FROM verdicts v JOIN run_outcomes o USING (run_id) "
                          "WHERE v.epoch = 0 AND o.decided_epoch = 0")["n"][0]  # fmt: skip
+        assigned = a.sql("SELECT assignment_hash FROM assignments WHERE epoch = 0")
     html = pages[0].read_text()
+    # The work the epoch pays for is stated, by the hash peers train it under.
+    assert assigned.height == 1
+    section = html.split('<section id="assignment">')[1].split("</section>")[0]
+    assert f'<span class="hex">{assigned["assignment_hash"][0]}</span>' in section
     assert outcomes.height >= 2 and set(outcomes["state"]) == {"verified", "failed"}
     for run_id, state in outcomes.iter_rows():
         assert re.search(rf"<td>{re.escape(run_id)}</td>.*?<span class=\"{state}\">", html), run_id
@@ -165,6 +170,7 @@ def test_peer_strings_are_text_in_the_page_and_the_plots() -> None:
         summary={"pool": 10, "carry_in": 0, "paid": 10, "carry_out": 0, "verified_runs": 1,
                  "failed_runs": 0, "pending_runs": 0},
         params={},
+        assignment={},
         runs=pl.DataFrame({"run_id": [run_id], "peer_id": [peer], "payout_address": ["0x11"],
                            "step_count": [3], "state": ["verified"], "confidence": [0.9],
                            "usefulness_micro": [5], "payout": [10], "slashed": [0]}),

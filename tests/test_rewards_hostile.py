@@ -202,19 +202,22 @@ def test_deploy_on_the_in_process_tester_chain(tmp_path: Path) -> None:
 # --- hostile stores and verdicts in ingest ------------------------------------------------------
 
 
-def test_ingest_of_a_deeply_nested_header_writes_nothing(world: RealWorld, tmp_path: Path) -> None:
+def test_ingest_of_a_deeply_nested_header_is_one_rejected_record(
+    world: RealWorld, tmp_path: Path
+) -> None:
     db = tmp_path / "w.duckdb"
     shutil.copy(world.db, db)
     evil = tmp_path / "runs" / "evil"
     evil.mkdir(parents=True)
     (evil / "header.json").write_text("[" * 200_000)
-    runs, batches = count(db, "runs"), count(db, "ingest_batches")
+    runs, rejections = count(db, "runs"), count(db, "rejections")
     proc = rewards("ingest", "--db", str(db), "--store", str(evil), cwd=tmp_path)
     # One rejected record with its reason (the depth-limited JSON reader), not a crashed process.
     assert proc.returncode == 3, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "nests" in proc.stderr and "levels deep" in proc.stderr
-    assert (count(db, "runs"), count(db, "ingest_batches")) == (runs, batches)
+    # No run is loaded; the rejection itself is recorded with its reason, as for any bad record.
+    assert (count(db, "runs"), count(db, "rejections")) == (runs, rejections + 1)
 
 
 def test_ingest_prints_hostile_strings_as_data_and_exits_3_on_rejections(
@@ -236,8 +239,8 @@ def test_ingest_prints_hostile_strings_as_data_and_exits_3_on_rejections(
     lines = proc.stderr.splitlines()
     assert lines[1].split() == ["source", "kind", "reason"]
     hidden = next(line for line in lines if "[conceal]hidden.json" in line)
-    assert "verdict" in hidden and "unknown run '[/x]'" in hidden
-    assert "unknown run '[bold red]x\\x1b[2J'" in proc.stderr  # the escape shown, not obeyed
+    assert "verdict" in hidden and "unknown run 'alice/[/x]'" in hidden
+    assert "unknown run 'alice/[bold red]x\\x1b[2J'" in proc.stderr  # the escape shown, not obeyed
     assert "\x1b" not in proc.stderr
     assert count(db, "verdicts") == verdicts
     # Everything read was already there: exit 0.
