@@ -305,7 +305,7 @@ def _assignment_rows(data: EpochData) -> list[list[Any]]:
         ["dtype", body["dtype"]],
         ["optimizer", body["optimizer"]["name"]],
         *([f"  {k}", v] for k, v in sorted(body["optimizer"]["hyperparameters"].items())),
-        ["learning rate", f"{schedule['kind']}, peak {schedule['lr']}"],
+        ["learning rate", _schedule_text(schedule)],
         ["gradient clip", body["grad_clip"]],
         [
             "checkpoint every",
@@ -313,6 +313,22 @@ def _assignment_rows(data: EpochData) -> list[list[Any]]:
         ],
     ]
     return rows
+
+
+def _schedule_text(schedule: dict[str, Any]) -> str:
+    """A schedule in words (trainer.schedule): its kind and the parameters that kind uses."""
+    kind, lr = schedule["kind"], schedule["lr"]
+    if kind == "warmup_cosine":
+        text = (
+            f"warmup over {schedule['warmup_steps']} steps to {lr}, cosine to "
+            f"{schedule['final_fraction']} of it at step {schedule['total_steps']}"
+        )
+    elif kind == "step":
+        text = f"{lr}, times {schedule['gamma']} every {schedule['step_size']} steps"
+    else:
+        text = f"constant {lr}"
+    scales = schedule.get("group_scales") or []
+    return text + (f"; per-group scales {scales}" if scales else "")
 
 
 def _plots(data: EpochData, decimals: int) -> list[str]:

@@ -286,6 +286,9 @@ class Demo:
 
         def job(p: Peer) -> tuple[str, int, object, object]:
             store, key = str(self.out / "runs" / p.name), str(self.keys / "auditor.bls")
+            # One job per output folder (a job locks its folder): each run has its own beacon,
+            # hence its own job; ingest reads every folder below verdicts/.
+            out = verdicts / p.name
             args = [
                 "-m",
                 "audit",
@@ -295,7 +298,7 @@ class Demo:
                 "--key",
                 key,
                 "--out",
-                str(verdicts),
+                str(out),
                 "--chain-url",
                 self.rpc,
                 "--committer",
@@ -311,7 +314,7 @@ class Demo:
                 f"{p.name} (block {blocks[p.name] + BEACON_DELAY})",
                 count,
                 lambda: self.sh.start(f"audit {p.name}", args, ok_codes=(0, 1)),
-                lambda: count_files(verdicts / p.name, "step-*.json"),
+                lambda: count_files(out / p.name, "step-*.json"),
             )
 
         done = run_parallel("audit", [job(p) for p in PEERS])  # type: ignore[list-item]
