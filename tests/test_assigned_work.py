@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from audit_runs import PEER, corpus, make_run, threads
 from click.testing import CliRunner
+from forgery import rechain
 from test_rewards_ingest import (
     CORPUS,
     PARAMS,
@@ -58,11 +59,10 @@ from trainer.data import Corpus
 from trainer.hook import AuditHook
 from trainer.jsonform import canonical_json, record_hash
 from trainer.loop import TrainConfig, train
-from trainer.manifest import sign_manifest
 from trainer.replay import build_optimizer
 from trainer.schedule import Schedule
 from trainer.seeds import run_seed_for
-from trainer.store import RunStore, manifest_name
+from trainer.store import RunStore
 from trainer.verify import check_store
 
 MALLORY = key("mallory")
@@ -98,18 +98,7 @@ def _forge(src: Path, dst: Path, signer: KeyPair, run_id: str, *, rederive: bool
     (dst / "header.json").chmod(0o644)
     signed = {"header": obj, "signature": "0x" + bytes(signature).hex()}
     (dst / "header.json").write_bytes(canonical_json(signed))
-    store = RunStore(str(dst))
-    prev_manifest = prev_record = head
-    for w in store.manifest_windows():
-        m = store.read_manifest(w).manifest
-        records = []
-        for r in m.records:
-            records.append(dataclasses.replace(r, prev=prev_record))
-            prev_record = records[-1].hash()
-        m = dataclasses.replace(m, run_id=run_id, records=tuple(records), prev=prev_manifest)
-        prev_manifest = m.hash()
-        data = canonical_json(sign_manifest(signer, m).to_json())
-        store.put_bytes(manifest_name(w), data, exclusive=False)
+    rechain(RunStore(str(dst)), signer, head, run_id=run_id)
     return dst
 
 

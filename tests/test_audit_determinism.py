@@ -26,6 +26,7 @@ import pytest
 import torch
 from audit_runs import AUDITOR, BATCH, MODEL, PEER, copy_run, corpus, make_run, threads, workdir
 from click.testing import CliRunner
+from forgery import rechain
 
 from audit.cli import main as audit_main
 from audit.fetch import load_run
@@ -35,9 +36,8 @@ from audit.verdict import Outcome, load_signed_verdict
 from proofs.signatures import KeyPair, save_keypair
 from trainer.hook import AuditHook
 from trainer.jsonform import canonical_json
-from trainer.manifest import sign_manifest
 from trainer.recipe import sign_header
-from trainer.store import HEADER_PATH, RunStore, manifest_name
+from trainer.store import HEADER_PATH, RunStore
 from trainer.verify import check_store
 
 EXACT = ReexecConfig(mode=Mode.EXACT)
@@ -219,18 +219,7 @@ def redeclare(src: str, name: str, keypair: KeyPair, **fields: Any) -> str:
     header = replace(store.read_header().header, **fields)
     signed = sign_header(keypair, header)
     store.put_bytes(HEADER_PATH, canonical_json(signed.to_json()), exclusive=False)
-    prev_manifest = prev_record = header.hash()
-    for w in store.manifest_windows():
-        manifest = store.read_manifest(w).manifest
-        records = []
-        for record in manifest.records:
-            record = replace(record, prev=prev_record)
-            prev_record = record.hash()
-            records.append(record)
-        manifest = replace(manifest, records=tuple(records), prev=prev_manifest)
-        prev_manifest = manifest.hash()
-        data = canonical_json(sign_manifest(keypair, manifest).to_json())
-        store.put_bytes(manifest_name(w), data, exclusive=False)
+    rechain(store, keypair, header.hash())
     return url
 
 

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from forgery import rechain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +18,7 @@ from proofs.signatures import Domain, keypair_from_seed, sign
 from trainer.data import Corpus
 from trainer.jsonform import canonical_json, record_hash
 from trainer.loop import TrainConfig, train
-from trainer.manifest import SignedWindowManifest, sign_manifest
+from trainer.manifest import sign_manifest
 from trainer.recipe import sign_header
 from trainer.seeds import run_seed_for
 from trainer.store import RunStore, manifest_name, object_name
@@ -166,17 +167,7 @@ def test_whole_run_resigned_with_another_key_fails_its_records(run: Path) -> Non
         run_seed=run_seed_for(bytes(OTHER.public), original.assignment, original.run_id),
     )
     (run / "header.json").write_bytes(canonical_json(sign_header(OTHER, header).to_json()))
-    prev_record = prev_manifest = header.hash()
-    for w in store.manifest_windows():  # the forger rebuilds the whole chain consistently
-        m = store.read_manifest(w).manifest
-        records = []
-        for r in m.records:
-            records.append(dataclasses.replace(r, prev=prev_record))
-            prev_record = records[-1].hash()
-        m = dataclasses.replace(m, records=tuple(records), prev=prev_manifest)
-        prev_manifest = m.hash()
-        signed: SignedWindowManifest = sign_manifest(OTHER, m)
-        (run / manifest_name(w)).write_bytes(canonical_json(signed.to_json()))
+    rechain(store, OTHER, header.hash())  # the forger rebuilds the whole chain consistently
     broken = check_store(str(run), chain=False).broken
     assert broken is not None and (broken.check, broken.step) == ("record", 0)
     assert "replay seed is not the one derived" in broken.reason
