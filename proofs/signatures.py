@@ -1,4 +1,4 @@
-"""BLS12-381 signatures (py_ecc's ``G2ProofOfPossession``) with domain-separated messages.
+"""BLS12-381 signatures (IETF proof-of-possession suite) with domain-separated messages.
 
 Every signed message is built by :func:`signing_message` from a :class:`Domain` (what kind of
 record is signed), a context (the run id or epoch it belongs to) and the payload. Each part is
@@ -6,7 +6,9 @@ length-prefixed, so no (domain, context, payload) triple encodes to the same byt
 and a signature on a step manifest of run A can never be replayed as a verdict, a payout root or a
 manifest of run B. The byte layout is specified in docs/signatures.md.
 
-Signing costs ~0.18 s and verifying ~0.5 s in pure Python: sign once per window and aggregate.
+The curve arithmetic runs in :mod:`proofs.bls`: milagro-bls-binding (native) by default, py_ecc
+(the pure-Python reference, ~0.18 s to sign and ~0.5 s to verify) when the native packages are
+missing or ``VERITRAIN_BLS=py_ecc`` is set; both give the same bytes (docs/signatures.md).
 ``verify*`` functions return a bool and never raise; ``sign``, ``aggregate`` and key functions
 raise :class:`~proofs.errors.SignatureError` or :class:`~proofs.errors.KeyFileError`.
 """
@@ -21,27 +23,15 @@ import os
 import secrets
 import stat
 import struct
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from eth_typing import BLSPubkey, BLSSignature
 
-# py_ecc's package __init__ raises Python's recursion limit to 100000 (its pure-Python field
-# arithmetic once recursed deeply; signing and verifying need far less, tests/test_signatures.py
-# runs under the restored limit). With that limit a deeply nested JSON document from a peer
-# overflows the C stack inside json.loads (a segfault, not an exception), so the limit is put back
-# right after the import. If py_ecc was already imported (web3 imports it too), the limit seen here
-# is already raised: Python's default (1000) is restored instead.
-_RECURSION_LIMIT = sys.getrecursionlimit()
-from py_ecc.bls.ciphersuites import G2ProofOfPossession as _Bls  # noqa: E402
-from py_ecc.optimized_bls12_381.optimized_curve import curve_order as _CURVE_ORDER  # noqa: E402
-
-sys.setrecursionlimit(_RECURSION_LIMIT if _RECURSION_LIMIT < 100_000 else 1000)
-
-from proofs.errors import KeyFileError, KeyFileExistsError, SignatureError  # noqa: E402
-from proofs.jsonlimits import UntrustedJsonError, loads_untrusted  # noqa: E402
+from proofs import bls
+from proofs.errors import KeyFileError, KeyFileExistsError, SignatureError
+from proofs.jsonlimits import UntrustedJsonError, loads_untrusted
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +89,14 @@ class KeyPair:
     def __post_init__(self) -> None:
         if isinstance(self.secret, bool) or not isinstance(self.secret, int):
             raise SignatureError("secret key must be an int")
-        if not 0 < self.secret < _CURVE_ORDER:
+        if not 0 < self.secret < bls.CURVE_ORDER:
             raise SignatureError("secret key out of range (0, curve order)")
         if not isinstance(self.public, bytes) or len(self.public) != PUBKEY_SIZE:
             raise SignatureError(f"public key must be {PUBKEY_SIZE} bytes")
 
 
 def _keypair_from_secret(secret: int) -> KeyPair:
-    return KeyPair(secret=secret, public=BLSPubkey(bytes(_Bls.SkToPk(secret))))
+    return KeyPair(secret=secret, public=bls.sk_to_pk(secret))
 
 
 def keypair_from_seed(seed: bytes) -> KeyPair:
@@ -118,7 +108,7 @@ def keypair_from_seed(seed: bytes) -> KeyPair:
         raise SignatureError("seed must be bytes")
     if len(seed) < MIN_SEED_SIZE:
         raise SignatureError(f"seed must be at least {MIN_SEED_SIZE} bytes, got {len(seed)}")
-    return _keypair_from_secret(_Bls.KeyGen(bytes(seed)))
+    return _keypair_from_secret(bls.keygen(bytes(seed)))
 
 
 def generate_keypair() -> KeyPair:
@@ -170,7 +160,7 @@ def sign(keypair: KeyPair, domain: Domain, context: str, payload: bytes) -> BLSS
     if not isinstance(keypair, KeyPair):
         raise SignatureError("keypair must be a KeyPair")
     message = signing_message(domain, context, payload)
-    return BLSSignature(bytes(_Bls.Sign(keypair.secret, message)))
+    return bls.sign(keypair.secret, message)
 
 
 def _is_bytes(value: object, size: int) -> bool:
@@ -181,13 +171,7 @@ def validate_pubkey(pubkey: bytes) -> bool:
     """True iff ``pubkey`` is a usable BLS public key: 48 bytes that decompress to a G1 point on
     the curve, in the prime-order subgroup and not the point at infinity (KeyValidate of
     draft-irtf-cfrg-bls-signature section 2.5). Never raises."""
-    if not _is_bytes(pubkey, PUBKEY_SIZE):
-        return False
-    try:
-        return bool(_Bls.KeyValidate(BLSPubkey(pubkey)))
-    except Exception:  # KeyValidate catches the errors it knows; verify* must never raise
-        logger.debug("BLS key validation rejected malformed input", exc_info=True)
-        return False
+    return bls.key_validate(pubkey)
 
 
 def verify(pubkey: bytes, domain: Domain, context: str, payload: bytes, signature: bytes) -> bool:
@@ -196,23 +180,17 @@ def verify(pubkey: bytes, domain: Domain, context: str, payload: bytes, signatur
         return False
     try:
         message = signing_message(domain, context, payload)
-        return bool(_Bls.Verify(BLSPubkey(pubkey), message, BLSSignature(signature)))
-    except Exception:  # py_ecc may raise on some malformed points; verify must not
-        logger.debug("BLS verify rejected malformed input", exc_info=True)
+    except SignatureError:
         return False
+    return bls.verify(pubkey, message, signature)
 
 
 def aggregate(signatures: Sequence[bytes]) -> BLSSignature:
-    """Aggregate one or more signatures. Raises SignatureError on none or a malformed one."""
-    sigs = list(signatures)
-    if not sigs:
-        raise SignatureError("cannot aggregate zero signatures")
-    if not all(_is_bytes(s, SIGNATURE_SIZE) for s in sigs):
-        raise SignatureError(f"every signature must be {SIGNATURE_SIZE} bytes")
-    try:
-        return BLSSignature(bytes(_Bls.Aggregate([BLSSignature(s) for s in sigs])))
-    except Exception as exc:  # py_ecc raises ValidationError/ValueError on invalid points
-        raise SignatureError(f"invalid signature in aggregate: {exc}") from exc
+    """Aggregate one or more signatures, each checked to be a point of the G2 subgroup.
+
+    Raises SignatureError on none, one that is not 96 bytes, or one that is not in G2.
+    """
+    return bls.aggregate(signatures)
 
 
 def fast_aggregate_verify(
@@ -230,12 +208,10 @@ def fast_aggregate_verify(
         if not _is_bytes(signature, SIGNATURE_SIZE):
             return False
         message = signing_message(domain, context, payload)
-        return bool(
-            _Bls.FastAggregateVerify([BLSPubkey(k) for k in keys], message, BLSSignature(signature))
-        )
-    except Exception:
+    except Exception:  # a bad iterable or message part; verify* must not raise
         logger.debug("BLS fast aggregate verify rejected malformed input", exc_info=True)
         return False
+    return bls.fast_aggregate_verify(keys, message, signature)
 
 
 def aggregate_verify(
@@ -255,12 +231,10 @@ def aggregate_verify(
         if not _is_bytes(signature, SIGNATURE_SIZE):
             return False
         raw = [signing_message(d, c, p) for d, c, p in triples]
-        return bool(
-            _Bls.AggregateVerify([BLSPubkey(k) for k in keys], raw, BLSSignature(signature))
-        )
-    except Exception:
+    except Exception:  # a bad iterable or triple; verify* must not raise
         logger.debug("BLS aggregate verify rejected malformed input", exc_info=True)
         return False
+    return bls.aggregate_verify(keys, raw, signature)
 
 
 def keypair_to_json(keypair: KeyPair) -> dict[str, object]:
@@ -293,7 +267,7 @@ def keypair_from_json(obj: object) -> KeyPair:
         raise KeyFileError("key file has unexpected or missing fields")
     secret = int.from_bytes(_hex_field(obj, "secret", 32), "big")
     public = _hex_field(obj, "public", PUBKEY_SIZE)
-    if not 0 < secret < _CURVE_ORDER:
+    if not 0 < secret < bls.CURVE_ORDER:
         raise KeyFileError("key file secret is out of range")
     derived = _keypair_from_secret(secret)
     if derived.public != public:
