@@ -25,6 +25,7 @@ from rich.logging import RichHandler
 from proofs.errors import VeritrainError
 from rewards import analyst, payouts, policy, warehouse
 from rewards.display import make_console, print_frame, print_table, safe
+from rewards.report import report_command
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = make_console()  # no markup: peers' strings are data; hashes stay on one line
@@ -386,3 +387,4 @@ def _add_settlement_commands() -> None:
 
 
 _add_settlement_commands()
+main.add_command(report_command, name="report")
