@@ -3,7 +3,8 @@
 Every command takes ``--db`` (default $VERITRAIN_DB, else ./veritrain.duckdb), which must exist:
 only ``init`` creates a warehouse. Writing commands publish the analysts' snapshot as they finish;
 ``sql`` and ``export`` read it (docs/warehouse.md). Chain commands (deploy, post, claim, chain
-node...) come from rewards.settlement_cli and are added to this group.
+node...) come from rewards.settlement_cli and ``report`` (the HTML audit report per epoch) from
+rewards.report; both are added to this group.
 
 Exit status: 0 when the command did all its work, 1 on an error (nothing written), 2 on a usage
 error, 3 when ``ingest`` wrote its batch but rejected some records (listed on stderr).
