@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
+from audit.onchain import connect
 from proofs.errors import VeritrainError
 
 if TYPE_CHECKING:
@@ -178,9 +179,7 @@ class ChainBeacon:
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> ChainBeacon:
         """Connect to a JSON-RPC endpoint (``http(s)://``) and read the beacon from it."""
-        from web3 import Web3
-
-        return cls(Web3(Web3.HTTPProvider(url)), **kwargs)
+        return cls(connect(url), **kwargs)
 
     def beacon_block(self) -> int:
         """The number of the block whose hash is the beacon."""

@@ -36,10 +36,10 @@ from audit.cli_output import console, err, fail, print_table, run_with_progress,
 from audit.evidence import check_verdict
 from audit.fetch import load_run
 from audit.jobs import JobSpec, SampleSpec
+from audit.onchain import Deployment
 from audit.outfolder import OutputLocked
 from audit.reexec import ReexecConfig
 from audit.registry import RegistryBeaconFor
-from audit.report import report_command
 from audit.sampling import SamplingError, detection_probability, plan_sample
 from audit.tolerance import Mode
 from audit.verdict import (
@@ -77,8 +77,6 @@ def _beacon(
         return ChainBeaconFor(
             rpc_url=chain_url, commit_block=commit_block, delay=delay, confirmations=confirmations
         )
-    from rewards.settlement import Deployment  # web3 only where a chain is used
-
     if not deployment.is_file():
         raise click.UsageError(
             f"no deployment record at {deployment}: give --deployment FILE (written by "
@@ -303,7 +301,6 @@ def run_cmd(
 
 
 main.add_command(run_cmd, name="batch")  # the name issue 4 uses
-main.add_command(report_command, name="report")
 
 
 def _verify_verdict(path: Path, store_url: str | None) -> None:

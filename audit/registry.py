@@ -17,6 +17,10 @@ auditor names the committer (``--committer ADDR``). Without one, the earliest re
 id by anyone is used (an event-log scan): its root must still match, so a squatter can block the
 audit (the peer's own record then needs ``--committer``) but cannot move the beacon to a block
 before the run's final hash existed.
+
+The registry is read through :mod:`audit.onchain` (a JSON-RPC connection, the deployment record,
+the contract's two registry reads); ``rewards.settlement.Settlement`` serves as a registry too,
+with the same reads.
 """
 
 from __future__ import annotations
@@ -32,11 +36,10 @@ from audit.beacon import (
     FixedCommitmentBlock,
     RunCommitment,
 )
+from audit.onchain import CommitmentRecord, Deployment, RegistryReader, connect
 
 if TYPE_CHECKING:
     from web3 import Web3
-
-    from rewards.settlement import CommitmentRecord, Deployment
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,8 @@ class CommitmentMismatchError(BeaconError):
 
 
 class CommitmentRegistry(Protocol):
-    """What the beacon reads from the registry (``rewards.settlement.Settlement`` provides it)."""
+    """What the beacon reads from the registry: :class:`audit.onchain.RegistryReader` provides it
+    (and so does ``rewards.settlement.Settlement``, which builds on it)."""
 
     @property
     def w3(self) -> Web3: ...
@@ -161,7 +165,8 @@ class RegistryBeaconFor:
         delay: int = 1,
         confirmations: int = 0,
     ) -> RegistryBeaconFor:
-        """Read the registry of a ``rewards`` deployment record (``--deployment FILE``)."""
+        """Read the registry of a deployment record (``--deployment FILE``, as written by
+        ``python -m rewards deploy``)."""
         return cls(
             rpc_url=rpc_url,
             settlement=deployment.settlement,
@@ -173,9 +178,6 @@ class RegistryBeaconFor:
         )
 
     def for_run(self, run: RunCommitment) -> Beacon:
-        from rewards.chain import connect  # web3 only where a chain is used
-        from rewards.settlement import Settlement
-
         w3 = connect(self.rpc_url)
         chain_id = int(w3.eth.chain_id)
         if chain_id != self.chain_id:
@@ -183,7 +185,7 @@ class RegistryBeaconFor:
                 f"{self.rpc_url} is chain {chain_id}, the registry is on chain {self.chain_id}"
             )
         return RegistryBeacon(
-            Settlement(w3, self.settlement),
+            RegistryReader(w3, self.settlement),
             run=run,
             committer=self.committer,
             delay=self.delay,

@@ -34,7 +34,9 @@ from web3 import Web3
 from web3.exceptions import ContractCustomError, ContractLogicError, ContractPanicError
 from web3.providers.eth_tester import EthereumTesterProvider
 
-from proofs.errors import KeyFileError, VeritrainError
+from audit.onchain import ChainError as ChainError  # defined below rewards, raised by both
+from audit.onchain import connect as connect_rpc
+from proofs.errors import KeyFileError
 from proofs.hashing import keccak256
 
 if TYPE_CHECKING:
@@ -54,10 +56,6 @@ RECEIPT_TIMEOUT_S = 120.0
 GAS_MARGIN_NUM, GAS_MARGIN_DEN = 6, 5  # 20 % over the estimate: refunds make estimates tight
 
 
-class ChainError(VeritrainError, RuntimeError):
-    """A chain backend is unreachable, absent or misbehaving."""
-
-
 def connect(url: str | None = None) -> Web3:
     """A Web3 for ``url``: ``None`` or ``"tester"`` for an in-process eth-tester chain, else an
     ``http(s)://`` JSON-RPC endpoint. Raises :class:`ChainError` if the endpoint does not answer."""
@@ -65,12 +63,7 @@ def connect(url: str | None = None) -> Web3:
         return Web3(EthereumTesterProvider())
     if not url.startswith(("http://", "https://")):
         raise ChainError(f"chain URL must be 'tester' or http(s)://..., got {url!r}")
-    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
-    if not w3.is_connected():
-        raise ChainError(
-            f"no JSON-RPC node answers at {url} (start one with `python -m rewards chain`)"
-        )
-    return w3
+    return connect_rpc(url)  # the auditor's read-only connection, one for both
 
 
 def is_tester(w3: Web3) -> bool:

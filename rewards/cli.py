@@ -3,7 +3,8 @@
 Every command takes ``--db`` (default $VERITRAIN_DB, else ./veritrain.duckdb), which must exist:
 only ``init`` creates a warehouse. Writing commands publish the analysts' snapshot as they finish;
 ``sql`` and ``export`` read it (docs/warehouse.md). Chain commands (deploy, post, claim, chain
-node...) come from rewards.settlement_cli and are added to this group.
+node...) come from rewards.settlement_cli and ``report`` (the HTML audit report per epoch) from
+rewards.report; both are added to this group.
 
 Exit status: 0 when the command did all its work, 1 on an error (nothing written), 2 on a usage
 error, 3 when ``ingest`` wrote its batch but rejected some records (listed on stderr).
@@ -25,6 +26,7 @@ from rich.logging import RichHandler
 from proofs.errors import VeritrainError
 from rewards import analyst, payouts, policy, warehouse
 from rewards.display import make_console, print_frame, print_table, safe
+from rewards.report import report_command
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = make_console()  # no markup: peers' strings are data; hashes stay on one line
@@ -386,3 +388,4 @@ def _add_settlement_commands() -> None:
 
 
 _add_settlement_commands()
+main.add_command(report_command, name="report")

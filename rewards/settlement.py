@@ -11,7 +11,6 @@ already posted epoch is a :class:`RootConflictError`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from typing import TYPE_CHECKING, NewType
 from web3 import Web3
 from web3.logs import DISCARD
 
+from audit.beacon import BeaconError
+from audit.onchain import CommitmentRecord, Deployment, RegistryReader, run_id_bytes
 from proofs.errors import VeritrainError
-from proofs.hashing import keccak256
-from proofs.payout import normalize_address
 from rewards.chain import RevertError, TxResult, artifact, call_view, send
 
 if TYPE_CHECKING:
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Wei = NewType("Wei", int)
-DEPLOYMENT_VERSION = 1
 
 
 class SettlementError(VeritrainError, RuntimeError):
@@ -68,16 +66,6 @@ class PostResult:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class CommitmentRecord:
-    """A run's commitment as the registry holds it: the block is the auditors' beacon anchor."""
-
-    committer: str
-    run_id: bytes
-    root: bytes
-    block_number: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
 class ClaimRequest:
     """One claim: ``account``'s cumulative amount in the active root and its proof."""
 
@@ -94,55 +82,6 @@ class ClaimEvent:
     root_index: int
     amount: int
     cumulative_amount: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Deployment:
-    """Where the contracts live; saved as JSON so separate commands find them."""
-
-    chain_id: int
-    settlement: str
-    token: str
-    block_number: int
-
-    def to_json(self) -> str:
-        body: dict[str, object] = {
-            "version": DEPLOYMENT_VERSION,
-            "chain_id": self.chain_id,
-            "settlement": self.settlement,
-            "token": self.token,
-            "block_number": self.block_number,
-        }
-        return json.dumps(body, indent=1, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Deployment:
-        """Parse a record strictly; any defect raises :class:`SettlementError`."""
-        try:
-            body = json.loads(text)
-            if not isinstance(body, dict) or body.get("version") != DEPLOYMENT_VERSION:
-                raise SettlementError("not a version-1 deployment record")
-            return cls(
-                chain_id=_count(body["chain_id"]),
-                settlement=normalize_address(body["settlement"]),  # EIP-55 checked if mixed case
-                token=normalize_address(body["token"]),
-                block_number=_count(body["block_number"]),
-            )
-        except SettlementError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise SettlementError(f"malformed deployment record: {exc}") from exc
-
-
-def _count(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise SettlementError(f"expected a non-negative integer, got {value!r}")
-    return value
-
-
-def run_id_bytes(run_id: str) -> bytes:
-    """The registry key of a run: keccak256 of its UTF-8 id, whatever the id looks like."""
-    return bytes(keccak256(run_id.encode("utf-8")))
 
 
 def deploy_token(
@@ -184,6 +123,8 @@ class Settlement:
         self.token: Contract = w3.eth.contract(
             address=self.token_address, abi=artifact("RewardToken")["abi"]
         )
+        # The registry's reads are the auditor's (audit.onchain), shared rather than copied.
+        self.registry = RegistryReader(w3, self.address, check_code=False)
 
     @classmethod
     def deploy(
@@ -371,36 +312,12 @@ class Settlement:
 
     def commitment(self, committer: str, run_id: str) -> CommitmentRecord | None:
         """The commitment ``committer`` recorded for ``run_id``, or None."""
-        key = run_id_bytes(run_id)
-        root, block = call_view(
-            self.contract.functions.commitment(Web3.to_checksum_address(committer), key)
-        )
-        if int(block) == 0:
-            return None
-        return CommitmentRecord(
-            committer=Web3.to_checksum_address(committer),
-            run_id=key,
-            root=bytes(root),
-            block_number=int(block),
-        )
+        return self.registry.commitment(committer, run_id)
 
     def find_commitment(self, run_id: str, *, from_block: int = 0) -> CommitmentRecord | None:
         """The earliest commitment recorded for ``run_id`` by anyone (from the event log), or
-        None. Use :meth:`commitment` when the committer is known: a log scan trusts no one's
-        address, so a caller must still check that the committer is the run's peer."""
-        event = self.contract.events.CommitmentRecorded()
-        logs = event.get_logs(
-            from_block=from_block, argument_filters={"runId": run_id_bytes(run_id)}
-        )
-        if not logs:
-            return None
-        first = min(logs, key=lambda e: (e["blockNumber"], e["logIndex"]))
-        return CommitmentRecord(
-            committer=Web3.to_checksum_address(first["args"]["committer"]),
-            run_id=bytes(first["args"]["runId"]),
-            root=bytes(first["args"]["root"]),
-            block_number=int(first["args"]["blockNumber"]),
-        )
+        None; see :meth:`audit.onchain.RegistryReader.find_commitment`."""
+        return self.registry.find_commitment(run_id, from_block=from_block)
 
 
 class RegistryCommitmentLocator:
@@ -412,8 +329,6 @@ class RegistryCommitmentLocator:
         self._committer = committer
 
     def commitment_block(self, run_id: str) -> int:
-        from audit.beacon import BeaconError  # audit depends on rewards' registry, not the reverse
-
         if self._committer is not None:
             record = self._settlement.commitment(self._committer, run_id)
         else:

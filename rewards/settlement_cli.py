@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from audit.onchain import Deployment
 from proofs.errors import VeritrainError
 from rewards import chain as chainmod
 from rewards.display import make_console, print_table, safe, tokens
-from rewards.settlement import ClaimRequest, Deployment, Settlement, deploy_token
+from rewards.settlement import ClaimRequest, Settlement, deploy_token
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount

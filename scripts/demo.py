@@ -350,7 +350,7 @@ class Demo:
 
     def report(self) -> Path:
         out = self.out / "report"
-        self.sh.run("report", ["-m", "audit", "report", "--epoch", "0", "--out", str(out)])
+        self.sh.run("report", ["-m", "rewards", "report", "--epoch", "0", "--out", str(out)])
         return out / "epoch-0.html"
 
     # ---- 5. summary ---------------------------------------------------------------------------

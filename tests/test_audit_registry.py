@@ -20,6 +20,7 @@ from audit.beacon import Beacon, BeaconError, BeaconNotReadyError, RunCommitment
 from audit.cli import main
 from audit.fetch import VerifiedRun, load_run
 from audit.jobs import RunOutcome, SampleSpec, audit_run
+from audit.onchain import REGISTRY_ABI, ChainError, Deployment, RegistryReader, connect
 from audit.reexec import ReexecConfig
 from audit.registry import (
     CommitmentMismatchError,
@@ -31,7 +32,7 @@ from audit.sampling import plan_sample
 from audit.tolerance import Mode
 from proofs.signatures import save_keypair
 from rewards import chain as chainmod
-from rewards.settlement import Deployment, Settlement, deploy_token
+from rewards.settlement import Settlement, deploy_token
 from trainer.store import RunStore
 
 GAS = 10**20
@@ -202,6 +203,25 @@ def test_registry_beacon_for_is_picklable_and_checked() -> None:
 
 
 PEER_ADDRESS = account("reg-peer").address
+
+
+def test_the_auditors_registry_abi_is_the_compiled_contracts() -> None:
+    """audit.onchain carries its own copy of the two ABI entries it reads (audit imports nothing
+    from rewards): the copy must be the compiled contract's, entry for entry."""
+    compiled = {e.get("name"): e for e in chainmod.artifact("VeritrainSettlement")["abi"]}
+    assert [e["name"] for e in REGISTRY_ABI] == ["commitment", "CommitmentRecorded"]
+    for entry in REGISTRY_ABI:
+        assert entry == compiled[entry["name"]]
+
+
+def test_the_registry_reader_alone_refuses_a_missing_contract_and_node() -> None:
+    w3 = chainmod.connect(None)
+    with pytest.raises(ChainError, match="no contract at"):
+        RegistryReader(w3, "0x" + "11" * 20)
+    with pytest.raises(ChainError, match="no JSON-RPC node"):
+        connect(f"http://127.0.0.1:{chainmod.free_port()}")
+    with pytest.raises(ChainError, match="http"):
+        connect("tester")  # an in-process chain is no one else's: the auditor needs a node
 
 
 # ---------------------------------------------------------------------------------- CLI, Anvil

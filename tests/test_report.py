@@ -24,7 +24,9 @@ from click.testing import CliRunner
 from PIL import Image
 from test_rewards_ingest import RealWorld, real_world_once
 
-from audit.report import (
+from rewards.analyst import Analyst
+from rewards.cli import main as rewards_cli
+from rewards.report import (
     CLAIM_COLUMNS,
     POST_COLUMNS,
     EpochData,
@@ -33,7 +35,6 @@ from audit.report import (
     render_html,
     report_command,
 )
-from rewards.analyst import Analyst
 
 SECTIONS = ("summary", "assignment", "peers", "loss", "distances", "usefulness", "payouts",
             "settlement", "verdicts")  # fmt: skip
@@ -83,7 +84,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> RealWorld:
 @pytest.fixture(scope="module")
 def pages(world: RealWorld, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     out = tmp_path_factory.mktemp("report")
-    result = CliRunner().invoke(report_command, ["--db", str(world.db), "--out", str(out)])
+    # Through the rewards group: the report is `python -m rewards report`.
+    result = CliRunner().invoke(rewards_cli, ["report", "--db", str(world.db), "--out", str(out)])
     assert result.exit_code == 0, result.output
     return {int(p.stem.split("-")[1]): p for p in out.glob("epoch-*.html")}
 
@@ -155,7 +157,7 @@ def test_missing_epoch_is_a_clear_error(world: RealWorld, tmp_path: Path) -> Non
     )
     assert result.exit_code == 2 and "epoch 9 is not in the warehouse" in result.output
     assert not list(tmp_path.glob("*.html"))
-    missing = CliRunner().invoke(report_command, ["--db", str(tmp_path / "none.duckdb")])
+    missing = CliRunner().invoke(rewards_cli, ["report", "--db", str(tmp_path / "none.duckdb")])
     assert missing.exit_code == 2 and "no warehouse" in missing.output
 
 

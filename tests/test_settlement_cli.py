@@ -15,8 +15,9 @@ import pytest
 from click.testing import CliRunner
 from eth_account import Account
 
+from audit.onchain import Deployment, run_id_bytes
 from rewards import chain as chainmod
-from rewards.settlement import Deployment, Settlement, run_id_bytes
+from rewards.settlement import Settlement
 from rewards.settlement_cli import COMMANDS
 
 CMD = {c.name: c for c in COMMANDS}

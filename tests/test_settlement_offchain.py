@@ -15,10 +15,10 @@ from eth_account import Account
 from hypothesis import given
 from hypothesis import strategies as st
 
+from audit.onchain import Deployment, DeploymentError, run_id_bytes
 from proofs.errors import KeyFileError
 from proofs.hashing import keccak256
 from rewards import chain as chainmod
-from rewards.settlement import Deployment, SettlementError, run_id_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACT = REPO / "rewards" / "contracts" / "artifacts.json"
@@ -127,7 +127,7 @@ def test_deployment_record_round_trips_and_rejects_garbage() -> None:
     assert back.chain_id == 31337 and back.block_number == 7
     assert back.settlement.lower() == d.settlement and back.token.lower() == d.token
     for bad in ["{}", "[]", "not json", json.dumps({"version": 99}), d.to_json()[:-5]]:
-        with pytest.raises(SettlementError):
+        with pytest.raises(DeploymentError):
             Deployment.from_json(bad)
 
 
@@ -139,7 +139,7 @@ def test_deployment_vectors() -> None:
         assert (d.settlement, d.token) == (case["settlement_checksum"], case["token_checksum"])
         assert Deployment.from_json(d.to_json()) == d
     for text in vectors["invalid"]:
-        with pytest.raises(SettlementError):
+        with pytest.raises(DeploymentError):
             Deployment.from_json(text)
 
 
@@ -158,7 +158,7 @@ def test_deployment_parser_raises_only_its_error(body: dict[str, object] | str) 
     text = body if isinstance(body, str) else json.dumps(body)
     try:
         d = Deployment.from_json(text)
-    except SettlementError:
+    except DeploymentError:
         return
     assert Deployment.from_json(d.to_json()) == d  # whatever parses, round-trips
 

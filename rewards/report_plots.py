@@ -1,6 +1,6 @@
 """The audit report's plots: matplotlib figures rendered to base64 PNG (no display needed).
 
-Each function takes one epoch's :class:`audit.report.EpochData` and returns the PNG as base64 text
+Each function takes one epoch's :class:`rewards.report.EpochData` and returns the PNG as base64 text
 for an ``<img src="data:image/png;base64,...">``; every run keeps one colour across the plots.
 """
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 if TYPE_CHECKING:
-    from audit.report import EpochData
+    from rewards.report import EpochData
 
 
 def _png(fig: Any) -> str:

@@ -5,10 +5,11 @@ each peer committed with its audited steps marked, the distance of every audited
 tolerance threshold, the usefulness the auditor measured, and the payouts, slashes and claims of
 the epoch. Plots are matplotlib PNGs embedded as base64, so the page needs nothing but itself.
 
-    python -m audit report --db veritrain.duckdb --out report/      # report/epoch-<E>.html
+    python -m rewards report --db veritrain.duckdb --out report/      # report/epoch-<E>.html
 
-The warehouse is opened read-only (rewards.analyst); nothing here writes to it. Amounts in tables
-are the exact integers of the warehouse; plots show them divided by 10**decimals.
+The warehouse is opened read-only (:class:`rewards.analyst.Analyst`); nothing here writes to it.
+Amounts in tables are the exact integers of the warehouse; plots show them divided by
+10**decimals.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from typing import Any
 import click
 import polars as pl
 
-from audit.report_plots import plot_distances, plot_losses, plot_money, plot_usefulness
 from proofs.errors import VeritrainError
+from rewards.analyst import Analyst
+from rewards.report_plots import plot_distances, plot_losses, plot_money, plot_usefulness
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,6 @@ def load_epoch(db: str | os.PathLike[str], epoch: int) -> EpochData:
 
     Raises ReportError when the epoch does not exist or the payout policy has not been computed.
     """
-    from rewards.analyst import Analyst  # the warehouse's read-only interface
-
     try:
         with Analyst(db) as a:
             con = a.con
@@ -144,8 +144,6 @@ def load_epoch(db: str | os.PathLike[str], epoch: int) -> EpochData:
 
 def epochs_in(db: str | os.PathLike[str]) -> list[int]:
     """The computed epochs of the warehouse, ascending."""
-    from rewards.analyst import Analyst
-
     with Analyst(db) as a:
         return [
             int(r[0]) for r in a.con.sql("SELECT epoch FROM epoch_summaries ORDER BY 1").fetchall()
@@ -396,7 +394,7 @@ def write_reports(
 
 
 class BadInput(click.ClickException):
-    """Bad input: one line, exit code 2 (as every audit command)."""
+    """Bad input: one line, exit code 2."""
 
     exit_code = 2
 
