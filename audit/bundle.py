@@ -6,18 +6,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from audit.jsonform import (
+from audit.verdict import (
+    BUNDLE_KIND,
     MAX_BUNDLE_JSON,
+    MAX_ITEMS,
+    MAX_STR,
+    VERDICT_VERSION,
+    SignedVerdict,
+    Verdict,
     VerdictError,
+    as_verdict_error,
     expect_header,
-    expect_keys,
-    hex_str,
-    list_field,
     read_verdict_json,
-    str_field,
-    unhex,
 )
-from audit.verdict import BUNDLE_KIND, VERDICT_VERSION, SignedVerdict, Verdict
+from proofs.codec import as_bytes, as_list, as_str, check_keys, to_hex
+from proofs.errors import EncodingError
 from proofs.signatures import BLSSignature, Domain, aggregate, aggregate_verify
 
 
@@ -35,18 +38,23 @@ class VerdictBundle:
             "kind": BUNDLE_KIND,
             "run_id": self.run_id,
             "verdicts": [v.to_json() for v in self.verdicts],
-            "signature": hex_str(self.signature),
+            "signature": to_hex(self.signature),
         }
 
     @classmethod
     def from_json(cls, obj: object) -> VerdictBundle:
         body = expect_header(obj, BUNDLE_KIND)
-        expect_keys(body, {"run_id", "verdicts", "signature"})
-        verdicts = list_field(body["verdicts"], "bundle verdicts")
+        try:
+            check_keys(body, "verdict bundle", ("run_id", "verdicts", "signature"))
+            verdicts = as_list(body["verdicts"], "bundle verdicts", max_items=MAX_ITEMS)
+            run_id = as_str(body["run_id"], "run_id", max_len=MAX_STR)
+            signature = BLSSignature(as_bytes(body["signature"], "signature", 96))
+        except EncodingError as exc:
+            raise as_verdict_error(exc) from exc
         return cls(
-            run_id=str_field(body["run_id"]),
+            run_id=run_id,
             verdicts=tuple(Verdict.from_json(v) for v in verdicts),
-            signature=BLSSignature(unhex(body["signature"], 96)),
+            signature=signature,
         )
 
 

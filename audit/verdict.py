@@ -10,31 +10,27 @@ JSON layout and test vectors: docs/auditing.md and tests/vectors/verdict/.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from audit.jsonform import MAX_VERDICT_JSON as MAX_VERDICT_JSON
-from audit.jsonform import VerdictError as VerdictError
-from audit.jsonform import (
-    canonical_json,
-    dict_field,
-    expect_header,
-    expect_keys,
-    float_in,
-    float_out,
-    hex_str,
-    list_field,
-    opt_float,
-    opt_hash,
-    opt_hex,
-    read_verdict_json,
-    str_field,
-    uint_field,
-    unhex,
-)
 from audit.tolerance import Mode
-from proofs.errors import SignatureError
+from proofs.codec import (
+    as_bytes,
+    as_float,
+    as_list,
+    as_object,
+    as_str,
+    as_uint,
+    canonical_json,
+    check_keys,
+    float_out,
+    opt_hex,
+    to_hex,
+)
+from proofs.errors import EncodingError, SignatureError
 from proofs.hashing import Hash32, sha256
+from proofs.jsonlimits import UntrustedJsonError, loads_untrusted
 from proofs.signatures import (
     BLSPubkey,
     BLSSignature,
@@ -47,6 +43,47 @@ from proofs.signatures import (
 VERDICT_VERSION = 1
 VERDICT_KIND = "veritrain-verdict"
 BUNDLE_KIND = "veritrain-verdict-bundle"
+
+# Limits of the strict readers (docs/auditing.md, section 7): a verdict file may come from any
+# auditor, so every length and count it controls is bounded. ``reason`` may quote an error found
+# in a peer's store, hence a string limit looser than the codec's default.
+MAX_VERDICT_JSON = 1 << 20
+"""Bytes of one signed verdict file: ~2 KB, plus ~130 bytes per parameter tensor checked."""
+MAX_BUNDLE_JSON = 64 << 20
+"""Bytes of one verdict bundle (many auditors' verdicts on one run)."""
+MAX_STR = 1 << 16
+"""Characters in a verdict's string field."""
+MAX_ITEMS = 1 << 16
+"""Items in a verdict's list field."""
+
+
+class VerdictError(EncodingError):
+    """A verdict JSON document is malformed or of an unknown version."""
+
+
+def read_verdict_json(data: bytes, *, max_bytes: int = MAX_VERDICT_JSON) -> object:
+    """Parse a verdict or bundle file's bytes through proofs.jsonlimits (size, nesting depth,
+    strict JSON); raises :class:`VerdictError` naming the limit or the fault."""
+    try:
+        return loads_untrusted(data, max_bytes=max_bytes, what="verdict file")
+    except UntrustedJsonError as exc:
+        raise VerdictError(str(exc)) from exc
+
+
+def expect_header(obj: object, kind: str) -> dict[str, object]:
+    """The body of a versioned verdict document of ``kind`` (without kind and version)."""
+    if not isinstance(obj, dict):
+        raise VerdictError("a verdict document must be a JSON object")
+    if obj.get("kind") != kind:
+        raise VerdictError(f"expected kind {kind!r}, got {str(obj.get('kind'))[:40]!r}")
+    if obj.get("version") != VERDICT_VERSION:
+        raise VerdictError(f"unsupported verdict version {obj.get('version')!r}")
+    return {k: v for k, v in obj.items() if k not in ("kind", "version")}
+
+
+def as_verdict_error(exc: EncodingError) -> VerdictError:
+    """A codec reader's error as the :class:`VerdictError` every verdict reader raises."""
+    return exc if isinstance(exc, VerdictError) else VerdictError(str(exc))
 
 
 class Outcome(enum.Enum):
@@ -146,7 +183,10 @@ class Verdict:
     @classmethod
     def from_json(cls, obj: object) -> Verdict:
         body = expect_header(obj, VERDICT_KIND)
-        return _verdict_from(body)
+        try:
+            return _verdict_from(body)
+        except EncodingError as exc:
+            raise as_verdict_error(exc) from exc
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -155,16 +195,17 @@ class SignedVerdict:
     signature: BLSSignature
 
     def to_json(self) -> dict[str, Any]:
-        return {"verdict": self.verdict.to_json(), "signature": hex_str(self.signature)}
+        return {"verdict": self.verdict.to_json(), "signature": to_hex(self.signature)}
 
     @classmethod
     def from_json(cls, obj: object) -> SignedVerdict:
         if not isinstance(obj, dict) or set(obj) != {"verdict", "signature"}:
             raise VerdictError("signed verdict must be an object with verdict and signature")
-        return cls(
-            verdict=Verdict.from_json(obj["verdict"]),
-            signature=BLSSignature(unhex(obj["signature"], 96)),
-        )
+        try:
+            signature = BLSSignature(as_bytes(obj["signature"], "signature", 96))
+        except EncodingError as exc:
+            raise as_verdict_error(exc) from exc
+        return cls(verdict=Verdict.from_json(obj["verdict"]), signature=signature)
 
 
 def sign_verdict(keypair: KeyPair, verdict: Verdict) -> SignedVerdict:
@@ -192,14 +233,14 @@ def verify_verdict(signed: SignedVerdict) -> bool:
 def _to_obj(v: Verdict) -> dict[str, Any]:
     return {
         "run_id": v.run_id,
-        "peer": hex_str(v.peer),
+        "peer": to_hex(v.peer),
         "step": v.step,
         "outcome": v.outcome.value,
         "mode": v.mode.value,
         "reason": v.reason,
-        "replay_seed": hex_str(v.replay_seed),
-        "recipe_hash": hex_str(v.recipe_hash),
-        "manifest_hash": hex_str(v.manifest_hash),
+        "replay_seed": to_hex(v.replay_seed),
+        "recipe_hash": to_hex(v.recipe_hash),
+        "manifest_hash": to_hex(v.manifest_hash),
         "committed_root": opt_hex(v.committed_root),
         "recomputed_root": opt_hex(v.recomputed_root),
         "tensors": [
@@ -217,12 +258,12 @@ def _to_obj(v: Verdict) -> dict[str, Any]:
             {
                 "kind": e.kind.value,
                 "artifact": e.artifact,
-                "root": hex_str(e.root),
+                "root": to_hex(e.root),
                 "leaf_count": e.leaf_count,
                 "indices": list(e.indices),
-                "leaf_hashes": [hex_str(h) for h in e.leaf_hashes],
-                "observed_hashes": [hex_str(h) for h in e.observed_hashes],
-                "proof_hashes": [hex_str(h) for h in e.proof_hashes],
+                "leaf_hashes": [to_hex(h) for h in e.leaf_hashes],
+                "observed_hashes": [to_hex(h) for h in e.observed_hashes],
+                "proof_hashes": [to_hex(h) for h in e.proof_hashes],
             }
             for e in v.evidence
         ],
@@ -233,61 +274,76 @@ def _to_obj(v: Verdict) -> dict[str, Any]:
             "loss_before": float_out(v.usefulness.loss_before),
             "loss_after": float_out(v.usefulness.loss_after),
         },
-        "auditor": hex_str(v.auditor),
+        "auditor": to_hex(v.auditor),
         "sample_seed": opt_hex(v.sample_seed),
         "device": v.device,
         "torch_version": v.torch_version,
     }
 
 
-_VERDICT_KEYS = {
+_VERDICT_KEYS = (
     "run_id", "peer", "step", "outcome", "mode", "reason", "replay_seed", "recipe_hash",
     "manifest_hash", "committed_root", "recomputed_root", "tensors", "evidence", "usefulness",
     "auditor", "sample_seed", "device", "torch_version",
-}  # fmt: skip
+)  # fmt: skip
+_EVIDENCE_KEYS = (
+    "kind", "artifact", "root", "leaf_count", "indices", "leaf_hashes", "observed_hashes",
+    "proof_hashes",
+)  # fmt: skip
+
+
+def _str(d: Mapping[str, Any], key: str) -> str:
+    return as_str(d[key], key, max_len=MAX_STR)
+
+
+def _list(d: Mapping[str, Any], key: str) -> list[Any]:
+    return as_list(d[key], key, max_items=MAX_ITEMS)
+
+
+def _opt_float(d: Mapping[str, Any], key: str) -> float | None:
+    return None if d[key] is None else as_float(d[key], key)
+
+
+def _opt_hash(d: Mapping[str, Any], key: str) -> Hash32 | None:
+    return None if d[key] is None else Hash32(as_bytes(d[key], key, 32))
+
+
+def _hashes(d: Mapping[str, Any], key: str) -> tuple[Hash32, ...]:
+    return tuple(Hash32(as_bytes(h, key, 32)) for h in _list(d, key))
 
 
 def _tensor_from(obj: object) -> TensorCheck:
-    d = dict_field(obj, "tensor check")
-    expect_keys(d, {"name", "rel_l2", "cosine", "max_rel_l2", "max_cosine", "passed"})
+    keys = ("name", "rel_l2", "cosine", "max_rel_l2", "max_cosine", "passed")
+    check_keys(obj, "tensor check", keys)
+    d = as_object(obj, "tensor check")
     if not isinstance(d["passed"], bool):
         raise VerdictError("passed must be a boolean")
     return TensorCheck(
-        name=str_field(d["name"]),
-        rel_l2=float_in(d["rel_l2"]),
-        cosine=float_in(d["cosine"]),
-        max_rel_l2=opt_float(d["max_rel_l2"]),
-        max_cosine=opt_float(d["max_cosine"]),
+        name=_str(d, "name"),
+        rel_l2=as_float(d["rel_l2"], "rel_l2"),
+        cosine=as_float(d["cosine"], "cosine"),
+        max_rel_l2=_opt_float(d, "max_rel_l2"),
+        max_cosine=_opt_float(d, "max_cosine"),
         passed=d["passed"],
     )
 
 
 def _evidence_from(obj: object) -> Evidence:
-    d = dict_field(obj, "evidence")
-    expect_keys(
-        d,
-        {"kind", "artifact", "root", "leaf_count", "indices", "leaf_hashes", "observed_hashes",
-         "proof_hashes"},
-    )  # fmt: skip
+    check_keys(obj, "evidence", _EVIDENCE_KEYS)
+    d = as_object(obj, "evidence")
     try:
         kind = EvidenceKind(d["kind"])
     except ValueError as exc:
         raise VerdictError(f"unknown evidence kind {str(d['kind'])[:40]!r}") from exc
     ev = Evidence(
         kind=kind,
-        artifact=str_field(d["artifact"]),
-        root=Hash32(unhex(d["root"], 32)),
-        leaf_count=uint_field(d["leaf_count"]),
-        indices=tuple(uint_field(i) for i in list_field(d["indices"], "indices")),
-        leaf_hashes=tuple(
-            Hash32(unhex(h, 32)) for h in list_field(d["leaf_hashes"], "leaf_hashes")
-        ),
-        observed_hashes=tuple(
-            Hash32(unhex(h, 32)) for h in list_field(d["observed_hashes"], "observed_hashes")
-        ),
-        proof_hashes=tuple(
-            Hash32(unhex(h, 32)) for h in list_field(d["proof_hashes"], "proof_hashes")
-        ),
+        artifact=_str(d, "artifact"),
+        root=Hash32(as_bytes(d["root"], "root", 32)),
+        leaf_count=as_uint(d["leaf_count"], "leaf_count"),
+        indices=tuple(as_uint(i, "indices") for i in _list(d, "indices")),
+        leaf_hashes=_hashes(d, "leaf_hashes"),
+        observed_hashes=_hashes(d, "observed_hashes"),
+        proof_hashes=_hashes(d, "proof_hashes"),
     )
     if not len(ev.indices) == len(ev.leaf_hashes) == len(ev.observed_hashes):
         raise VerdictError("evidence indices, leaf hashes and observed hashes differ in length")
@@ -297,41 +353,41 @@ def _evidence_from(obj: object) -> Evidence:
 def _usefulness_from(obj: object) -> Usefulness | None:
     if obj is None:
         return None
-    d = dict_field(obj, "usefulness")
-    expect_keys(d, {"heldout", "loss_before", "loss_after"})
+    check_keys(obj, "usefulness", ("heldout", "loss_before", "loss_after"))
+    d = as_object(obj, "usefulness")
     return Usefulness(
-        heldout=str_field(d["heldout"]),
-        loss_before=float_in(d["loss_before"]),
-        loss_after=float_in(d["loss_after"]),
+        heldout=_str(d, "heldout"),
+        loss_before=as_float(d["loss_before"], "loss_before"),
+        loss_after=as_float(d["loss_after"], "loss_after"),
     )
 
 
-def _verdict_from(d: dict[str, object]) -> Verdict:
-    expect_keys(d, _VERDICT_KEYS)
+def _verdict_from(d: Mapping[str, Any]) -> Verdict:
+    check_keys(d, "verdict", _VERDICT_KEYS)
     try:
         outcome = Outcome(d["outcome"])
         mode = Mode(d["mode"])
     except ValueError as exc:
         raise VerdictError(f"unknown outcome or mode: {exc}") from exc
     return Verdict(
-        run_id=str_field(d["run_id"]),
-        peer=BLSPubkey(unhex(d["peer"], 48)),
-        step=uint_field(d["step"]),
+        run_id=_str(d, "run_id"),
+        peer=BLSPubkey(as_bytes(d["peer"], "peer", 48)),
+        step=as_uint(d["step"], "step"),
         outcome=outcome,
         mode=mode,
-        reason=str_field(d["reason"]),
-        replay_seed=unhex(d["replay_seed"]),
-        recipe_hash=Hash32(unhex(d["recipe_hash"], 32)),
-        manifest_hash=Hash32(unhex(d["manifest_hash"], 32)),
-        committed_root=opt_hash(d["committed_root"]),
-        recomputed_root=opt_hash(d["recomputed_root"]),
-        tensors=tuple(_tensor_from(t) for t in list_field(d["tensors"], "tensors")),
-        evidence=tuple(_evidence_from(e) for e in list_field(d["evidence"], "evidence")),
+        reason=_str(d, "reason"),
+        replay_seed=as_bytes(d["replay_seed"], "replay_seed"),
+        recipe_hash=Hash32(as_bytes(d["recipe_hash"], "recipe_hash", 32)),
+        manifest_hash=Hash32(as_bytes(d["manifest_hash"], "manifest_hash", 32)),
+        committed_root=_opt_hash(d, "committed_root"),
+        recomputed_root=_opt_hash(d, "recomputed_root"),
+        tensors=tuple(_tensor_from(t) for t in _list(d, "tensors")),
+        evidence=tuple(_evidence_from(e) for e in _list(d, "evidence")),
         usefulness=_usefulness_from(d["usefulness"]),
-        auditor=BLSPubkey(unhex(d["auditor"], 48)),
-        sample_seed=opt_hash(d["sample_seed"]),
-        device=str_field(d["device"]),
-        torch_version=str_field(d["torch_version"]),
+        auditor=BLSPubkey(as_bytes(d["auditor"], "auditor", 48)),
+        sample_seed=_opt_hash(d, "sample_seed"),
+        device=_str(d, "device"),
+        torch_version=_str(d, "torch_version"),
     )
 
 

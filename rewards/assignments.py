@@ -10,10 +10,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 
+from proofs.codec import canonical_json
 from proofs.errors import EncodingError
 from rewards.warehouse import Connection, WarehouseValueError, query
 from trainer.assignment import Assignment
-from trainer.jsonform import canonical_json
 
 
 def _hex(value: bytes) -> str:

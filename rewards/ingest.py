@@ -336,8 +336,7 @@ def _parse_verdict_file(path: Path) -> list[SignedVerdict]:
     auditor's record of its sample) holds no verdict: it gives an empty list.
     """
     from audit.bundle import VerdictBundle, verify_bundle
-    from audit.jsonform import MAX_BUNDLE_JSON, read_verdict_json
-    from audit.verdict import BUNDLE_KIND, SignedVerdict
+    from audit.verdict import BUNDLE_KIND, MAX_BUNDLE_JSON, SignedVerdict, read_verdict_json
 
     data = path.read_bytes()
     try:

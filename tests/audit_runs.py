@@ -162,8 +162,8 @@ def rewrite_gradient(
     ``keypair``: a peer lying consistently about one stored gradient."""
     from dataclasses import replace
 
+    from proofs.codec import canonical_json
     from trainer.checkpoint import encode_checkpoint
-    from trainer.jsonform import canonical_json
     from trainer.manifest import sign_manifest
     from trainer.store import manifest_name
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from proofs.codec import canonical_json
 from proofs.hashing import Hash32
 from proofs.signatures import KeyPair
-from trainer.jsonform import canonical_json
 from trainer.manifest import sign_manifest
 from trainer.store import RunStore, manifest_name
 

@@ -45,6 +45,7 @@ from test_rewards_ingest import (
 from audit.fetch import load_run
 from audit.reexec import ReexecConfig, StepAuditor, StepResult
 from audit.tolerance import Mode
+from proofs.codec import canonical_json, record_hash
 from proofs.errors import EncodingError
 from proofs.signatures import Domain, KeyPair, sign
 from rewards import ingest, policy, warehouse
@@ -57,7 +58,6 @@ from trainer.checkpoint import decode_checkpoint
 from trainer.cli import main as trainer_main
 from trainer.data import Corpus
 from trainer.hook import AuditHook
-from trainer.jsonform import canonical_json, record_hash
 from trainer.loop import TrainConfig, train
 from trainer.replay import build_optimizer
 from trainer.schedule import Schedule

@@ -33,9 +33,9 @@ from audit.fetch import load_run
 from audit.reexec import AuditSetupError, ReexecConfig, StepAuditor, StepResult
 from audit.tolerance import Mode
 from audit.verdict import Outcome, load_signed_verdict
+from proofs.codec import canonical_json
 from proofs.signatures import KeyPair, save_keypair
 from trainer.hook import AuditHook
-from trainer.jsonform import canonical_json
 from trainer.recipe import sign_header
 from trainer.store import HEADER_PATH, RunStore
 from trainer.verify import check_store

@@ -174,7 +174,7 @@ def test_load_run_rejects_manifest_signed_by_another_key() -> None:
     store = RunStore(url)
     last = store.manifest_windows()[-1]
     forged = sign_manifest(OTHER_PEER, store.read_manifest(last).manifest)
-    from trainer.jsonform import canonical_json
+    from proofs.codec import canonical_json
     from trainer.store import manifest_name
 
     store.put_bytes(manifest_name(last), canonical_json(forged.to_json()), exclusive=False)

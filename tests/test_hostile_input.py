@@ -19,18 +19,11 @@ from pathlib import Path
 import pytest
 from audit_runs import make_run
 
-from audit.jsonform import (
-    MAX_ITEMS,
-    MAX_VERDICT_JSON,
-    VerdictError,
-    list_field,
-    str_field,
-    uint_field,
-)
-from audit.jsonform import MAX_STR as MAX_VERDICT_STR
+from audit.verdict import MAX_ITEMS, MAX_VERDICT_JSON, SignedVerdict, VerdictError
+from audit.verdict import MAX_STR as MAX_VERDICT_STR
+from proofs.codec import MAX_STR, check_keys, get_int, get_str
 from proofs.errors import EncodingError
 from proofs.signatures import keypair_from_seed, load_keypair, save_keypair
-from trainer.jsonform import MAX_STR, check_keys, get_int, get_str
 from trainer.manifest import MAX_BATCH, MAX_RECORDS, StepRecord, WindowManifest
 from trainer.store import MAX_HEADER_BYTES
 
@@ -266,9 +259,17 @@ def test_unknown_keys_are_quoted_bounded() -> None:
 
 
 def test_verdict_reader_bounds_counts_lengths_and_ints() -> None:
-    with pytest.raises(VerdictError, match=f"{MAX_VERDICT_STR + 1} characters; the limit"):
-        str_field("r" * (MAX_VERDICT_STR + 1))
-    with pytest.raises(VerdictError, match=f"tensors has {MAX_ITEMS + 1} items; the limit"):
-        list_field([0] * (MAX_ITEMS + 1), "tensors")
-    with pytest.raises(VerdictError, match=r"in \[0, 2\^64\)"):
-        uint_field(1 << 64)
+    vector = ROOT / "tests" / "vectors" / "verdict" / "pass_tolerant.json"
+    body = json.loads(vector.read_text())["signed"]["verdict"]
+    at_limit = {**body, "reason": "r" * MAX_VERDICT_STR}  # looser than the codec's default
+    SignedVerdict.from_json({"verdict": at_limit, "signature": "0x" + "00" * 96})
+    cases = [
+        ({"reason": "r" * (MAX_VERDICT_STR + 1)}, f"reason: {MAX_VERDICT_STR + 1} characters"),
+        ({"tensors": [None] * (MAX_ITEMS + 1)}, f"tensors: {MAX_ITEMS + 1} items; the limit"),
+        ({"step": 1 << 64}, r"step: expected an int in \[0, 2\^64\)"),
+        ({"peer": "0x" + "ab" * 47}, "peer: expected 48 bytes, got 47"),
+        ({"peer": "0x" + "ab " * 48}, "peer: expected an even number of hex digits"),
+    ]
+    for change, message in cases:
+        with pytest.raises(VerdictError, match=message):
+            SignedVerdict.from_json({"verdict": {**body, **change}, "signature": "0x" + "00" * 96})

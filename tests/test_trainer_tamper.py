@@ -14,9 +14,9 @@ from forgery import rechain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proofs.codec import canonical_json, record_hash
 from proofs.signatures import Domain, keypair_from_seed, sign
 from trainer.data import Corpus
-from trainer.jsonform import canonical_json, record_hash
 from trainer.loop import TrainConfig, train
 from trainer.manifest import sign_manifest
 from trainer.recipe import sign_header

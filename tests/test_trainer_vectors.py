@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from proofs.codec import canonical_json
 from proofs.errors import EncodingError
 from trainer.data import batch_offsets
-from trainer.jsonform import canonical_json
 from trainer.manifest import SignedWindowManifest, StepRecord
 from trainer.recipe import SignedRunHeader
 from trainer.schedule import Schedule

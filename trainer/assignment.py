@@ -18,18 +18,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proofs.errors import EncodingError
-from proofs.hashing import Hash32, Root
-from trainer.jsonform import (
+from proofs.codec import (
     canonical_json,
     check_keys,
     get_bytes,
     get_int,
     get_object,
     get_str,
-    hex_bytes,
     record_hash,
+    to_hex,
 )
+from proofs.errors import EncodingError
+from proofs.hashing import Hash32, Root
 from trainer.models import parse_model_config
 from trainer.recipe import RunHeader
 from trainer.schedule import Schedule
@@ -96,7 +96,7 @@ class Assignment:
             "version": self.version,
             "model": self.model,
             "model_config": dict(self.model_config),
-            "dataset": {"root": hex_bytes(self.dataset_root), "nbytes": self.dataset_bytes},
+            "dataset": {"root": to_hex(self.dataset_root), "nbytes": self.dataset_bytes},
             "batch_size": self.batch_size,
             "context": self.context,
             "dtype": self.dtype,
@@ -148,8 +148,8 @@ class Assignment:
         mine = self.hash()
         if header.assignment != mine:
             out.append(
-                f"trained for assignment {hex_bytes(header.assignment)}, "
-                f"the epoch pays for {hex_bytes(mine)}"
+                f"trained for assignment {to_hex(header.assignment)}, "
+                f"the epoch pays for {to_hex(mine)}"
             )
         expected_seed = run_seed_for(header.pubkey, header.assignment, header.run_id)
         if header.run_seed != expected_seed:
@@ -168,10 +168,9 @@ class Assignment:
                     )
         ds = header.dataset
         if ds is None or (ds.root, ds.nbytes) != (self.dataset_root, self.dataset_bytes):
-            held = "none" if ds is None else f"{hex_bytes(ds.root)} ({ds.nbytes} bytes)"
+            held = "none" if ds is None else f"{to_hex(ds.root)} ({ds.nbytes} bytes)"
             out.append(
-                f"dataset {held}, assigned {hex_bytes(self.dataset_root)} "
-                f"({self.dataset_bytes} bytes)"
+                f"dataset {held}, assigned {to_hex(self.dataset_root)} ({self.dataset_bytes} bytes)"
             )
         fields: tuple[tuple[str, object, object], ...] = (
             ("batch_size", header.batch_size, self.batch_size),

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from proofs.codec import canonical_json
 from proofs.encoding import TensorBytes, decode_tensors, encode_tensors
 from proofs.errors import EncodingError
 from proofs.hashing import Root
 from proofs.jsonlimits import loads_untrusted
 from trainer.artifact import Encoded, encode_artifact
-from trainer.jsonform import canonical_json
 from trainer.seeds import cpu_rng_state, replay_seed
 from trainer.tensors import (
     dtype_name,

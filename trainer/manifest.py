@@ -6,7 +6,7 @@ are grouped in windows, one per state checkpoint: a :class:`WindowManifest` list
 records and the state checkpoint reached at its end, carries the previous manifest's hash (the
 header hash for window 0) and is BLS-signed once (signing costs ~0.18 s, so per window, not step).
 
-Hashes are sha256 over the canonical JSON of ``to_json()`` (trainer.jsonform).
+Hashes are sha256 over the canonical JSON of ``to_json()`` (proofs.codec).
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proofs.errors import EncodingError
-from proofs.hashing import Hash32, Root
-from proofs.signatures import Domain, KeyPair, sign, verify
-from trainer.jsonform import (
+from proofs.codec import (
+    as_float,
     check_keys,
-    float_in,
     float_out,
     get_bytes,
     get_float,
@@ -28,10 +25,13 @@ from trainer.jsonform import (
     get_list,
     get_object,
     get_str,
-    hex_bytes,
     is_uint,
     record_hash,
+    to_hex,
 )
+from proofs.errors import EncodingError
+from proofs.hashing import Hash32, Root
+from proofs.signatures import Domain, KeyPair, sign, verify
 
 MANIFEST_VERSION = 1
 MAX_RECORDS = 100_000
@@ -54,7 +54,7 @@ class StateRef:
     def to_json(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "root": hex_bytes(self.root),
+            "root": to_hex(self.root),
             "leaf_count": self.leaf_count,
             "nbytes": self.nbytes,
         }
@@ -94,10 +94,10 @@ class StepRecord:
             "batch": list(self.batch),
             "loss": float_out(self.loss),
             "lrs": [float_out(x) for x in self.lrs],
-            "grad_root": hex_bytes(self.grad_root),
+            "grad_root": to_hex(self.grad_root),
             "grad_leaves": self.grad_leaves,
             "grad_bytes": self.grad_bytes,
-            "prev": hex_bytes(self.prev),
+            "prev": to_hex(self.prev),
         }
 
     @classmethod
@@ -112,7 +112,7 @@ class StepRecord:
             replay_seed=get_int(obj, "replay_seed"),
             batch=tuple(batch),
             loss=get_float(obj, "loss"),
-            lrs=tuple(float_in(x, "lrs") for x in get_list(obj, "lrs", max_items=MAX_GROUPS)),
+            lrs=tuple(as_float(x, "lrs") for x in get_list(obj, "lrs", max_items=MAX_GROUPS)),
             grad_root=Root(get_bytes(obj, "grad_root", 32)),
             grad_leaves=get_int(obj, "grad_leaves"),
             grad_bytes=get_int(obj, "grad_bytes"),
@@ -145,7 +145,7 @@ class WindowManifest:
             "first_step": self.first_step,
             "records": [r.to_json() for r in self.records],
             "state": self.state.to_json(),
-            "prev": hex_bytes(self.prev),
+            "prev": to_hex(self.prev),
         }
 
     @classmethod
@@ -192,7 +192,7 @@ class SignedWindowManifest:
     signature: bytes
 
     def to_json(self) -> dict[str, Any]:
-        return {"manifest": self.manifest.to_json(), "signature": hex_bytes(self.signature)}
+        return {"manifest": self.manifest.to_json(), "signature": to_hex(self.signature)}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> SignedWindowManifest:

@@ -25,20 +25,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proofs.errors import EncodingError
-from proofs.hashing import Hash32
-from proofs.signatures import Domain, KeyPair, sign, verify
-from trainer.data import CorpusCommitment
-from trainer.jsonform import (
+from proofs.codec import (
     check_keys,
     get_bytes,
     get_int,
     get_list,
     get_object,
     get_str,
-    hex_bytes,
     record_hash,
+    to_hex,
 )
+from proofs.errors import EncodingError
+from proofs.hashing import Hash32
+from proofs.signatures import Domain, KeyPair, sign, verify
+from trainer.data import CorpusCommitment
 from trainer.manifest import StateRef
 from trainer.schedule import Schedule
 from trainer.seeds import run_seed_for
@@ -185,7 +185,7 @@ class RunHeader:
             "version": self.version,
             "run_id": self.run_id,
             "run_seed": self.run_seed,
-            "assignment": hex_bytes(self.assignment),
+            "assignment": to_hex(self.assignment),
             "model": self.model,
             "model_config": dict(self.model_config),
             "optimizer": self.optimizer.to_json(),
@@ -201,7 +201,7 @@ class RunHeader:
             "checkpoint_every": self.checkpoint_every,
             "chunk_size": self.chunk_size,
             "initial_state": self.initial_state.to_json(),
-            "pubkey": hex_bytes(self.pubkey),
+            "pubkey": to_hex(self.pubkey),
             "aliases": dict(self.aliases),
         }
 
@@ -259,7 +259,7 @@ class SignedRunHeader:
     signature: bytes
 
     def to_json(self) -> dict[str, Any]:
-        return {"header": self.header.to_json(), "signature": hex_bytes(self.signature)}
+        return {"header": self.header.to_json(), "signature": to_hex(self.signature)}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> SignedRunHeader:

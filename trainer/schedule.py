@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from proofs.codec import as_float, check_keys, get_float, get_int, get_list, get_str
 from proofs.errors import EncodingError
-from trainer.jsonform import check_keys, float_in, get_float, get_int, get_list, get_str
 
 ScheduleKind = Literal["constant", "warmup_cosine", "step"]
 KINDS: tuple[ScheduleKind, ...] = ("constant", "warmup_cosine", "step")
@@ -121,7 +121,7 @@ class Schedule:
             final_fraction=get_float(obj, "final_fraction"),
             step_size=get_int(obj, "step_size"),
             gamma=get_float(obj, "gamma"),
-            group_scales=tuple(float_in(s, "group_scales") for s in scales),
+            group_scales=tuple(as_float(s, "group_scales") for s in scales),
         )
 
     @classmethod

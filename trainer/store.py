@@ -29,11 +29,11 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from proofs.codec import canonical_json
 from proofs.errors import EncodingError, VeritrainError
 from proofs.hashing import Root
 from proofs.jsonlimits import UntrustedJsonError, loads_untrusted
 from trainer.artifact import PREFIX_SIZE, ArtifactIndex, parse_artifact, parse_prefix, parse_table
-from trainer.jsonform import canonical_json
 from trainer.manifest import SignedWindowManifest
 from trainer.recipe import SignedRunHeader
 

@@ -22,6 +22,7 @@ from typing import NoReturn
 
 import torch
 
+from proofs.codec import canonical_json
 from proofs.errors import VeritrainError
 from proofs.hashing import Hash32
 from trainer.artifact import first_bad_leaf
@@ -29,7 +30,6 @@ from trainer.chain import compare_chain
 from trainer.checkpoint import BUFFER, decode_checkpoint, encode_checkpoint
 from trainer.derived import derivation_problem
 from trainer.determinism import key_differences, recorded_threads
-from trainer.jsonform import canonical_json
 from trainer.manifest import StepRecord, WindowManifest
 from trainer.recipe import RunHeader
 from trainer.replay import apply_gradients
