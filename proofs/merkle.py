@@ -27,7 +27,8 @@ from proofs import accelerator
 from proofs.accelerator import native_available as native_available
 from proofs.accelerator import native_enabled as native_enabled
 from proofs.accelerator import set_native as set_native
-from proofs.errors import MalformedProofError
+from proofs.codec import as_bytes
+from proofs.errors import EncodingError, MalformedProofError
 from proofs.hashing import LEAF_PREFIX, NODE_PREFIX, Hash32, Root
 from proofs.jsonlimits import UntrustedJsonError, loads_untrusted
 
@@ -216,15 +217,10 @@ def _json_hashes(obj: Mapping[str, Any], key: str) -> tuple[Hash32, ...]:
     values = obj[key]
     if not isinstance(values, list):
         raise MalformedProofError(f"{key}: expected a list of 0x-hex hashes")
-    out = []
-    for v in values:
-        if not isinstance(v, str) or not v.startswith("0x") or len(v) != 66:
-            raise MalformedProofError(f"{key}: expected 0x + 64 hex digits, got {v!r}")
-        try:
-            out.append(Hash32(bytes.fromhex(v[2:])))
-        except ValueError:
-            raise MalformedProofError(f"{key}: not hex: {v!r}") from None
-    return tuple(out)
+    try:
+        return tuple(Hash32(as_bytes(v, key, 32)) for v in values)
+    except EncodingError as exc:
+        raise MalformedProofError(str(exc)) from None
 
 
 def _level_sizes(leaf_count: int) -> list[int]:

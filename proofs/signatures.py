@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from eth_typing import BLSPubkey, BLSSignature
 
 from proofs import bls
-from proofs.errors import KeyFileError, KeyFileExistsError, SignatureError
+from proofs.codec import as_bytes
+from proofs.errors import EncodingError, KeyFileError, KeyFileExistsError, SignatureError
 from proofs.jsonlimits import UntrustedJsonError, loads_untrusted
 
 logger = logging.getLogger(__name__)
@@ -248,13 +249,10 @@ def keypair_to_json(keypair: KeyPair) -> dict[str, object]:
 
 
 def _hex_field(obj: dict[str, object], name: str, size: int) -> bytes:
-    value = obj.get(name)
-    if not isinstance(value, str) or not value.startswith("0x") or len(value) != 2 + 2 * size:
-        raise KeyFileError(f"key file field {name!r} must be 0x-hex of {size} bytes")
     try:
-        return bytes.fromhex(value[2:])
-    except ValueError as exc:
-        raise KeyFileError(f"key file field {name!r} is not hex") from exc
+        return as_bytes(obj.get(name), f"key file field {name!r}", size)
+    except EncodingError as exc:
+        raise KeyFileError(str(exc)) from None
 
 
 def keypair_from_json(obj: object) -> KeyPair:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from proofs.codec import check_keys, get_bytes, get_int, get_str
 from proofs.errors import EncodingError
 from proofs.hashing import Root
 
@@ -58,19 +59,14 @@ class CorpusCommitment:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> CorpusCommitment:
-        try:
-            root = bytes.fromhex(str(obj["root"]).removeprefix("0x"))
-            if len(root) != 32:
-                raise ValueError("root must be 32 bytes")
-            return cls(
-                root=Root(root),
-                nbytes=int(obj["nbytes"]),
-                file_count=int(obj["file_count"]),
-                chunk_size=int(obj["chunk_size"]),
-                source=str(obj["source"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EncodingError(f"bad corpus commitment: {exc}") from exc
+        check_keys(obj, "dataset", ("root", "nbytes", "file_count", "chunk_size", "source"))
+        return cls(
+            root=Root(get_bytes(obj, "root", 32)),
+            nbytes=get_int(obj, "nbytes"),
+            file_count=get_int(obj, "file_count"),
+            chunk_size=get_int(obj, "chunk_size"),
+            source=get_str(obj, "source"),
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
