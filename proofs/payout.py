@@ -13,28 +13,29 @@ Building raises :class:`PayoutError`; ``verify_*`` functions return a bool and n
 
 from __future__ import annotations
 
-import importlib
+import importlib  # noqa: F401 - tests reach the keccak fallbacks' importlib through this module
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NewType, cast
+from typing import Any, NewType
 
-from proofs.errors import VeritrainError
-from proofs.hashing import Hash32, Root, keccak256
+from proofs import codec
+from proofs.codec import UINT256_LIMIT as UINT256_LIMIT
+from proofs.codec import Address as Address
+from proofs.codec import as_bytes, check_uint256
+from proofs.codec import fast_keccak256 as _keccak
+from proofs.codec import make_fast_keccak as _fast_keccak  # noqa: F401 - tested through here
+from proofs.errors import EncodingError, VeritrainError
+from proofs.hashing import Hash32, Root
 
 Wei = NewType("Wei", int)
 """An amount in the token's smallest unit: 0 <= Wei < 2**256."""
 
-Address = NewType("Address", str)
-"""An Ethereum address as 0x + 40 hex digits in EIP-55 checksum case."""
 
 LEAF_ENCODING = ("address", "uint256")
 DUMP_FORMAT = "standard-v1"
-UINT256_LIMIT = 1 << 256
 
-_HEX40 = re.compile(r"0x[0-9a-fA-F]{40}\Z")
-_HEX64 = re.compile(r"0x[0-9a-fA-F]{64}\Z")
 _DECIMAL = re.compile(r"[0-9]+\Z")
 _ADDRESS_PAD = bytes(12)
 
@@ -43,72 +44,24 @@ class PayoutError(VeritrainError, ValueError):
     """A payout entry, index, proof request or tree dump is invalid."""
 
 
-def _fast_keccak() -> Callable[[bytes], bytes]:
-    """The cheapest keccak256 available: hashing 100k leaves is dominated by per-call overhead.
-
-    pysha3 (C) is about 6x cheaper per call than eth-hash's checked front end; all three give
-    identical digests (tests/test_payout.py checks this against proofs.hashing.keccak256).
-    """
-    try:
-        sha3: Any = importlib.import_module("sha3")
-        pysha3_keccak = sha3.keccak_256
-        return lambda data: cast(bytes, pysha3_keccak(data).digest())
-    except ImportError:
-        pass
-    try:
-        crypto: Any = importlib.import_module("Crypto.Hash.keccak")
-        new = crypto.new
-        return lambda data: cast(bytes, new(data=data, digest_bits=256).digest())
-    except ImportError:
-        return keccak256
-
-
-_keccak = _fast_keccak()
-
-
-_ONES = int.from_bytes(b"\x01" * 40, "big")
-_BIT6 = int.from_bytes(b"\x40" * 40, "big")
-
-
-def _checksum(lower_hex: str) -> str:
-    """EIP-55 case for 40 lowercase hex digits: uppercase where the digest nibble is >= 8.
-
-    Done with whole-string integer masks instead of a per-character loop (5x faster, and build
-    checksums every address). Digest hex digit d is >= 8 iff ASCII bit 3 ('8', '9') or bit 6
-    ('a'..'f') is set; a letter of the address has bit 6 set and becomes uppercase by clearing
-    bit 5.
-    """
-    raw = lower_hex.encode("ascii")
-    digest = int.from_bytes(_keccak(raw).hex()[:40].encode("ascii"), "big")
-    high = ((digest >> 3) | (digest >> 6)) & _ONES
-    letters = (int.from_bytes(raw, "big") & _BIT6) >> 1
-    upper = int.from_bytes(raw, "big") ^ (high * 0x20 & letters)
-    return "0x" + upper.to_bytes(40, "big").decode("ascii")
-
-
 def normalize_address(account: str) -> Address:
-    """``account`` in EIP-55 checksum case.
+    """``account`` in EIP-55 checksum case (the rule of :func:`proofs.codec.normalize_address`).
 
     Raises PayoutError unless ``account`` is a str of 0x + 40 hex digits; a mixed-case address
     must carry a correct EIP-55 checksum (all-lowercase or all-uppercase digits carry none).
     """
-    if not isinstance(account, str) or not _HEX40.match(account):
-        raise PayoutError(f"address must be 0x followed by 40 hex digits, got {account!r}")
-    digits = account[2:]
-    lower = digits.lower()
-    checksummed = _checksum(lower)
-    if digits not in (lower, digits.upper()) and checksummed != account:
-        raise PayoutError(f"address {account} has an invalid EIP-55 checksum")
-    return Address(checksummed)
+    try:
+        return codec.normalize_address(account)
+    except EncodingError as exc:
+        raise PayoutError(str(exc)) from None
 
 
 def check_amount(amount: int) -> Wei:
     """``amount`` as Wei. Raises PayoutError unless it is an int (not bool) in [0, 2**256)."""
-    if isinstance(amount, bool) or not isinstance(amount, int):
-        raise PayoutError(f"amount must be an int, got {type(amount).__name__}")
-    if not 0 <= amount < UINT256_LIMIT:
-        raise PayoutError(f"amount {amount} is outside uint256 range [0, 2**256)")
-    return Wei(amount)
+    try:
+        return Wei(check_uint256(amount))
+    except EncodingError as exc:
+        raise PayoutError(str(exc)) from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -173,9 +126,10 @@ class PayoutMultiProof:
 
 
 def _parse_hash(value: object) -> Hash32:
-    if not isinstance(value, str) or not _HEX64.match(value):
-        raise PayoutError(f"expected 0x followed by 64 hex digits, got {value!r}")
-    return Hash32(bytes.fromhex(value[2:]))
+    try:
+        return Hash32(as_bytes(value, "hash", 32))
+    except EncodingError as exc:
+        raise PayoutError(str(exc)) from None
 
 
 def _parse_amount(value: object) -> Wei:

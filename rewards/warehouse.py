@@ -29,7 +29,8 @@ from typing import Any, TypeAlias
 
 import duckdb
 
-from proofs.errors import VeritrainError
+from proofs import codec
+from proofs.errors import EncodingError, VeritrainError
 from rewards import schema
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,8 @@ PathOrConnection: TypeAlias = "str | os.PathLike[str] | duckdb.DuckDBPyConnectio
 
 _HEX32 = re.compile(r"0x[0-9a-f]{64}")
 _PUBKEY = re.compile(r"0x[0-9a-f]{96}")
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _PEER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-MAX_AMOUNT = 10**38 - 1
+MAX_AMOUNT = codec.DECIMAL38_MAX
 """The largest amount a DECIMAL(38,0) column holds (about 2**126, well inside uint256)."""
 
 
@@ -218,21 +218,22 @@ def _hex32(name: str, value: str | bytes) -> str:
 
 
 def normalize_address(value: str) -> str:
-    """An EVM address as lowercase 0x-hex; WarehouseValueError when malformed."""
-    if not isinstance(value, str) or not _ADDRESS.fullmatch(value):
-        raise WarehouseValueError(f"not an EVM address (0x + 40 hex digits): {value!r}")
-    return value.lower()
+    """An EVM address in the warehouse's form, lowercase 0x-hex, after the one address rule
+    (:func:`proofs.codec.normalize_address`: a mixed-case address must carry a correct EIP-55
+    checksum); WarehouseValueError when malformed."""
+    try:
+        return codec.normalize_address(value).lower()
+    except EncodingError as exc:
+        raise WarehouseValueError(str(exc)) from None
 
 
 def check_amount(name: str, value: int) -> int:
-    """``value`` as a non-negative int that fits DECIMAL(38,0); WarehouseValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise WarehouseValueError(f"{name} must be an integer in base units, got {value!r}")
-    if value < 0:
-        raise WarehouseValueError(f"{name} must not be negative, got {value}")
-    if value > MAX_AMOUNT:
-        raise WarehouseValueError(f"{name} overflows DECIMAL(38,0) (max 10**38 - 1), got {value}")
-    return value
+    """``value`` as a non-negative int that fits DECIMAL(38,0)
+    (:func:`proofs.codec.check_decimal38`); WarehouseValueError otherwise."""
+    try:
+        return codec.check_decimal38(value, name)
+    except EncodingError as exc:
+        raise WarehouseValueError(str(exc)) from None
 
 
 def record_settlement_post(

@@ -433,6 +433,13 @@ def test_registration_errors(fresh: warehouse.Connection) -> None:
         )
     with pytest.raises(warehouse.WarehouseValueError, match="EVM address"):
         register(fresh, peer_id="zed", pubkey=good, role="trainer", payout_address="0x12")
+    # The EIP-55 specification's example with its last letter's case flipped: one address rule
+    # everywhere, so the warehouse refuses what the payout tree would refuse.
+    spec = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+    with pytest.raises(warehouse.WarehouseValueError, match="invalid EIP-55 checksum"):
+        register(fresh, peer_id="zed", pubkey=good, role="trainer", payout_address=spec[:-1] + "D")
+    for form in (spec, spec.lower(), "0x" + spec[2:].upper()):  # checksummed, or no case at all
+        assert warehouse.normalize_address(form) == spec.lower()  # the DB keeps lowercase
     with pytest.raises(warehouse.WarehouseValueError, match="unknown peer"):
         warehouse.record_stake(fresh, peer_id="zed", epoch=0, amount=1)
     with pytest.raises(warehouse.WarehouseValueError, match="negative"):
