@@ -281,8 +281,7 @@ def normalize_address(value: Any, what: str = "address") -> Address:
     """
     if not isinstance(value, str) or not _HEX40.match(value):
         raise EncodingError(
-            f"{what}: not an EVM address (expected 0x followed by 40 hex digits), "
-            f"got {short(value)}"
+            f"{what} must be an EVM address: 0x followed by 40 hex digits, got {short(value)}"
         )
     digits = value[2:]
     lower = digits.lower()
