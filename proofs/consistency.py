@@ -73,6 +73,8 @@ def root_from_consistency(
     """RFC 9162 section 2.1.4.2 for ``0 < old_size < new_size``: (old root, new root) the path
     implies, or None if its shape does not fit the sizes. Inputs must already be type-checked.
     """
+    if not 0 < old_size < new_size:
+        return None  # the shifts below would never end for old_size 0
     if not path:
         return None  # step 1: an empty path proves nothing between different sizes
     # Step 2: when old_size is a power of two the old root is the first node on the path.
