@@ -95,8 +95,8 @@ def _hex(s: str) -> bytes:
     return bytes.fromhex(s[2:])
 
 
-def _proof(case: dict[str, Any]) -> tuple[bytes, ...]:
-    return tuple(_hex(h) for h in case["proof"] or ())  # Go's nil proof is an empty one
+def _proof(case: dict[str, Any]) -> tuple[Hash32, ...]:
+    return tuple(Hash32(_hex(h)) for h in case["proof"] or ())  # Go's nil proof is an empty one
 
 
 def _leaves(n: int, seed: int) -> list[bytes]:
@@ -303,7 +303,7 @@ def test_json_round_trip_and_rejects() -> None:
         "{",
     ):
         with pytest.raises(MalformedProofError):
-            ConsistencyProof.from_json(bad)  # type: ignore[arg-type]
+            ConsistencyProof.from_json(bad)
 
 
 def test_proof_size_is_logarithmic() -> None:
