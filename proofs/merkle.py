@@ -7,7 +7,8 @@ is ever duplicated, so the CVE-2012-2459 ambiguity (a list and the list with its
 repeated sharing a root) cannot arise.
 
 ``verify_*`` return False on any bad input and never raise; tree construction and proof
-generation raise MalformedProofError. See docs/merkle.md for formats.
+generation raise MalformedProofError. See docs/merkle.md for formats. Consistency proofs (the
+tree only grew) are computed by proofs/consistency.py from this tree's stored nodes.
 
 Tree construction uses the optional C accelerator (proofs/accelerator.py) when it was built, and
 the hashlib code below otherwise; both give the same bytes. ``VERITRAIN_NO_NATIVE=1`` in the
@@ -28,8 +29,10 @@ from proofs.accelerator import native_available as native_available
 from proofs.accelerator import native_enabled as native_enabled
 from proofs.accelerator import set_native as set_native
 from proofs.codec import as_bytes
+from proofs.consistency import consistency_path
+from proofs.consistency import verify_consistency as verify_consistency
 from proofs.errors import EncodingError, MalformedProofError
-from proofs.hashing import LEAF_PREFIX, NODE_PREFIX, Hash32, Root
+from proofs.hashing import LEAF_PREFIX, NODE_PREFIX, Hash32, Root, node_hash
 from proofs.jsonlimits import UntrustedJsonError, loads_untrusted
 
 PROOF_VERSION = 1
@@ -187,6 +190,40 @@ class MultiProof:
         )
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConsistencyProof:
+    """RFC 6962 consistency proof: the ``new_size``-leaf tree extends the ``old_size``-leaf one.
+
+    ``hashes`` is ``PROOF(old_size, D[new_size])`` (RFC 6962 section 2.1.2), checked by
+    ``verify_consistency(old_size, new_size, old_root, new_root, proof.hashes)`` with sizes and
+    roots taken from the verifier's own (signed) tree heads.
+    """
+
+    old_size: int
+    new_size: int
+    hashes: tuple[Hash32, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """Versioned JSON object, hashes as 0x-hex."""
+        return {
+            "version": PROOF_VERSION,
+            "kind": "consistency",
+            "old_size": self.old_size,
+            "new_size": self.new_size,
+            "hashes": ["0x" + h.hex() for h in self.hashes],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | str) -> ConsistencyProof:
+        """Parse :meth:`to_json` output (object or string); MalformedProofError if malformed."""
+        obj = _load_json(data, "consistency", {"old_size", "new_size", "hashes"})
+        return cls(
+            old_size=_json_int(obj, "old_size"),
+            new_size=_json_int(obj, "new_size"),
+            hashes=_json_hashes(obj, "hashes"),
+        )
+
+
 def _load_json(data: Mapping[str, Any] | str, kind: str, fields: set[str]) -> Mapping[str, Any]:
     if isinstance(data, str):
         try:
@@ -324,6 +361,49 @@ class MerkleTree:
                     hashes.append(self._node(level, sibling))
             known = sorted({i // 2 for i in known})
         return MultiProof(indices=proven, leaf_count=self.leaf_count, hashes=tuple(hashes))
+
+    def _range_hash(self, start: int, stop: int) -> Hash32:
+        """MTH(D[start:stop]) for 0 <= start < stop <= leaf_count, from stored nodes.
+
+        A range that is a node of this tree (aligned, and either full or running to the last
+        leaf) is one lookup; any other (a prefix ending inside a node) is split as RFC 6962
+        splits it, so at most one branch per level recurses.
+        """
+        size = stop - start
+        level = (size - 1).bit_length()  # height of the smallest node that can hold the range
+        if start % (1 << level) == 0 and min(start + (1 << level), self.leaf_count) == stop:
+            return self._node(level, start >> level)
+        k = 1 << (level - 1)  # largest power of two < size
+        return node_hash(self._range_hash(start, start + k), self._range_hash(start + k, stop))
+
+    def _check_size(self, size: object, what: str) -> int:
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise MalformedProofError(f"{what} must be an int, got {size!r}")
+        if not 0 <= size <= self.leaf_count:
+            raise MalformedProofError(
+                f"{what} {size} out of range: tree has {self.leaf_count} leaves"
+            )
+        return size
+
+    def root_at(self, size: int) -> Root:
+        """Root of the tree over the first ``size`` leaves (an earlier tree head of this log).
+
+        Raises MalformedProofError unless 0 <= size <= leaf_count; ``root_at(0)`` is EMPTY_ROOT.
+        """
+        n = self._check_size(size, "tree size")
+        return EMPTY_ROOT if n == 0 else Root(self._range_hash(0, n))
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> ConsistencyProof:
+        """RFC 6962 proof that the first ``new_size`` leaves (default: all) extend the first
+        ``old_size``: O(log n) stored nodes, hashing only where a size ends inside a node.
+
+        Raises MalformedProofError unless 0 < old_size <= new_size <= leaf_count (a proof from
+        the empty tree is meaningless: every tree extends it).
+        """
+        new = self.leaf_count if new_size is None else self._check_size(new_size, "new_size")
+        old = self._check_size(old_size, "old_size")
+        hashes = consistency_path(old, new, self._range_hash)
+        return ConsistencyProof(old_size=old, new_size=new, hashes=hashes)
 
 
 def merkle_root(leaves: Sequence[bytes | memoryview], *, workers: int | None = None) -> Root:
