@@ -14,8 +14,9 @@ peer's key) and no gradient root of it may be one already committed by another r
 ingested later is refused; the earlier one is unaffected). Refused runs are never paid and never
 slashed: they are rejections with the reason.
 
-Runs are authenticated with audit.fetch.load_run (header signature, hash chain through every
-manifest and step record, last manifest signature: two BLS verifications per run), after checking
+Runs are authenticated with audit.fetch.load_run, i.e. trainer.chainwalk, the walker verify-store
+uses (header signature, hash chain through every manifest and step record, the seeds, rates and
+batches the header derives, last manifest signature: two BLS verifications per run), after checking
 that their key is a registered trainer (no BLS work for unknown keys). Verdicts get one aggregate
 BLS check for the whole batch, bisected only when it fails (a bundle file's aggregate is checked
 as it is read); a verdict must then name the run's key, header hash and step manifest, a step of
@@ -44,7 +45,6 @@ from rewards.warehouse import (
     query,
     transaction,
 )
-from trainer.derived import derivation_problem
 
 if TYPE_CHECKING:
     from audit.fetch import VerifiedRun
@@ -188,7 +188,7 @@ def _read_runs(batch: _Batch, con: Connection, url: str) -> None:
             batch.rejections.append(Rejection(kind="run", source=run_url, reason=unknown))
             continue
         try:
-            batch.runs.append((run_url, load_run(RunStore(run_url))))
+            batch.runs.append((run_url, load_run(RunStore(run_url), derived=True)))
         except (ArtifactInvalid, VeritrainError, OSError) as exc:
             batch.rejections.append(Rejection(kind="run", source=run_url, reason=str(exc)))
 
@@ -213,10 +213,6 @@ def _run_problem(con: Connection, run: VerifiedRun, key: str | None, batch: _Bat
     problems = batch.assignment.problems(h)
     if problems:
         return f"not epoch {batch.epoch}'s assigned work: " + "; ".join(problems)
-    for r in run.records:  # the seeds, rates and batches the header derives, every step
-        derived = derivation_problem(h, r)
-        if derived is not None:
-            return f"step {r.step} record: {derived}"
     for r in run.records:
         owner = batch.grad_roots.get(_hex(r.grad_root))
         if owner is not None and owner != key:
