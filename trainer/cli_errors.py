@@ -46,6 +46,11 @@ EXIT_FAILED: Final = 1
 EXIT_BAD_INPUT: Final = 2
 EXIT_PARTIAL: Final = 3
 PREFIX: Final = "error:"
+EPILOG: Final = (
+    "Exit status: 0 done; 1 it ran and found a failure (reported on stdout); 2 bad input, usage "
+    "or setup (one 'error: ...' line on stderr, the traceback too with -v); 3 partial success "
+    "(rewards ingest: some records rejected)."
+)
 
 T = TypeVar("T")
 
@@ -117,6 +122,10 @@ class Group(click.Group):
     itself, or by a command of another class added to it, follows the convention too."""
 
     command_class = Command
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EPILOG)  # the convention, in every CLI's --help
+        super().__init__(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
         return report_errors(ctx, functools.partial(super().invoke, ctx))
