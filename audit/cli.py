@@ -1,8 +1,9 @@
 """``python -m audit``: sample, re-execute and judge committed training runs.
 
-Thin layer: parse options, call the library, print with rich. Exit codes: 0 all good, 1 a run or
-verdict failed, is invalid or could not be audited, 2 bad usage or input (one line; the traceback
-too with -v), or an output folder held by another job.
+Thin layer: parse options, call the library, print with rich. Exit codes (the convention of
+trainer/cli_errors.py): 0 all good, 1 a run or verdict failed, is invalid or could not be audited,
+2 bad usage or input, or an output folder held by another job (``error: ...``, one line on stderr;
+the traceback too with -v).
 
 Run ids, paths and reasons come from peers: they are printed as plain text (``rich.text.Text``),
 never parsed as console markup, so ``[/x]`` cannot crash a batch and ``[conceal]`` cannot hide
@@ -23,7 +24,6 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from audit.beacon import (
-    BeaconError,
     BeaconFor,
     ChainBeaconFor,
     RunCommitment,
@@ -32,23 +32,23 @@ from audit.beacon import (
     parse_beacon_hex,
 )
 from audit.bundle import aggregate_verdicts, load_verdict_bundle, verify_bundle
-from audit.cli_output import console, err, fail, print_table, run_with_progress, say, summary
+from audit.cli_output import console, err, print_table, run_with_progress, say, summary
 from audit.evidence import check_verdict
 from audit.fetch import load_run
 from audit.jobs import JobSpec, SampleSpec
 from audit.onchain import Deployment
-from audit.outfolder import OutputLocked
 from audit.reexec import ReexecConfig
 from audit.registry import RegistryBeaconFor
-from audit.sampling import SamplingError, detection_probability, plan_sample
+from audit.sampling import detection_probability, plan_sample
 from audit.tolerance import Mode
 from audit.verdict import (
     VerdictError,
     load_signed_verdict,
 )
-from proofs.errors import KeyFileError, KeyFileExistsError, VeritrainError
+from proofs.errors import KeyFileExistsError
 from proofs.payout import normalize_address
 from proofs.signatures import generate_keypair, load_keypair, save_keypair
+from trainer.cli_errors import EXIT_FAILED, EXIT_OK, BadInput, Group
 from trainer.store import HEADER_PATH, RunStore
 
 DEFAULT_DEPLOYMENT = ".veritrain/deployment.json"  # as `python -m rewards deploy` writes it
@@ -119,8 +119,8 @@ def _sample_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-@click.group()
-@click.option("-v", "--verbose", count=True, help="more logging")
+@click.group(cls=Group)
+@click.option("-v", "--verbose", count=True, help="more logging; tracebacks of errors")
 def main(verbose: int) -> None:
     """Audit committed training runs: sample steps, re-execute them, sign verdicts."""
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -139,9 +139,7 @@ def keygen(path: Path, force: bool) -> None:
         # meanwhile is not replaced either).
         save_keypair(path, keypair, overwrite=force)
     except KeyFileExistsError as exc:
-        fail(f"{exc} (an auditor identity?); give --force to replace it")
-    except KeyFileError as exc:
-        fail(exc)
+        raise BadInput(f"{exc} (an auditor identity?); give --force to replace it") from exc
     console.print(f"auditor public key 0x{keypair.public.hex()}", soft_wrap=True)
 
 
@@ -189,8 +187,8 @@ def sample(
             cheat_fraction=cheat_fraction,
             confidence=confidence,
         )
-    except (VeritrainError, ValueError, OSError) as exc:
-        fail(exc)
+    except ValueError as exc:  # a plain one (hex, ranges); ours and OSError reach the Group
+        raise BadInput(str(exc)) from exc
     say(f"run {run.header.run_id}: {run.total_steps} steps")
     say(f"commitment root (final manifest hash) 0x{run.final_hash.hex()}")
     say(f"beacon 0x{value.value.hex()} from {value.source}")
@@ -214,12 +212,12 @@ def _stores(stores: tuple[str, ...], under: str | None) -> tuple[str, ...]:
     folder whose records are broken is that run's verdict."""
     missing = [s for s in stores if "://" not in s and not Path(s).is_dir()]
     if missing:
-        fail(f"no run store at {', '.join(missing)}")
+        raise BadInput(f"no run store at {', '.join(missing)}")
     found = list(stores)
     if under is not None:
         root = Path(under)
         if not root.is_dir():
-            fail(f"--stores-under {under}: no such folder")
+            raise BadInput(f"--stores-under {under}: no such folder")
         found += sorted(str(p.parent) for p in root.glob(f"*/{HEADER_PATH}"))
     if not found:
         raise click.UsageError("no run stores: give --store URL or --stores-under DIR")
@@ -290,14 +288,12 @@ def run_cmd(
             corpus_paths=corpus,
             workers=workers,
         )
-    except (VeritrainError, ValueError, OSError, BeaconError, SamplingError) as exc:
-        fail(exc)
-    try:
-        results = run_with_progress(job)
-    except (OutputLocked, OSError) as exc:  # OUT held by another job, or not writable
-        fail(exc)
+    except ValueError as exc:  # a plain one from a config check; ours and OSError reach the Group
+        raise BadInput(str(exc)) from exc
+    # OUT held by another job (OutputLocked) or not writable (OSError): the Group says so, exit 2.
+    results = run_with_progress(job)
     print_table(summary(results, cheat_fraction))
-    sys.exit(0 if all(r.ok for r in results) else 1)
+    sys.exit(EXIT_OK if all(r.ok for r in results) else EXIT_FAILED)
 
 
 main.add_command(run_cmd, name="batch")  # the name issue 4 uses
@@ -307,14 +303,14 @@ def _verify_verdict(path: Path, store_url: str | None) -> None:
     try:
         signed = load_signed_verdict(path.read_bytes())
     except (OSError, VerdictError) as exc:
-        fail(f"{path}: {exc}")
+        raise BadInput(f"{path}: {exc}") from exc
     problems = check_verdict(signed, store_url=store_url)
     v = signed.verdict
     say(f"{path}: run {v.run_id} step {v.step}: {v.outcome.value} ({v.reason})")
     for p in problems:
         say("  ", ("problem:", "red"), f" {p}")
     if problems:
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     say("  ", ("signature and evidence check out", "green"))
 
 
@@ -343,8 +339,8 @@ def aggregate(paths: tuple[Path, ...], out: Path) -> None:
         signed = [load_signed_verdict(p.read_bytes()) for p in paths]
         bundle = aggregate_verdicts(signed)
         out.write_text(json.dumps(bundle.to_json(), indent=1) + "\n")
-    except (OSError, VeritrainError) as exc:
-        fail(exc)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
     say(f"{len(signed)} verdicts on run {bundle.run_id} -> {out}")
 
 
@@ -354,8 +350,8 @@ def verify_bundle_cmd(path: Path) -> None:
     """Check an aggregated verdict bundle's single signature."""
     try:
         bundle = load_verdict_bundle(path.read_bytes())
-    except (OSError, ValueError, VeritrainError) as exc:
-        fail(exc)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
     ok = verify_bundle(bundle)
     say(f"{len(bundle.verdicts)} verdicts on {bundle.run_id}: {'valid' if ok else 'INVALID'}")
-    sys.exit(0 if ok else 1)
+    sys.exit(EXIT_OK if ok else EXIT_FAILED)

@@ -4,15 +4,11 @@ Run ids, store paths and reasons come from peers. They are printed as ``rich.tex
 text with a style), never as console markup: ``[/x]`` in a run id would raise ``MarkupError`` and
 stop a batch, ``[conceal]`` would hide what follows, ``:name:`` would become an emoji. When stdout
 is not a terminal, lines are not wrapped and tables take their natural width, so hashes and keys
-stay whole for copy and paste and for scripts.
+stay whole for copy and paste and for scripts. Errors and exit codes follow the one convention
+of the three CLIs, in trainer/cli_errors.py.
 """
 
 from __future__ import annotations
-
-import logging
-import sys
-import traceback
-from typing import NoReturn
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
@@ -33,14 +29,6 @@ def line(*parts: Part) -> Text:
 
 def say(*parts: Part) -> None:
     console.print(line(*parts))
-
-
-def fail(problem: str | BaseException) -> NoReturn:
-    """One line on stderr (the traceback too with -v), exit 2."""
-    if isinstance(problem, BaseException) and logging.getLogger().isEnabledFor(logging.INFO):
-        err.print("".join(traceback.format_exception(problem)), markup=False, highlight=False)
-    err.print(line(("error:", "red"), " ", " ".join(str(problem).split())), soft_wrap=True)
-    sys.exit(2)
 
 
 def print_table(table: Table) -> None:

@@ -6,13 +6,14 @@ only ``init`` creates a warehouse. Writing commands publish the analysts' snapsh
 node...) come from rewards.settlement_cli and ``report`` (the HTML audit report per epoch) from
 rewards.report; both are added to this group.
 
-Exit status: 0 when the command did all its work, 1 on an error (nothing written), 2 on a usage
-error, 3 when ``ingest`` wrote its batch but rejected some records (listed on stderr).
+Exit status (the convention of the three CLIs, trainer/cli_errors.py): 0 when the command did all
+its work; 1 when it ran and found a failure (``verify-root``: the posted root does not match);
+2 on bad input, usage or setup, nothing written (``error: ...``, one line on stderr; the traceback
+too with -v); 3 when ``ingest`` wrote its batch but rejected some records (listed on stderr).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -23,15 +24,14 @@ from typing import Any, TypeVar
 import click
 from rich.logging import RichHandler
 
-from proofs.errors import VeritrainError
 from rewards import analyst, payouts, policy, warehouse
-from rewards.display import make_console, print_frame, print_table, safe
+from rewards.display import make_console, print_frame, print_table
 from rewards.report import report_command
+from trainer.cli_errors import EXIT_PARTIAL, BadInput, Group
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = make_console()  # no markup: peers' strings are data; hashes stay on one line
 err_console = make_console(stderr=True)
-EXIT_REJECTED = 3
 DEFAULT_TIMEOUT_S = 60.0
 
 
@@ -48,21 +48,8 @@ def _db_option(func: F) -> F:
     return decorated
 
 
-def _friendly(func: F) -> F:
-    """Turn veritrain's own errors into a one-line message and exit status 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except VeritrainError as exc:
-            raise click.ClickException(safe(exc)) from exc
-
-    return wrapper  # type: ignore[return-value]
-
-
-@click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+@click.group(cls=Group)
+@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr; tracebacks of errors.")
 def main(verbose: bool) -> None:
     """veritrain rewards: warehouse, payout policy, payout trees, analyst queries."""
     # RichHandler lays records out in columns that wrap; off a terminal, one plain line each.
@@ -78,13 +65,12 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @_db_option
-@_friendly
 def init(db: str) -> None:
     """Create a new, empty warehouse (the only command that creates one)."""
     from rewards import schema
 
     if Path(db).exists():
-        raise click.ClickException(
+        raise BadInput(
             f"{db} exists already; `python -m rewards migrate` upgrades an existing warehouse"
         )
     with warehouse.opened(db, create=True) as con:
@@ -94,7 +80,6 @@ def init(db: str) -> None:
 
 @main.command()
 @_db_option
-@_friendly
 def migrate(db: str) -> None:
     """Bring an existing warehouse's schema up to date (and publish its analyst snapshot)."""
     from rewards import schema
@@ -108,7 +93,6 @@ def migrate(db: str) -> None:
 @_db_option
 @click.argument("epoch", type=int)
 @click.option("--pool", required=True, type=int, help="Reward pool in base units (wei scale).")
-@_friendly
 def open_epoch(db: str, epoch: int, pool: int) -> None:
     """Open EPOCH with its reward pool (new runs and verdicts are ingested into the latest)."""
     with warehouse.opened(db) as con:
@@ -134,7 +118,6 @@ def open_epoch(db: str, epoch: int, pool: int) -> None:
 @click.option("--checkpoint-min", type=int, default=1, show_default=True)
 @click.option("--checkpoint-max", type=int, default=1000, show_default=True)
 @click.option("--corpus", multiple=True, help="Corpus file/folder (repeatable; default stdlib).")
-@_friendly
 def assign(
     db: str,
     epoch: int,
@@ -167,14 +150,14 @@ def assign(
             grad_clip=recipe["grad_clip"] or None,
         )
         data = Corpus.from_paths(corpus) if corpus else Corpus.stdlib()
-    except (ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except ValueError as exc:  # a plain one from a config check; OSError reaches the Group
+        raise BadInput(str(exc)) from exc
     assignment = reference_assignment(
         config, data.commitment(), checkpoint_every=(checkpoint_min, checkpoint_max)
     )
     target = None if out is None else Path(out)
     if target is not None and not target.parent.is_dir():
-        raise click.ClickException(f"--out: folder {target.parent} does not exist")
+        raise BadInput(f"--out: folder {target.parent} does not exist")
     with warehouse.opened(db) as con:
         added = record(con, epoch, assignment)  # idempotent: a rerun rewrites a lost file
     if target is not None:
@@ -194,7 +177,6 @@ def assign(
 @click.option("--confidence", type=float, help="Detection probability a run's audit must reach.")
 @click.option("--slash-bps", type=int, help="Stake share slashed per failing epoch (1/10000).")
 @click.option("--usefulness-ppm", type=int, help="Weight of usefulness in scores (millionths).")
-@_friendly
 def params(db: str, **given: Any) -> None:
     """Show the policy parameters, or set those given."""
     with warehouse.opened(db) as con:
@@ -213,7 +195,6 @@ def params(db: str, **given: Any) -> None:
 @click.option("--pubkey", required=True, help="BLS public key, 0x + 96 hex digits.")
 @click.option("--role", type=click.Choice(["trainer", "auditor"]), default="trainer")
 @click.option("--address", help="Payout address (required for trainers).")
-@_friendly
 def register_peer(db: str, peer_id: str, pubkey: str, role: str, address: str | None) -> None:
     """Register a trainer or auditor by its BLS public key."""
     with warehouse.opened(db) as con:
@@ -228,7 +209,6 @@ def register_peer(db: str, peer_id: str, pubkey: str, role: str, address: str | 
 @click.argument("peer_id")
 @click.option("--epoch", required=True, type=int)
 @click.option("--amount", required=True, type=int, help="Stake deposited, base units.")
-@_friendly
 def stake(db: str, peer_id: str, epoch: int, amount: int) -> None:
     """Record PEER_ID's stake deposit in EPOCH."""
     with warehouse.opened(db) as con:
@@ -242,7 +222,6 @@ def stake(db: str, peer_id: str, epoch: int, amount: int) -> None:
 @click.option("--verdicts", "verdicts", type=click.Path(file_okay=False), help="Verdict folder.")
 @click.option("--epoch", type=int, help="Epoch to file new records under (default: latest).")
 @click.option("--strict", is_flag=True, help="Abort the whole batch on any rejected record.")
-@_friendly
 def ingest_cmd(
     db: str, stores: tuple[str, ...], verdicts: str | None, epoch: int | None, strict: bool
 ) -> None:
@@ -250,7 +229,7 @@ def ingest_cmd(
 
     Exit status 0 when every record read was loaded or was already there; 3 when the batch was
     written but some records were rejected (a table of them goes to stderr, and they are kept in
-    the rejections table); 1 when nothing was written (an error, or --strict with a rejection).
+    the rejections table); 2 when nothing was written (bad input, or --strict with a rejection).
     """
     from rewards import ingest
 
@@ -271,12 +250,11 @@ def ingest_cmd(
             [(r.source, r.kind, r.reason) for r in report.rejections],
             title=f"{len(report.rejections)} record(s) rejected",
         )
-        click.get_current_context().exit(EXIT_REJECTED)
+        click.get_current_context().exit(EXIT_PARTIAL)
 
 
 @main.command()
 @_db_option
-@_friendly
 def compute(db: str) -> None:
     """Run the payout policy over every epoch and print the epoch summaries."""
     with warehouse.opened(db) as con:
@@ -289,7 +267,6 @@ def compute(db: str) -> None:
 @_db_option
 @click.argument("epoch", type=int)
 @click.option("--out", type=click.Path(file_okay=False), help="Also write tree.json + proofs.json.")
-@_friendly
 def root(db: str, epoch: int, out: str | None) -> None:
     """Build EPOCH's payout tree from the computed payouts and record its root."""
     with warehouse.opened(db) as con:
@@ -304,7 +281,6 @@ def root(db: str, epoch: int, out: str | None) -> None:
 @main.command()
 @click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False, exists=True))
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: CSV name).")
-@_friendly
 def tree(csv_path: str, out: str | None) -> None:
     """Print the payout root of a CSV (account,amount) and write every account's proof.
 
@@ -333,7 +309,6 @@ def tree(csv_path: str, out: str | None) -> None:
     show_default=True,
     help="Stop a statement that runs longer than this many seconds.",
 )
-@_friendly
 def sql(
     db: str, query: str | None, file: str | None, fmt: str, out: str | None, timeout: float
 ) -> None:
@@ -348,7 +323,7 @@ def sql(
     try:
         text = query if query is not None else Path(file or "").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise click.ClickException(f"cannot read SQL file {file}: {exc}") from exc
+        raise BadInput(f"cannot read SQL file {file}: {exc}") from exc
     if fmt == "parquet" and out is None:
         raise click.UsageError("--format parquet needs --out")
     if fmt == "table" and out is not None:
@@ -357,7 +332,7 @@ def sql(
         with analyst.Analyst(db, timeout=timeout) as a:
             frame = a.sql(text)
     except analyst.QueryTimeout as exc:
-        raise click.ClickException(f"{exc} (raise the limit with --timeout SECONDS)") from exc
+        raise BadInput(f"{exc} (raise the limit with --timeout SECONDS)") from exc
     if out is not None:
         analyst.write_output(frame, fmt, out)  # type: ignore[arg-type]
         err_console.print(f"{frame.height} rows written to {out}")
@@ -372,7 +347,6 @@ def sql(
 @main.command()
 @_db_option
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@_friendly
 def export(db: str, out: str) -> None:
     """Export every table and view as Parquet (one file per table) for other engines."""
     with analyst.Analyst(db) as a:

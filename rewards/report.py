@@ -31,6 +31,7 @@ import polars as pl
 from proofs.errors import VeritrainError
 from rewards.analyst import Analyst
 from rewards.report_plots import plot_distances, plot_losses, plot_money, plot_usefulness
+from trainer.cli_errors import BadInput, Command
 
 log = logging.getLogger(__name__)
 
@@ -393,13 +394,7 @@ def write_reports(
     return written
 
 
-class BadInput(click.ClickException):
-    """Bad input: one line, exit code 2."""
-
-    exit_code = 2
-
-
-@click.command("report")
+@click.command("report", cls=Command)
 @click.option(
     "--db",
     envvar="VERITRAIN_DB",
@@ -420,7 +415,7 @@ class BadInput(click.ClickException):
 def report_command(db: str, epochs: tuple[int, ...], out: Path, decimals: int) -> None:
     """Write a self-contained HTML audit report per epoch (loss, distances, usefulness, money).
 
-    Exit code 2, with one line, when the warehouse or an epoch cannot be read."""
+    Exit code 2, with one ``error: ...`` line, when the warehouse or an epoch cannot be read."""
     if not Path(db).is_file():
         raise BadInput(f"no warehouse at {db}")
     try:

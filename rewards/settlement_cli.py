@@ -4,11 +4,15 @@ status, run commitments). ``rewards/cli.py`` adds every command in ``COMMANDS`` 
 Thin: parse, call rewards.settlement / rewards.chain, print. Keys come from $VERITRAIN_ETH_KEY or
 an encrypted keystore (--keystore, password from $VERITRAIN_KEYSTORE_PASSWORD or a prompt); there
 is deliberately no option that takes a key.
+
+Errors follow the convention of the three CLIs (trainer/cli_errors.py): a revert (decoded), a
+missing deployment record or key, a wrong chain are bad input or setup, one ``error: ...`` line
+and exit 2; ``verify-root`` exits 1 when the posted root does not match the warehouse. Each
+command is a ``trainer.cli_errors.Command``, so it keeps the convention when invoked on its own.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
@@ -19,10 +23,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from audit.onchain import Deployment
-from proofs.errors import VeritrainError
 from rewards import chain as chainmod
-from rewards.display import make_console, print_table, safe, tokens
+from rewards.display import make_console, print_table, tokens
 from rewards.settlement import ClaimRequest, Settlement, deploy_token
+from trainer.cli_errors import BadInput, Command, Failed
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
@@ -38,19 +42,6 @@ DEFAULT_RPC = "http://127.0.0.1:8545"
 DEFAULT_DEPLOYMENT = ".veritrain/deployment.json"
 DEFAULT_STATE = ".veritrain/chain-state.json"
 DB_ENV, DEFAULT_DB = "VERITRAIN_DB", "veritrain.duckdb"  # as rewards.warehouse
-
-
-def _friendly(func: F) -> F:
-    """veritrain's own errors (reverts included, decoded) become one line and exit status 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except VeritrainError as exc:
-            raise click.ClickException(safe(f"{type(exc).__name__}: {exc}")) from exc
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _opt(*decls: str, **kw: Any) -> Callable[[F], F]:
@@ -105,21 +96,20 @@ def _signer(keystore: Path | None) -> LocalAccount:
 
 def _open(rpc: str, deployment: Path) -> tuple[Web3, Settlement, Deployment]:
     if not deployment.exists():
-        raise click.ClickException(f"no deployment record at {deployment}: run `deploy` first")
+        raise BadInput(f"no deployment record at {deployment}: run `deploy` first")
     record = Deployment.from_json(deployment.read_text())
     w3 = chainmod.connect(rpc)
     if int(w3.eth.chain_id) != record.chain_id:
-        raise click.ClickException(
+        raise BadInput(
             f"{rpc} is chain {w3.eth.chain_id}, the deployment is on chain {record.chain_id}"
         )
     return w3, Settlement(w3, record.settlement), record
 
 
-@click.command("chain")
+@click.command("chain", cls=Command)
 @_opt("--port", default=8545, type=int, help="Port on 127.0.0.1.")
 @_opt("--state", default=DEFAULT_STATE, type=click.Path(dir_okay=False, path_type=Path))
 @_opt("--fund", "fund", multiple=True, help="Address to give 100 ether for gas (repeatable).")
-@_friendly
 def chain_command(port: int, state: Path, fund: tuple[str, ...]) -> None:
     """Run a local Anvil node until interrupted; its state file carries the chain across runs."""
     state.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +128,7 @@ def chain_command(port: int, state: Path, fund: tuple[str, ...]) -> None:
         node.stop()
 
 
-@click.command("deploy")
+@click.command("deploy", cls=Command)
 @rpc_option
 @deployment_option
 @keystore_option
@@ -147,7 +137,6 @@ def chain_command(port: int, state: Path, fund: tuple[str, ...]) -> None:
 @_opt("--delay", default=3600, type=int, help="Activation delay of roots, seconds.")
 @_opt("--poster", default=None, help="Poster role (default: the signer).")
 @_opt("--guardian", default=None, help="Guardian role (default: the signer).")
-@_friendly
 def deploy_command(
     rpc: str,
     deployment: Path,
@@ -162,7 +151,7 @@ def deploy_command(
     if (token is None) == (mint is None):
         raise click.UsageError("give exactly one of --token ADDRESS or --mint SUPPLY")
     if deployment.exists():
-        raise click.ClickException(f"{deployment} exists; remove it to deploy a new contract")
+        raise BadInput(f"{deployment} exists; remove it to deploy a new contract")
     sender, w3 = _signer(keystore), chainmod.connect(rpc)
     if token is None:
         token = deploy_token(w3, sender, supply=int(mint or 0), holder=sender.address)
@@ -178,12 +167,11 @@ def deploy_command(
     )
 
 
-@click.command("fund")
+@click.command("fund", cls=Command)
 @click.argument("amount", type=int)
 @rpc_option
 @deployment_option
 @keystore_option
-@_friendly
 def fund_command(amount: int, rpc: str, deployment: Path, keystore: Path | None) -> None:
     """Transfer AMOUNT reward tokens from the signer to the contract."""
     _, settlement, _ = _open(rpc, deployment)
@@ -192,13 +180,12 @@ def fund_command(amount: int, rpc: str, deployment: Path, keystore: Path | None)
     console.print(f"funded {amount} in {tx.tx_hash}; contract holds {held}")
 
 
-@click.command("post")
+@click.command("post", cls=Command)
 @click.argument("epoch", type=int)
 @rpc_option
 @deployment_option
 @keystore_option
 @db_option
-@_friendly
 def post_command(epoch: int, rpc: str, deployment: Path, keystore: Path | None, db: str) -> None:
     """Post EPOCH's payout root from the warehouse (idempotent) and record the post there."""
     from rewards import payouts, warehouse
@@ -236,7 +223,7 @@ def post_command(epoch: int, rpc: str, deployment: Path, keystore: Path | None, 
     )
 
 
-@click.command("claim")
+@click.command("claim", cls=Command)
 @click.argument("accounts", nargs=-1)
 @_opt("--all", "claim_all", is_flag=True, help="Claim for every account with something owed.")
 @_opt("--batch-size", default=50, type=click.IntRange(1, 500))
@@ -244,7 +231,6 @@ def post_command(epoch: int, rpc: str, deployment: Path, keystore: Path | None, 
 @deployment_option
 @keystore_option
 @db_option
-@_friendly
 def claim_command(
     accounts: tuple[str, ...],
     claim_all: bool,
@@ -288,7 +274,7 @@ def claim_command(
         if len(events) != len(chunk):
             # The transaction succeeded, so every claim in it paid; a Claimed log we could not
             # decode (an ABI that does not match the deployed contract) would go unrecorded.
-            raise click.ClickException(
+            raise Failed(
                 f"tx {tx.tx_hash} paid {len(chunk)} claim(s) but {len(events)} Claimed event(s) "
                 f"were decoded; the warehouse recorded only those. Check that the deployment "
                 f"record's contract matches this veritrain's ABI, then record the rest from the "
@@ -307,12 +293,10 @@ def _claims_owed(
 
     active = settlement.active_root()
     if active is None:
-        raise click.ClickException(
-            "no active root yet (none posted, revoked, or still in its delay)"
-        )
+        raise BadInput("no active root yet (none posted, revoked, or still in its delay)")
     payout = payouts.epoch_payout(db, active.epoch, recompute=False)
     if payout.root != active.root:
-        raise click.ClickException(
+        raise BadInput(
             f"warehouse root of epoch {active.epoch} is 0x{payout.root.hex()}, "
             f"the active root on chain is 0x{active.root.hex()}"
         )
@@ -321,7 +305,7 @@ def _claims_owed(
     wanted = [a.lower() for a in accounts] if accounts else list(owed)
     missing = [a for a in wanted if a not in owed]
     if missing:
-        raise click.ClickException(f"not in epoch {active.epoch}'s tree: {', '.join(missing)}")
+        raise BadInput(f"not in epoch {active.epoch}'s tree: {', '.join(missing)}")
     todo = [
         ClaimRequest(account=a, cumulative_amount=owed[a], proof=tree.proof_for(a))
         for a in wanted
@@ -330,12 +314,11 @@ def _claims_owed(
     return active.epoch, todo
 
 
-@click.command("verify-root")
+@click.command("verify-root", cls=Command)
 @click.argument("epoch", type=int)
 @rpc_option
 @deployment_option
 @db_option
-@_friendly
 def verify_root_command(epoch: int, rpc: str, deployment: Path, db: str) -> None:
     """Recompute EPOCH's payout from the warehouse inputs and compare with the posted root."""
     from rewards import payouts
@@ -344,7 +327,7 @@ def verify_root_command(epoch: int, rpc: str, deployment: Path, db: str) -> None
     recomputed = payouts.epoch_payout(db, epoch, recompute=True)
     posted = settlement.root_for_epoch(epoch)
     if posted is None:
-        raise click.ClickException(f"epoch {epoch} has no root on chain")
+        raise BadInput(f"epoch {epoch} has no root on chain")
     rows = [
         ("root", "0x" + recomputed.root.hex(), "0x" + posted.root.hex()),
         ("cumulative total", str(recomputed.cumulative_total), str(posted.cumulative_total)),
@@ -365,14 +348,13 @@ def verify_root_command(epoch: int, rpc: str, deployment: Path, db: str) -> None
         " totals in tokens",
     )
     if any(ours != theirs for _, ours, theirs in rows):
-        raise click.ClickException(f"epoch {epoch}: the posted root does not match the inputs")
+        raise Failed(f"epoch {epoch}: the posted root does not match the inputs")
 
 
-@click.command("chain-status")
+@click.command("chain-status", cls=Command)
 @click.argument("accounts", nargs=-1)
 @rpc_option
 @deployment_option
-@_friendly
 def status_command(accounts: tuple[str, ...], rpc: str, deployment: Path) -> None:
     """Show the contract's roots, balance and pause state, and what ACCOUNTS have claimed."""
     _, s, _ = _open(rpc, deployment)
@@ -403,13 +385,12 @@ def status_command(accounts: tuple[str, ...], rpc: str, deployment: Path) -> Non
         console.print(f"{a}: claimed {s.claimed(a)}, balance {s.token_balance(a)}")
 
 
-@click.command("commit-run")
+@click.command("commit-run", cls=Command)
 @click.argument("run_id")
 @click.argument("root")
 @rpc_option
 @deployment_option
 @keystore_option
-@_friendly
 def commit_run_command(
     run_id: str, root: str, rpc: str, deployment: Path, keystore: Path | None
 ) -> None:
@@ -422,18 +403,17 @@ def commit_run_command(
     console.print(f"run {run_id} committed in block {tx.block_number} ({tx.tx_hash})")
 
 
-@click.command("commitment")
+@click.command("commitment", cls=Command)
 @click.argument("run_id")
 @_opt("--committer", default=None, help="The run's peer address (else: earliest record by anyone).")
 @rpc_option
 @deployment_option
-@_friendly
 def commitment_command(run_id: str, committer: str | None, rpc: str, deployment: Path) -> None:
     """Show the registry record of RUN_ID (its block anchors the auditors' beacon)."""
     _, s, _ = _open(rpc, deployment)
     rec = s.commitment(committer, run_id) if committer else s.find_commitment(run_id)
     if rec is None:
-        raise click.ClickException(f"run {run_id!r} has no commitment")
+        raise BadInput(f"run {run_id!r} has no commitment")
     console.print(
         f"run {run_id}: root 0x{rec.root.hex()} by {rec.committer} in block {rec.block_number}"
     )

@@ -51,7 +51,7 @@ def _digest(path: Path) -> str:
 def test_writes_are_refused_and_the_file_is_untouched(db: Path, statement: str) -> None:
     before = _digest(db)
     result = CliRunner().invoke(main, ["sql", "--db", str(db), statement])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input: a refused statement
     assert "refused: this " in result.output and "nothing was changed" in result.output
     assert _digest(db) == before
     with analyst.Analyst(db) as a, pytest.raises(warehouse.ReadOnlyViolation):
@@ -72,7 +72,7 @@ def test_a_refusal_says_what_was_refused_and_why(
     db: Path, statement: str, what: str, why: str
 ) -> None:
     result = CliRunner().invoke(main, ["sql", "--db", str(db), statement])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert what in result.output and why in result.output
     assert "statements cannot run" not in result.output  # it read as "no SELECT can run"
 
@@ -123,7 +123,7 @@ def test_bad_queries_give_clear_errors(db: Path) -> None:
     res = CliRunner().invoke(main, ["sql", "--db", str(db)])
     assert res.exit_code == 2 and "either QUERY or --file" in res.output
     res = CliRunner().invoke(main, ["sql", "--db", str(db) + ".missing", "SELECT 1"])
-    assert res.exit_code == 1 and "no warehouse" in res.output
+    assert res.exit_code == 2 and "no warehouse" in res.output
 
 
 def test_polars_tables_and_parquet_export(db: Path, tmp_path: Path) -> None:

@@ -57,12 +57,14 @@ def rewards(*args: str, cwd: Path, timeout: float = 180) -> subprocess.Completed
     )
 
 
-def refused(proc: subprocess.CompletedProcess[str], fragment: str, code: int = 1) -> None:
-    """A clear one-line error containing ``fragment``, exit status ``code``, no traceback."""
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+def refused(proc: subprocess.CompletedProcess[str], fragment: str, usage: bool = False) -> None:
+    """A clear error containing ``fragment``, exit status 2 (bad input), no traceback: one
+    ``error: ...`` line, or click's usage block when ``usage``."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stdout + proc.stderr
     assert fragment in proc.stderr, proc.stderr
-    if code == 1:
+    if not usage:
+        assert proc.stderr.startswith("error: "), proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
@@ -195,7 +197,7 @@ def test_sql_and_export_into_a_missing_folder(db: Path) -> None:
 
 def test_deploy_on_the_in_process_tester_chain(tmp_path: Path) -> None:
     proc = rewards("deploy", "--rpc", "tester", "--mint", "1000", cwd=tmp_path)
-    refused(proc, "'tester' is an in-process test chain", code=2)
+    refused(proc, "'tester' is an in-process test chain", usage=True)
     assert listing(tmp_path) == []
 
 

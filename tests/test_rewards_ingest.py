@@ -499,7 +499,7 @@ def test_cli_end_to_end(real_world: RealWorld, tmp_path: Path) -> None:
         "0x" + payout.root.hex()
     )
     bad = run(main, ["open-epoch", "1", "--pool", "0", "--db", db])
-    assert bad.exit_code == 1 and "pool must be positive" in bad.output
+    assert bad.exit_code == 2 and "pool must be positive" in bad.output
 
 
 @settings(

@@ -89,7 +89,7 @@ def test_tree_command_rejects_bad_csv(
     result = CliRunner().invoke(
         main, ["tree", "--csv", str(csv_path), "--out", str(tmp_path / "o")]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input (trainer/cli_errors.py)
     assert message in result.output
     assert not (tmp_path / "o" / "tree.json").exists()
 

@@ -72,9 +72,9 @@ def test_deploy_fund_status_and_commitments(env: dict[str, str]) -> None:
     code, out = run("commitment", ["run-7"], env)
     assert code == 0 and f"block {found.block_number}" in out
     code, out = run("commit-run", ["run-7", root], env)
-    assert code == 1 and "CommitmentExists(" in out  # revert decoded for the user
+    assert code == 2 and "CommitmentExists(" in out  # revert decoded for the user
     code, out = run("commitment", ["run-unknown"], env)
-    assert code == 1 and "no commitment" in out
+    assert code == 2 and "no commitment" in out
 
 
 def test_key_never_comes_from_arguments_and_is_not_echoed(env: dict[str, str]) -> None:
@@ -83,15 +83,15 @@ def test_key_never_comes_from_arguments_and_is_not_echoed(env: dict[str, str]) -
         assert not any("key" in (p.name or "") for p in CMD[name].params if p.name != "keystore")
     no_key = {k: v for k, v in env.items() if k != chainmod.KEY_ENV}
     code, out = run("deploy", ["--mint", "5"], no_key)
-    assert code == 1 and chainmod.KEY_ENV in out
+    assert code == 2 and chainmod.KEY_ENV in out
     bad = {**env, chainmod.KEY_ENV: secret[:-4] + "zzzz"}
     code, out = run("deploy", ["--mint", "5"], bad)
-    assert code == 1 and secret[:-4] not in out
+    assert code == 2 and secret[:-4] not in out
 
 
 def test_commands_without_deployment_say_so(env: dict[str, str]) -> None:
     code, out = run("chain-status", [], env)
-    assert code == 1 and "run `deploy` first" in out
+    assert code == 2 and "run `deploy` first" in out
 
 
 def test_chain_command_keeps_state_across_restarts(tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_post_claim_verify_from_the_warehouse(env: dict[str, str], tmp_path: Pat
     code, out = run("post", ["0"], env)
     assert code == 0 and "already posted" in out
     code, out = run("claim", ["--all"], env)
-    assert code == 1 and "no active root" in out
+    assert code == 2 and "no active root" in out
     chainmod.advance_time(w3, 60)
     code, out = run("claim", ["--all", "--batch-size", "2"], env)
     assert code == 0, out

@@ -2,8 +2,9 @@
 
 Thin: parse options, call trainer.loop / trainer.verify, print. Secrets are never printed; a new
 key file is created with 0600 permissions by proofs.signatures.save_keypair, which never replaces
-an existing one (``keygen --force`` does). Exit codes: 0 done, 1 a store that does not verify,
-2 bad input (one line on stderr). Run ids, paths and reasons come from peers: they are printed
+an existing one (``keygen --force`` does). Exit codes (trainer/cli_errors.py): 0 done, 1 a store
+that does not verify (``FAIL ...`` on stdout), 2 bad input (``error: ...``, one line on stderr; the
+traceback too with -v). Run ids, paths and reasons come from peers: they are printed
 as text, never as rich markup, and keys and hashes are never wrapped across lines.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,21 +25,16 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from proofs.errors import KeyFileExistsError, VeritrainError
+from proofs.errors import KeyFileExistsError
 from proofs.signatures import KeyPair, generate_keypair, load_keypair, save_keypair
 from trainer.assignment import read_assignment
+from trainer.cli_errors import BadInput, Failed, Group
 from trainer.loop import TrainConfig, train
 from trainer.pipeline import Stats
 from trainer.verify import check_store
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class BadInput(click.ClickException):
-    """Bad input: click prints ``Error: <message>`` (plain text, no markup) and exits 2."""
-
-    exit_code = 2
 
 
 def _keypair(path: Path, create: bool) -> KeyPair:
@@ -53,12 +48,17 @@ def _keypair(path: Path, create: bool) -> KeyPair:
     return keypair
 
 
-def _check_store_url(url: str) -> None:
-    """Refuse a local store path that is (or lies under) a file before anything is created."""
+def _store_fs(url: str) -> tuple[Any, str]:
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except (ValueError, ImportError) as exc:  # an unknown protocol, a missing fsspec backend
         raise BadInput(f"run store {url}: {exc}") from exc
+    return fs, str(path)
+
+
+def _check_store_url(url: str) -> None:
+    """Refuse a local store path that is (or lies under) a file before anything is created."""
+    fs, path = _store_fs(url)
     if not isinstance(fs, LocalFileSystem):
         return
     existing = os.path.abspath(path)
@@ -76,8 +76,8 @@ def _progress(*columns: TextColumn | BarColumn | TimeElapsedColumn) -> Progress:
     return Progress(*columns, console=console, disable=not console.is_terminal)
 
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.group(cls=Group)
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details; tracebacks of errors.")
 def main(verbose: bool) -> None:
     """veritrain trainer: committed, signed, resumable training runs."""
     logging.basicConfig(
@@ -184,7 +184,7 @@ def run(
                 threads=threads,
                 device=device,
             )
-    except (VeritrainError, ValueError, OSError) as exc:
+    except ValueError as exc:  # a plain one from a config check; ours and OSError reach the Group
         raise BadInput(str(exc)) from exc
     steps = config.steps
     console.print(
@@ -220,7 +220,7 @@ def run(
 
         try:
             result = train(config, store_url, keypair, on_step=on_step)
-        except (VeritrainError, ValueError, OSError) as exc:
+        except ValueError as exc:
             raise BadInput(str(exc)) from exc
         progress.update(task, loss=result.last_loss, mb=result.bytes_written / 1e6)
     console.print(
@@ -234,7 +234,13 @@ def run(
 @click.option("--pubkey", default=None, help="0x-hex BLS public key the run must be signed by.")
 @click.option("--no-chain", is_flag=True, help="Skip replaying gradients through the optimizer.")
 def verify_store_cmd(store_url: str, pubkey: str | None, no_chain: bool) -> None:
-    """Re-check every signature, hash link, root and the gradient-to-state chain of a run."""
+    """Re-check every signature, hash link, root and the gradient-to-state chain of a run.
+
+    Exit 1 (``FAIL ...``) when a folder's records do not verify; exit 2 when STORE_URL names no
+    folder at all (a typo, not a verdict on a run)."""
+    fs, path = _store_fs(store_url)
+    if isinstance(fs, LocalFileSystem) and not os.path.isdir(path):
+        raise BadInput(f"no run store at {store_url}")
     expected = None
     if pubkey is not None:
         try:
@@ -250,8 +256,7 @@ def verify_store_cmd(store_url: str, pubkey: str | None, no_chain: bool) -> None
         report = check_store(store_url, pubkey=expected, chain=not no_chain, progress=on_window)
     # click.echo writes plain text: the store's reasons and run id are never read as markup.
     if report.broken is not None:
-        click.echo(f"FAIL {report.broken.describe()}")
-        sys.exit(1)
+        raise Failed(report.broken.describe())
     click.echo(f"OK run {report.run_id}: {report.windows} windows, {report.steps} steps verified")
     if report.final_hash is not None:
         # The value a peer records on chain (`python -m rewards commit-run RUN_ID ROOT`).
@@ -271,6 +276,4 @@ def keygen(key_file: Path, force: bool) -> None:
         save_keypair(key_file, keypair, overwrite=force)
     except KeyFileExistsError as exc:
         raise BadInput(f"{exc} (pass --force to replace it and lose that key)") from exc
-    except VeritrainError as exc:
-        raise BadInput(str(exc)) from exc
     click.echo(f"0x{bytes(keypair.public).hex()}")
