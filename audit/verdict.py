@@ -33,12 +33,10 @@ from proofs.hashing import Hash32, sha256
 from proofs.jsonlimits import UntrustedJsonError, loads_untrusted
 from proofs.signatures import (
     BLSPubkey,
-    BLSSignature,
     Domain,
     KeyPair,
-    sign,
-    verify,
 )
+from proofs.signed import Signed
 
 VERDICT_VERSION = 1
 VERDICT_KIND = "veritrain-verdict"
@@ -180,6 +178,12 @@ class Verdict:
     def digest(self) -> Hash32:
         return sha256(self.canonical_bytes())
 
+    def signing_context(self) -> str:
+        return self.run_id
+
+    def signing_payload(self) -> bytes:
+        return self.canonical_bytes()
+
     @classmethod
     def from_json(cls, obj: object) -> Verdict:
         body = expect_header(obj, VERDICT_KIND)
@@ -190,44 +194,27 @@ class Verdict:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class SignedVerdict:
+class SignedVerdict(Signed[Verdict]):
+    """A verdict and its auditor's signature over (VERDICT, run id, canonical bytes)."""
+
+    KEY = "verdict"
+    DOMAIN = Domain.VERDICT
+    RECORD = Verdict
+    ERROR = VerdictError
+
     verdict: Verdict
-    signature: BLSSignature
-
-    def to_json(self) -> dict[str, Any]:
-        return {"verdict": self.verdict.to_json(), "signature": to_hex(self.signature)}
-
-    @classmethod
-    def from_json(cls, obj: object) -> SignedVerdict:
-        if not isinstance(obj, dict) or set(obj) != {"verdict", "signature"}:
-            raise VerdictError("signed verdict must be an object with verdict and signature")
-        try:
-            signature = BLSSignature(as_bytes(obj["signature"], "signature", 96))
-        except EncodingError as exc:
-            raise as_verdict_error(exc) from exc
-        return cls(verdict=Verdict.from_json(obj["verdict"]), signature=signature)
 
 
 def sign_verdict(keypair: KeyPair, verdict: Verdict) -> SignedVerdict:
     """Sign ``verdict``; raises SignatureError if the key is not the verdict's auditor."""
     if keypair.public != verdict.auditor:
         raise SignatureError("the signing key is not the verdict's auditor key")
-    sig = sign(keypair, Domain.VERDICT, verdict.run_id, verdict.canonical_bytes())
-    return SignedVerdict(verdict=verdict, signature=sig)
+    return SignedVerdict.sign(keypair, verdict)
 
 
 def verify_verdict(signed: SignedVerdict) -> bool:
     """True when the signature is the auditor's on this exact verdict. Never raises."""
-    try:
-        return verify(
-            signed.verdict.auditor,
-            Domain.VERDICT,
-            signed.verdict.run_id,
-            signed.verdict.canonical_bytes(),
-            signed.signature,
-        )
-    except Exception:  # a malformed record is simply not a valid signature
-        return False
+    return signed.verify(signed.verdict.auditor)
 
 
 def _to_obj(v: Verdict) -> dict[str, Any]:

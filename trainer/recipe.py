@@ -37,7 +37,8 @@ from proofs.codec import (
 )
 from proofs.errors import EncodingError
 from proofs.hashing import Hash32
-from proofs.signatures import Domain, KeyPair, sign, verify
+from proofs.signatures import Domain, KeyPair
+from proofs.signed import Signed
 from trainer.data import CorpusCommitment
 from trainer.manifest import StateRef
 from trainer.schedule import Schedule
@@ -247,38 +248,33 @@ class RunHeader:
         """sha256 of the canonical JSON: the root of the run's hash chain."""
         return record_hash(self.to_json())
 
+    def signing_context(self) -> str:
+        return self.run_id
+
+    def signing_payload(self) -> bytes:
+        return self.hash()
+
 
 _FIELDS = RunHeader.__dataclass_fields__
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class SignedRunHeader:
+class SignedRunHeader(Signed[RunHeader]):
     """A header and the peer's signature over (RUN_HEADER, run id, header hash)."""
 
+    KEY = "header"
+    DOMAIN = Domain.RUN_HEADER
+    RECORD = RunHeader
+
     header: RunHeader
-    signature: bytes
-
-    def to_json(self) -> dict[str, Any]:
-        return {"header": self.header.to_json(), "signature": to_hex(self.signature)}
-
-    @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> SignedRunHeader:
-        check_keys(obj, "signed header", ("header", "signature"))
-        return cls(
-            header=RunHeader.from_json(obj["header"]),
-            signature=get_bytes(obj, "signature", 96),
-        )
 
     def verify(self, pubkey: bytes | None = None) -> bool:
         """True when signed by ``pubkey`` (the header's own key by default); never raises."""
-        h = self.header
-        key = h.pubkey if pubkey is None else pubkey
-        return verify(key, Domain.RUN_HEADER, h.run_id, h.hash(), self.signature)
+        return Signed.verify(self, self.header.pubkey if pubkey is None else pubkey)
 
 
 def sign_header(keypair: KeyPair, header: RunHeader) -> SignedRunHeader:
     """Sign ``header``; EncodingError if its pubkey is not the keypair's."""
     if bytes(keypair.public) != header.pubkey:
         raise EncodingError("header pubkey does not match the signing key")
-    signature = sign(keypair, Domain.RUN_HEADER, header.run_id, header.hash())
-    return SignedRunHeader(header=header, signature=bytes(signature))
+    return SignedRunHeader.sign(keypair, header)
