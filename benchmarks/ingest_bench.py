@@ -72,7 +72,7 @@ def make_verdicts(run: VerifiedRun, tensor_names: list[str]) -> list[Verdict]:
     checks = tuple(
         TensorCheck(
             name=n, rel_l2=1e-7, cosine=1e-12, max_rel_l2=1e-4, max_cosine=1e-6, passed=True
-        )  # fmt: skip
+        )
         for n in tensor_names
     )
     out = []
@@ -100,7 +100,7 @@ def make_verdicts(run: VerifiedRun, tensor_names: list[str]) -> list[Verdict]:
                 sample_seed=Hash32(b"\x07" * 32),
                 device="cpu",
                 torch_version=torch.__version__,
-            )  # fmt: skip
+            )
         )
     return out
 
