@@ -2,7 +2,7 @@
 
 Usage (repository root, after `make setup`):
 
-    .venv/bin/python benchmarks/ingest_bench.py [--runs 200] [--ref-runs 10] [--steps 14]
+    .venv/bin/python benchmarks/ingest_bench.py [--runs 200] [--ref-runs 5] [--steps 14]
 
 What is ingested is real: ``--runs`` runs of ``--steps`` steps each, trained by the reference
 trainer (tiny GPT: 1 layer, d_model 16, context 16, batch 2; ~0.3 s a run on one core), each by
@@ -175,7 +175,7 @@ def time_ingest(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=200, help="runs ingested with the native backend")
-    ap.add_argument("--ref-runs", type=int, default=10, help="of those, ingested with py_ecc")
+    ap.add_argument("--ref-runs", type=int, default=5, help="of those, ingested with py_ecc")
     ap.add_argument("--steps", type=int, default=14, help="steps per run (= verdicts per run)")
     args = ap.parse_args()
     torch.set_num_threads(1)
