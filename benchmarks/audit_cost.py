@@ -9,7 +9,8 @@ and detection tables. Everything is measured in this run, on this machine, with 
 ``medium`` a 31.9M-parameter GPT (10 layers, d_model 512, 8 heads, context 256), where forward and
 backward dominate the step. A medium step is ~400 GFLOP at batch 8: seconds on a GPU run (train
 and audit pick cuda when present), minutes a step on this 2-core CPU, so measure it on a GPU, e.g.
-``--model medium --steps 16 --every 4 --repeats 1``.
+``--model medium --steps 16 --every 4 --repeats 1``; ``--row default`` (repeatable) times only
+the rows named.
 
 The auditor's cost of a sample is the wall time of a fresh ``StepAuditor`` auditing every step of
 it (so it includes fetching and verifying every artifact, replay, the tolerant mode's calibration,
@@ -60,13 +61,19 @@ from trainer.store import RunStore
 KEY = keypair_from_seed(b"b" * 32)
 """The trainer's key: with the run id it derives the run seed of every timed run."""
 
-ROWS = [
-    ("exact, chain check", ReexecConfig(mode=Mode.EXACT, usefulness=False)),
-    ("tolerant, chain check", ReexecConfig(mode=Mode.TOLERANT, usefulness=False)),
-    ("tolerant, chain + usefulness (default)", ReexecConfig(mode=Mode.TOLERANT)),
-    ("exact, no chain check", ReexecConfig(mode=Mode.EXACT, check_chain=False, usefulness=False)),
-    ("exact, chunks 10%", ReexecConfig(mode=Mode.EXACT, chunk_fraction=0.1, usefulness=False)),
-]
+ROWS = {  # --row name: (label, auditor settings)
+    "exact": ("exact, chain check", ReexecConfig(mode=Mode.EXACT, usefulness=False)),
+    "tolerant": ("tolerant, chain check", ReexecConfig(mode=Mode.TOLERANT, usefulness=False)),
+    "default": ("tolerant, chain + usefulness (default)", ReexecConfig(mode=Mode.TOLERANT)),
+    "no-chain": (
+        "exact, no chain check",
+        ReexecConfig(mode=Mode.EXACT, check_chain=False, usefulness=False),
+    ),
+    "chunks": (
+        "exact, chunks 10%",
+        ReexecConfig(mode=Mode.EXACT, chunk_fraction=0.1, usefulness=False),
+    ),
+}
 
 
 MODELS: dict[str, dict[str, float]] = {
@@ -154,7 +161,7 @@ Trainer = Callable[[], float]  # trains a fresh run of the recipe, returns its m
 
 
 def cost_table(
-    store: RunStore, corpus: Corpus, trainer: Trainer, every: int, repeats: int
+    store: RunStore, corpus: Corpus, trainer: Trainer, every: int, repeats: int, rows: list[str]
 ) -> tuple[StepAuditor | None, list[float]]:
     """Print the table; returns a tolerant auditor and every paired trainer step time."""
     run = load_run(store, check_signatures=False)
@@ -162,7 +169,7 @@ def cost_table(
     print("sample sizes: " + ", ".join(f"{k} {len(v)}" for k, v in picks.items()))
     print(f"{'auditor / trainer step':40}" + "".join(f"{k:>18}" for k in picks) + "   KiB/step")
     tolerant, train_steps = None, []
-    for label, cfg in ROWS:
+    for label, cfg in (ROWS[name] for name in rows):
         cells, kib = [], []
         for steps in picks.values():
             pairs = [(trainer(), audit_sample(store, run, corpus, cfg, steps))
@@ -244,6 +251,8 @@ def main() -> None:
     ap.add_argument("--model", choices=tuple(MODELS), default="reference")
     ap.add_argument("--batch", type=int, default=8, help="batch size of every run")
     ap.add_argument("--quick", action="store_true", help="same as --model quick (smoke test)")
+    ap.add_argument("--row", action="append", choices=tuple(ROWS),
+                    help="only this table row (repeatable; default: every row)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     model = MODELS["quick" if args.quick else args.model]
@@ -261,7 +270,9 @@ def main() -> None:
         params = sum(p.numel() for p in build_model("gpt-bytes", model).parameters())
         print(f"model {model} ({params / 1e6:.1f}M parameters), batch {args.batch}, "
               f"{args.steps} steps, state checkpoint every {args.every}")  # fmt: skip
-        tolerant, per_run = cost_table(store, corpus, trainer, args.every, args.repeats)
+        tolerant, per_run = cost_table(
+            store, corpus, trainer, args.every, args.repeats, args.row or list(ROWS)
+        )
         bare = statistics.median(_bare(corpus, args.steps, model) for _ in range(args.repeats))
         hooked = statistics.median(per_run)
         print(
