@@ -268,7 +268,7 @@ def main() -> None:
                 return _train(Path(fresh) / "run", corpus, args.steps, args.every, model)
 
         params = sum(p.numel() for p in build_model("gpt-bytes", model).parameters())
-        print(f"model {model} ({params / 1e6:.1f}M parameters), batch {args.batch}, "
+        print(f"model {model} ({params:,} parameters), batch {args.batch}, "
               f"{args.steps} steps, state checkpoint every {args.every}")  # fmt: skip
         tolerant, per_run = cost_table(
             store, corpus, trainer, args.every, args.repeats, args.row or list(ROWS)
