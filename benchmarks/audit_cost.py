@@ -1,7 +1,16 @@
 """Auditor cost per sampled step vs the trainer's cost per step, bytes fetched, calibrated noise,
 and detection tables. Everything is measured in this run, on this machine, with one torch thread.
 
-    .venv/bin/python benchmarks/audit_cost.py [--steps 48] [--every 8] [--repeats 3] [--quick]
+    .venv/bin/python benchmarks/audit_cost.py [--steps 48] [--every 8] [--repeats 3]
+        [--model reference|quick|medium] [--batch 8]
+
+``--model``: ``reference`` (default) is the reference GPT at the defaults of ``rewards assign``
+(2 layers, d_model 128, context 64); ``quick`` (also ``--quick``) a tiny one for a smoke test;
+``medium`` a 31.9M-parameter GPT (10 layers, d_model 512, 8 heads, context 256), where forward and
+backward dominate the step. A medium step is ~400 GFLOP at batch 8: seconds on a GPU run (train
+and audit pick cuda when present), minutes a step on this 2-core CPU, so measure it on a GPU, e.g.
+``--model medium --steps 16 --every 4 --repeats 1``; ``--row default`` (repeatable) times only
+the rows named.
 
 The auditor's cost of a sample is the wall time of a fresh ``StepAuditor`` auditing every step of
 it (so it includes fetching and verifying every artifact, replay, the tolerant mode's calibration,
@@ -40,10 +49,11 @@ from audit.reexec import ReexecConfig, StepAuditor
 from audit.sampling import detection_probability, plan_sample, sample_size_for
 from audit.tolerance import Mode
 from audit.verdict import sign_verdict
+from proofs import bls
 from proofs.hashing import Hash32
 from proofs.signatures import keypair_from_seed
 from trainer.data import Corpus
-from trainer.loop import TrainConfig, configure_determinism, make_optimizer, train
+from trainer.loop import TrainConfig, configure_determinism, make_optimizer, pick_device, train
 from trainer.models import build_model
 from trainer.seeds import init_seed, replay_seed, seed_generators
 from trainer.store import RunStore
@@ -51,19 +61,33 @@ from trainer.store import RunStore
 KEY = keypair_from_seed(b"b" * 32)
 """The trainer's key: with the run id it derives the run seed of every timed run."""
 
-ROWS = [
-    ("exact, chain check", ReexecConfig(mode=Mode.EXACT, usefulness=False)),
-    ("tolerant, chain check", ReexecConfig(mode=Mode.TOLERANT, usefulness=False)),
-    ("tolerant, chain + usefulness (default)", ReexecConfig(mode=Mode.TOLERANT)),
-    ("exact, no chain check", ReexecConfig(mode=Mode.EXACT, check_chain=False, usefulness=False)),
-    ("exact, chunks 10%", ReexecConfig(mode=Mode.EXACT, chunk_fraction=0.1, usefulness=False)),
-]
+ROWS = {  # --row name: (label, auditor settings)
+    "exact": ("exact, chain check", ReexecConfig(mode=Mode.EXACT, usefulness=False)),
+    "tolerant": ("tolerant, chain check", ReexecConfig(mode=Mode.TOLERANT, usefulness=False)),
+    "default": ("tolerant, chain + usefulness (default)", ReexecConfig(mode=Mode.TOLERANT)),
+    "no-chain": (
+        "exact, no chain check",
+        ReexecConfig(mode=Mode.EXACT, check_chain=False, usefulness=False),
+    ),
+    "chunks": (
+        "exact, chunks 10%",
+        ReexecConfig(mode=Mode.EXACT, chunk_fraction=0.1, usefulness=False),
+    ),
+}
+
+
+MODELS: dict[str, dict[str, float]] = {
+    "reference": {"n_layer": 2, "n_head": 4, "d_model": 128, "context": 64, "dropout": 0.1},
+    "quick": {"n_layer": 1, "n_head": 2, "d_model": 32, "context": 16, "dropout": 0.1},
+    "medium": {"n_layer": 10, "n_head": 8, "d_model": 512, "context": 256, "dropout": 0.1},
+}
+BATCH = {"size": 8}  # --batch: the batch of every run this benchmark trains
 
 
 def _train(path: Path, corpus: Corpus, steps: int, every: int, model: dict[str, float]) -> float:
     stamps: list[float] = []
     cfg = TrainConfig(
-        run_id="bench", steps=steps, batch_size=8, model_config=model,
+        run_id="bench", steps=steps, batch_size=BATCH["size"], model_config=model,
         checkpoint_every=every, threads=1, warmup_steps=2,
     )  # fmt: skip
     stamps.append(time.perf_counter())
@@ -74,12 +98,13 @@ def _train(path: Path, corpus: Corpus, steps: int, every: int, model: dict[str, 
 
 def _bare(corpus: Corpus, steps: int, model: dict[str, float]) -> float:
     """Median step of the same training loop without the audit hook (nothing committed)."""
-    cfg = TrainConfig(run_id="bench", steps=steps, batch_size=8, model_config=model,
+    cfg = TrainConfig(run_id="bench", steps=steps, batch_size=BATCH["size"], model_config=model,
                       threads=1, warmup_steps=2)  # fmt: skip
     configure_determinism(cfg.threads)
     run_seed, schedule = cfg.run_seed(bytes(KEY.public)), cfg.schedule
     seed_generators(init_seed(run_seed))
-    net = build_model(cfg.model, cfg.model_config)
+    device = pick_device(cfg.device)  # where train() runs the same recipe
+    net = build_model(cfg.model, cfg.model_config).to(device)
     opt = make_optimizer(cfg, net)
     net.train()
     times = []
@@ -91,12 +116,14 @@ def _bare(corpus: Corpus, steps: int, model: dict[str, float]) -> float:
         batch = corpus.batch_for_step(
             run_seed, step, batch_size=cfg.batch_size, context=cfg.context
         )
-        _, loss = net(batch.inputs, batch.targets)
+        _, loss = net(batch.inputs.to(device), batch.targets.to(device))
         assert loss is not None
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip or math.inf)
         opt.step()
         opt.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the step's kernels finished, as train()'s hook waits
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -134,7 +161,7 @@ Trainer = Callable[[], float]  # trains a fresh run of the recipe, returns its m
 
 
 def cost_table(
-    store: RunStore, corpus: Corpus, trainer: Trainer, every: int, repeats: int
+    store: RunStore, corpus: Corpus, trainer: Trainer, every: int, repeats: int, rows: list[str]
 ) -> tuple[StepAuditor | None, list[float]]:
     """Print the table; returns a tolerant auditor and every paired trainer step time."""
     run = load_run(store, check_signatures=False)
@@ -142,7 +169,7 @@ def cost_table(
     print("sample sizes: " + ", ".join(f"{k} {len(v)}" for k, v in picks.items()))
     print(f"{'auditor / trainer step':40}" + "".join(f"{k:>18}" for k in picks) + "   KiB/step")
     tolerant, train_steps = None, []
-    for label, cfg in ROWS:
+    for label, cfg in (ROWS[name] for name in rows):
         cells, kib = [], []
         for steps in picks.values():
             pairs = [(trainer(), audit_sample(store, run, corpus, cfg, steps))
@@ -178,7 +205,7 @@ def fixed_costs(store: RunStore, auditor: StepAuditor) -> None:
     sign_verdict(kp, verdict)
     sign_s = time.perf_counter() - t
     print(f"not in the ratios: load_run with signatures {load_s:.2f} s per run, "
-          f"signing one verdict {sign_s:.2f} s (py_ecc)")  # fmt: skip
+          f"signing one verdict {sign_s * 1e3:.1f} ms ({bls.active().name} BLS)")  # fmt: skip
 
 
 def calibration_line(auditor: StepAuditor) -> None:
@@ -221,12 +248,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--every", type=int, default=8, help="state checkpoint every K steps")
     ap.add_argument("--repeats", type=int, default=3, help="median of this many audits per cell")
-    ap.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
+    ap.add_argument("--model", choices=tuple(MODELS), default="reference")
+    ap.add_argument("--batch", type=int, default=8, help="batch size of every run")
+    ap.add_argument("--quick", action="store_true", help="same as --model quick (smoke test)")
+    ap.add_argument("--row", action="append", choices=tuple(ROWS),
+                    help="only this table row (repeatable; default: every row)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = {"n_layer": 2, "n_head": 4, "d_model": 128, "context": 64, "dropout": 0.1}
-    if args.quick:
-        model = {"n_layer": 1, "n_head": 2, "d_model": 32, "context": 16, "dropout": 0.1}
+    model = MODELS["quick" if args.quick else args.model]
+    BATCH["size"] = args.batch
     corpus = Corpus.from_paths([Path(sysconfig.get_paths()["stdlib"]) / "json"])
     with tempfile.TemporaryDirectory() as tmp:
         audited = Path(tmp) / "run"
@@ -237,8 +267,12 @@ def main() -> None:
             with tempfile.TemporaryDirectory(dir=tmp) as fresh:
                 return _train(Path(fresh) / "run", corpus, args.steps, args.every, model)
 
-        print(f"model {model}, batch 8, {args.steps} steps, state checkpoint every {args.every}")
-        tolerant, per_run = cost_table(store, corpus, trainer, args.every, args.repeats)
+        params = sum(p.numel() for p in build_model("gpt-bytes", model).parameters())
+        print(f"model {model} ({params:,} parameters), batch {args.batch}, "
+              f"{args.steps} steps, state checkpoint every {args.every}")  # fmt: skip
+        tolerant, per_run = cost_table(
+            store, corpus, trainer, args.every, args.repeats, args.row or list(ROWS)
+        )
         bare = statistics.median(_bare(corpus, args.steps, model) for _ in range(args.repeats))
         hooked = statistics.median(per_run)
         print(

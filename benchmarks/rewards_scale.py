@@ -15,7 +15,7 @@ tie on step 0 (disputed: pending for good), 10% have half their verdicts arrive 
 Figures printed:
 - "bulk load": INSERT ... SELECT of those rows into the schema's tables in one transaction (with
   their primary keys, unique and foreign-key checks). This is NOT the signature-verifying ingest
-  path (rewards/ingest.py), which is bound by py_ecc BLS (see DEVELOPERS.md figures).
+  path (rewards/ingest.py): benchmarks/ingest_bench.py times that one.
 - "payout computation": rewards.policy.compute over all epochs (median of --repeats).
 - "payout tree": proofs.payout.PayoutTree.build over the last epoch's cumulative payouts (one
   leaf per paid account) next to @openzeppelin/merkle-tree's StandardMerkleTree.of on the same

@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
-import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 from proofs.errors import VeritrainError
 from proofs.signatures import Domain, aggregate, aggregate_verify
 from rewards.assignments import epoch_assignment
+from rewards.verdict_rows import write_verdicts
 from rewards.warehouse import (
     Connection,
     WarehouseValueError,
@@ -48,7 +48,7 @@ from rewards.warehouse import (
 
 if TYPE_CHECKING:
     from audit.fetch import VerifiedRun
-    from audit.verdict import SignedVerdict, Verdict
+    from audit.verdict import SignedVerdict
     from trainer.assignment import Assignment
 
 log = logging.getLogger(__name__)
@@ -495,80 +495,9 @@ def _write_rejections(batch: _Batch, con: Connection) -> int:
     return added
 
 
-def _verdict_problem(
-    con: Connection, v: Verdict, key: str | None, verdict_id: str, epoch: int
-) -> str | None:
-    """Why a (signature-checked) verdict about warehouse run ``key`` cannot be loaded, or None."""
-    if key is None:
-        return f"verdict names peer {_hex(v.peer)[:14]}..., which is not a registered trainer"
-    run = query(
-        con,
-        "SELECT p.bls_pubkey, r.step_count, r.header_hash, s.manifest_hash, r.epoch"
-        " FROM runs AS r JOIN peers AS p USING (peer_id)"
-        " LEFT JOIN steps AS s ON s.run_id = r.run_id AND s.step = $s WHERE r.run_id = $r",
-        {"r": key, "s": v.step},
-    )
-    if not run:
-        return f"unknown run {key!r} (ingest its store first or in the same batch)"
-    if run[0][4] > epoch:
-        return f"filed under epoch {epoch}, before its run (epoch {run[0][4]})"
-    if run[0][0] != _hex(v.peer):
-        return f"verdict names peer {_hex(v.peer)[:14]}..., not the run's key"
-    if v.step >= int(run[0][1]):
-        return f"step {v.step} is outside the run's {run[0][1]} steps"
-    if run[0][2] != _hex(v.recipe_hash) or run[0][3] != _hex(v.manifest_hash):
-        return "verdict is about another recipe or manifest than the ingested run's"
-    auditor = query(
-        con,
-        "SELECT peer_id FROM peers WHERE bls_pubkey = $k AND role = 'auditor'",
-        {"k": _hex(v.auditor)},
-    )
-    if not auditor:
-        return f"unknown auditor {_hex(v.auditor)[:14]}... (register-peer --role auditor)"
-    clash = query(
-        con,
-        "SELECT verdict_id FROM verdicts WHERE run_id = $r AND step = $s AND auditor_id = $a",
-        {"r": key, "s": v.step, "a": auditor[0][0]},
-    )
-    if clash and clash[0][0] != verdict_id:
-        return f"conflicts with verdict {clash[0][0]} of the same auditor on step {v.step}"
-    return None
-
-
-def _worst(values: Sequence[float]) -> float | None:
-    """The largest distance; NaN when any is NaN (a NaN gradient is the worst there is)."""
-    if not values:
-        return None
-    return math.nan if any(math.isnan(x) for x in values) else max(values)
-
-
 def _write_verdicts(batch: _Batch, con: Connection) -> int:
-    loaded = 0
-    for source, signed in batch.verdicts:
-        v = signed.verdict
-        verdict_id = _hex(v.digest())
-        key = run_key(con, v.peer, v.run_id)
-        problem = _verdict_problem(con, v, key, verdict_id, batch.epoch)
-        if problem is not None:
-            batch.rejections.append(Rejection(kind="verdict", source=source, reason=problem))
-            continue
-        auditor = query(
-            con, "SELECT peer_id FROM peers WHERE bls_pubkey = $k", {"k": _hex(v.auditor)}
-        )
-        useful = v.usefulness
-        row = (
-            verdict_id, key, v.step, auditor[0][0], batch.epoch, v.outcome.value,
-            v.mode.value, _worst([t.rel_l2 for t in v.tensors]),
-            _worst([t.cosine for t in v.tensors]), useful.loss_before if useful else None,
-            useful.loss_after if useful else None, _hex(v.replay_seed), _hex(v.recipe_hash),
-            _hex(v.manifest_hash), v.device, v.reason, batch.batch_id,
-        )  # fmt: skip
-        con.execute(f"INSERT INTO verdicts VALUES ({', '.join('?' * len(row))})", row).fetchall()
-        tensors = [
-            (verdict_id, t.name, t.rel_l2, t.cosine, t.max_rel_l2, t.max_cosine, t.passed)
-            for t in v.tensors
-        ]
-        if tensors:
-            con.executemany("INSERT INTO verdict_tensors VALUES (?, ?, ?, ?, ?, ?, ?)", tensors)
-        loaded += 1
+    loaded, rejected = write_verdicts(
+        con, batch.verdicts, epoch=batch.epoch, batch_id=batch.batch_id
+    )
+    batch.rejections.extend(Rejection(kind="verdict", source=s, reason=r) for s, r in rejected)
     return loaded

@@ -552,3 +552,21 @@ def test_settled_epochs_are_frozen_and_verdicts_cannot_predate_runs(
     policy.open_epoch(con, 1, POOLS[1])  # already open with this pool: a no-op
     assert snapshot(con) == before
     policy.open_epoch(con, 2, 7)  # a later epoch is fine
+
+
+def test_two_findings_of_one_auditor_on_a_step_in_one_batch(
+    real_world: RealWorld, fresh: warehouse.Connection, tmp_path: Path
+) -> None:
+    """Verdicts are checked against each other too, not only against the warehouse: the
+    second finding of aud1 on alice's step 0 in the same batch is a conflict, not a crash."""
+    folder = tmp_path / "v"
+    folder.mkdir()
+    alice0 = sorted((real_world.verdicts0 / "alice-r1").glob("step-*.json"))[0]
+    shutil.copy(alice0, folder / "a-first.json")
+    _resign(alice0, folder / "b-second.json", "aud1", reason="a different finding")
+    report = ingest.ingest(
+        fresh, stores=[str(real_world.stores / "alice-r1")], verdicts_dir=str(folder)
+    )
+    assert report.verdicts_loaded == 1
+    assert [Path(r.source).name for r in report.rejections] == ["b-second.json"]
+    assert report.rejections[0].reason.startswith("conflicts with verdict 0x")
