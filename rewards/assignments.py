@@ -10,14 +10,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 
-from proofs.codec import canonical_json
+from proofs.codec import canonical_json, to_hex
 from proofs.errors import EncodingError
 from rewards.warehouse import Connection, WarehouseValueError, query
 from trainer.assignment import Assignment
-
-
-def _hex(value: bytes) -> str:
-    return "0x" + bytes(value).hex()
 
 
 def assign(con: Connection, epoch: int, assignment: Assignment) -> bool:
@@ -29,7 +25,7 @@ def assign(con: Connection, epoch: int, assignment: Assignment) -> bool:
     """
     if not query(con, "SELECT 1 FROM epochs WHERE epoch = $e", {"e": epoch}):
         raise WarehouseValueError(f"epoch {epoch} is not open: `python -m rewards open-epoch`")
-    digest = _hex(assignment.hash())
+    digest = to_hex(assignment.hash())
     held = query(con, "SELECT assignment_hash FROM assignments WHERE epoch = $e", {"e": epoch})
     if held:
         if held[0][0] == digest:
@@ -63,6 +59,6 @@ def epoch_assignment(con: Connection, epoch: int) -> Assignment | None:
         assignment = Assignment.from_json(json.loads(body))
     except (json.JSONDecodeError, EncodingError) as exc:
         raise WarehouseValueError(f"epoch {epoch}'s assignment is unreadable: {exc}") from exc
-    if _hex(assignment.hash()) != digest:
+    if to_hex(assignment.hash()) != digest:
         raise WarehouseValueError(f"epoch {epoch}'s stored assignment does not hash to {digest}")
     return assignment

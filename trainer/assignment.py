@@ -30,6 +30,7 @@ from proofs.codec import (
 )
 from proofs.errors import EncodingError
 from proofs.hashing import Hash32, Root
+from proofs.jsonlimits import read_untrusted
 from trainer.models import parse_model_config
 from trainer.recipe import RunHeader
 from trainer.schedule import Schedule
@@ -220,20 +221,19 @@ def full_model_config(model: str, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_assignment(path: str | os.PathLike[str]) -> Assignment:
-    """Read an assignment file (canonical or pretty JSON); AssignmentError saying what is wrong."""
+    """Read an assignment file (canonical or pretty JSON) through the strict untrusted-JSON
+    reader (size and depth bounded); AssignmentError saying what is wrong."""
+    label = f"assignment {os.fspath(path)}"
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_ASSIGNMENT_BYTES + 1)
+        obj = read_untrusted(path, max_bytes=MAX_ASSIGNMENT_BYTES, what=label)
     except OSError as exc:
-        raise AssignmentError(f"cannot read assignment {os.fspath(path)}: {exc.strerror}") from None
-    if len(raw) > MAX_ASSIGNMENT_BYTES:
-        raise AssignmentError(f"assignment {os.fspath(path)} exceeds {MAX_ASSIGNMENT_BYTES} bytes")
+        raise AssignmentError(f"cannot read {label}: {exc.strerror}") from None
+    except EncodingError as exc:  # the reader's limits and parse errors name the file already
+        raise AssignmentError(str(exc)) from None
     try:
-        return Assignment.from_json(json.loads(raw.decode("utf-8")))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise AssignmentError(f"assignment {os.fspath(path)} is not JSON: {exc}") from None
+        return Assignment.from_json(obj)
     except EncodingError as exc:
-        raise AssignmentError(f"assignment {os.fspath(path)}: {exc}") from None
+        raise AssignmentError(f"{label}: {exc}") from None
 
 
 def assignment_text(assignment: Assignment) -> str:
