@@ -36,6 +36,7 @@ from trainer.compression import (
     encode_payload,
     error_feedback_step,
     payload_size,
+    quantize,
     topk_per_chunk,
     total_entries,
 )
@@ -162,6 +163,28 @@ def test_bad_arguments_are_refused() -> None:
 
 
 # ---------------------------------------------------------------- quantization and bytes
+
+
+def test_quantize_and_encode_refuse_bad_indices() -> None:
+    e = torch.arange(10, dtype=torch.float32)
+    good = torch.tensor([1, 2, 5, 6, 8, 9])  # chunk 4, topk 2: chunks of 4, 4, 2
+    assert quantize(e, good, chunk=4, quantization="int8").topk == 2
+    for bad, words in (
+        (torch.tensor([2, 1, 5, 6, 8, 9]), "ascending"),
+        (torch.tensor([1, 1, 5, 6, 8, 9]), "ascending"),
+        (torch.tensor([1, 2, 3, 6, 8, 9]), "each chunk"),
+        (torch.tensor([1, 2, 5, 6, 9]), "expected 6 indices"),
+        (torch.tensor([1, 2, 5, 6, 8, 10]), "ascending in 0..9"),
+    ):
+        with pytest.raises(CompressionError, match=words):
+            quantize(e, bad, chunk=4, quantization="int8", topk=2)
+    d = quantize(e, good, chunk=4, quantization="float32", topk=2)
+    forged = SparseDelta(
+        size=10, chunk=4, topk=2, quantization="float32",
+        offsets=torch.tensor([1, 2, 3, 6, 8, 9]), values=d.values, codes=None, steps=None,
+    )  # fmt: skip
+    with pytest.raises(CompressionError, match="each chunk"):
+        encode_payload(forged)
 
 
 @settings(max_examples=80, deadline=None)

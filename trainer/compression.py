@@ -270,9 +270,10 @@ def quantize(
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise CompressionError(f"indices must be 1-D int64, got {indices.dtype}")
     idx = indices.numpy()
+    _check_params(size, chunk, topk or 1, quantization)
     if topk is None:
         topk = int(np.bincount(idx // chunk).max()) if idx.size else 1
-    _check_params(size, chunk, topk, quantization)
+        _check_params(size, chunk, topk, quantization)
     _check_indices(idx, size, chunk, topk)
     v = e[indices].numpy()
     _check_finite(torch.from_numpy(v), torch.from_numpy(np.abs(v)), "e[indices]")
@@ -319,8 +320,11 @@ def error_feedback_step(
 ) -> tuple[SparseDelta, torch.Tensor]:
     """e' = beta*e + delta; d = compress(e'); returns (d, e' - d).
 
-    beta*e and + delta are two separate float32 ops (no fused multiply-add on any path); e' - d
-    changes only the selected entries. e and delta are not modified.
+    beta is rounded to float32 once; beta*e and + delta are two separate float32 ops (no fused
+    multiply-add on any path); e' - d changes only the selected entries, and is exact there
+    (Sterbenz: each value is within a factor 2 of the entry it quantizes, or 0), so
+    e_new + d == e' bit for bit. e and delta are not modified. Raises CompressionError when
+    e, delta or e' is not finite.
     """
     _check_type(e, "e")
     _check_type(delta, "delta")
