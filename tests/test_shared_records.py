@@ -209,6 +209,10 @@ def test_contribution_roster_check() -> None:
     # Bob's key under alice's name.
     swapped = SignedContribution.sign(BOB, make_contribution(key=BOB))
     assert swapped.verify() and not swapped.verify_roster(GENESIS)
+    # Alice's roster key signed it, but the record names another key: what would a reader of
+    # the record alone believe?
+    misnamed = SignedContribution.sign(ALICE, make_contribution(key=BOB))
+    assert misnamed.verify(ALICE.public) and not misnamed.verify_roster(GENESIS)
     unknown = SignedContribution.sign(OUTSIDER, make_contribution(key=OUTSIDER, peer="mallory"))
     assert not unknown.verify_roster(GENESIS)
 
@@ -596,3 +600,9 @@ def test_store_listing_never_trusts_names(tmp_path: Path) -> None:
         store.read_contribution_file("link", "secret.txt", 1000)
     assert not is_safe_name("a/b") and not is_safe_name("...") and is_safe_name("r000001.json")
     assert os.path.exists(tmp_path / "secret.txt")
+
+
+@pytest.mark.parametrize("key", ["lr", "initial_lr", "params"])
+def test_hyperparameters_never_set_the_rate_or_params(key: str) -> None:
+    with pytest.raises(EncodingError, match=f"must not set '{key}'"):
+        make_genesis(hyperparameters={key: 0.1})
