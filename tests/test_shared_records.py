@@ -278,8 +278,18 @@ BAD_GENESIS = [
     ("screening.deadline_s", 0.0),
     ("screening.probe", 1),
     ("dataset.root", "0x00"),
+    ("heldout", GENESIS.dataset.to_json()),  # the training corpus is not held out
+    ("heldout", "stdlib"),
     ("model_config", []),
 ]
+
+
+def test_genesis_heldout_corpus_round_trips() -> None:
+    held = CorpusCommitment(root=h("held"), nbytes=10, file_count=1, chunk_size=1 << 20, source="x")
+    genesis = make_genesis(heldout=held)
+    back = SignedGenesis.from_json(SignedGenesis.sign(COORD, genesis).to_json()).genesis
+    assert back.heldout == held and back.hash() == genesis.hash() != GENESIS.hash()
+    assert GENESIS.to_json()["heldout"] is None
 
 
 @pytest.mark.parametrize(("path", "value"), BAD_GENESIS)

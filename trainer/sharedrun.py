@@ -273,6 +273,11 @@ class Genesis:
     batch_size: int
     context: int
     dataset: CorpusCommitment
+    heldout: CorpusCommitment | None = None
+    """The held-out corpus (disjoint files from ``dataset``) on which auditors measure how much a
+    contribution lowers the loss (its usefulness, what a round's pool is shared by); no peer's
+    batches are cut from it. None: usefulness is measured on ``dataset`` at offsets no inner step
+    uses (weaker: the text overlaps what peers train on)."""
     checkpoint_every: int
     chunk_size: int
     outer: OuterRule
@@ -304,6 +309,11 @@ class Genesis:
         for name in ("batch_size", "context", "checkpoint_every", "chunk_size"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1")
         check_round(self.rounds, "rounds")
+        if self.heldout is not None:
+            _require(
+                self.heldout.root != self.dataset.root,
+                "the held-out corpus must not be the training corpus",
+            )
         _pubkey(self.coordinator, "coordinator")
         _pubkey(self.aggregator, "aggregator")
         _require(0 < len(self.peers) <= MAX_PEERS, f"the roster must hold 1-{MAX_PEERS} peers")
@@ -336,6 +346,7 @@ class Genesis:
             "batch_size": self.batch_size,
             "context": self.context,
             "dataset": self.dataset.to_json(),
+            "heldout": None if self.heldout is None else self.heldout.to_json(),
             "checkpoint_every": self.checkpoint_every,
             "chunk_size": self.chunk_size,
             "outer": self.outer.to_json(),
@@ -349,7 +360,7 @@ class Genesis:
     @classmethod
     def from_json(cls, obj: Any) -> Genesis:
         check_keys(obj, "genesis", tuple(cls.__dataclass_fields__))
-        clip = obj["grad_clip"]
+        clip, heldout = obj["grad_clip"], obj["heldout"]
         peers = get_object(obj, "peers")
         _require(len(peers) <= MAX_PEERS, f"peers: more than {MAX_PEERS}")
         return cls(
@@ -367,6 +378,9 @@ class Genesis:
             batch_size=get_int(obj, "batch_size"),
             context=get_int(obj, "context"),
             dataset=CorpusCommitment.from_json(get_object(obj, "dataset")),
+            heldout=None
+            if heldout is None
+            else CorpusCommitment.from_json(get_object(obj, "heldout")),
             checkpoint_every=get_int(obj, "checkpoint_every"),
             chunk_size=get_int(obj, "chunk_size"),
             outer=OuterRule.from_json(obj["outer"]),

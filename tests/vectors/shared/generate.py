@@ -78,6 +78,13 @@ def main() -> None:
             "chunk_size": 1048576,
             "source": "stdlib",
         },
+        "heldout": {
+            "root": h("heldout-corpus"),
+            "nbytes": 20000,
+            "file_count": 2,
+            "chunk_size": 1048576,
+            "source": "heldout",
+        },
         "checkpoint_every": 3,
         "chunk_size": 65536,
         "outer": {"beta": 0.9, "chunk": 4096, "topk": 64, "quantization": "int8", "alpha": 0.7},
