@@ -36,7 +36,6 @@ from proofs.errors import VeritrainError
 from proofs.hashing import Hash32, sha256
 from proofs.jsonlimits import loads_untrusted
 from proofs.signatures import KeyPair
-from trainer.artifact import first_bad_leaf
 from trainer.checkpoint import (
     decode_checkpoint,
     encode_checkpoint,
@@ -48,6 +47,7 @@ from trainer.compression import encode_payload, error_feedback_step
 from trainer.data import Corpus
 from trainer.globalstate import flatten, load_flat, theta_artifact
 from trainer.hook import AuditHook, HookConfig
+from trainer.loop import configure_determinism, pick_device
 from trainer.models import build_model
 from trainer.schedule import Schedule
 from trainer.seeds import run_seed_for
@@ -216,11 +216,7 @@ def load_local_state(
         return fresh
     root = previous.record.local_state
     try:
-        index, leaves = store.runs.read_artifact(root)
-        bad = first_bad_leaf(index, leaves, root)
-        if bad is not None:
-            raise StoreError(f"leaf {bad} does not match the root")
-        state = decode_checkpoint(leaves)
+        state = decode_checkpoint(store.read_verified_leaves(root))
         ef = state.pop(EF_KEY)
         if ef.dtype != torch.float32 or ef.shape != (size,):
             raise StoreError(f"error feedback is {ef.dtype} {tuple(ef.shape)}, expected ({size},)")
@@ -243,7 +239,8 @@ def run_round(
     progress: Progress = _ignore,
     skip_late: bool = False,
     abandon: Flag = _never,
-    device: torch.device | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
 ) -> RoundResult:
     """Train round ``r`` of ``genesis`` as ``peer_name`` and publish its contribution.
 
@@ -260,12 +257,13 @@ def run_round(
         return RoundResult(round=r, status=Status.ALREADY, resumed_at=genesis.inner_steps,
                            contribution=done)  # fmt: skip
     behaviour = behaviour or Behaviour()
-    device = device or torch.device("cpu")
+    configure_determinism(threads)  # recorded in the inner header: a resume must match it
+    where = pick_device(device)
     root = base_root(store, genesis, r)
     model = build_model(genesis.model, genesis.model_config)
     theta_r = store.read_theta(root, model)  # checked against ``root`` by the store
     load_flat(model, theta_r)
-    model.to(device)
+    model.to(where)
     optimizer = build_inner_optimizer(genesis, model)
     previous = _previous(store, peer_name, r, bytes(keypair.public))
     e, prev_local = load_local_state(store, previous, optimizer, model, theta_r.numel())
@@ -302,7 +300,7 @@ def run_round(
             batch = corpus.batch_for_step(
                 batch_seed, i, batch_size=genesis.batch_size, context=genesis.context
             )
-            _, loss = model(batch.inputs.to(device), batch.targets.to(device))
+            _, loss = model(batch.inputs.to(where), batch.targets.to(where))
             if loss is None:  # pragma: no cover - registry LMs return a loss with targets
                 raise RuntimeError("model returned no loss")
             loss.backward()
@@ -380,11 +378,11 @@ def _publish(
         prev_local_state=prev_local,
         inner_header=header.hash(),
         inner_manifest=manifests[-1].manifest.hash(),
-        final_state=final.root,
+        final_state=Hash32(final.root),
         delta=Hash32(sha256(payload)),
         payload_bytes=len(payload),
         nnz=d.nnz,
-        local_state=local.root,
+        local_state=Hash32(local.root),
         losses=tuple(float(rec.loss) for m in manifests for rec in m.manifest.records),
     )  # fmt: skip
     signed = SignedContribution.sign(keypair, record)
@@ -411,7 +409,8 @@ def join(
     abandon: Flag = _never,
     progress: Progress = _ignore,
     skip_late: bool = False,
-    device: torch.device | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
     behaviour: Behaviour | None = None,
 ) -> list[RoundResult]:
     """Take part in rounds until ``genesis.rounds`` (when not 0) or ``rounds`` of them are done.
@@ -444,6 +443,7 @@ def join(
         result = run_round(
             store, genesis, keypair, peer_name, r, corpus=corpus, behaviour=behaviour,
             progress=progress, skip_late=skip_late, abandon=abandon, device=device,
+            threads=threads,
         )  # fmt: skip
         if result.status is Status.ABANDONED:
             break
