@@ -3,7 +3,8 @@
 Thin: parse options, call trainer.peer / trainer.aggregator / trainer.sharedstore, print.
 Exit codes follow trainer/cli_errors.py (0 done, 1 a round that does not verify, 2 bad input).
 Peer names, reasons and details come from peers: they are printed as plain text with
-``click.echo`` (tables included), never as rich markup. docs/shared-runs.md walks through both sides.
+``click.echo`` (tables included), never as rich markup. docs/shared-runs.md walks through both
+sides.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ console = Console(stderr=True)
 
 _SHARED = click.option(
     "--shared", "shared_url", required=True, help="Shared store: folder or fsspec URL."
+)
+_CORPUS_PROBE = click.option(
+    "--corpus",
+    multiple=True,
+    help="The genesis corpus, for the probe (repeatable; default: the genesis dataset's source).",
 )
 
 
@@ -298,8 +304,8 @@ def join_cmd(
     flags = _Signals()
     signal.signal(signal.SIGTERM, flags)
     signal.signal(signal.SIGINT, flags)
-    console.print(f"peer {one_line(peer_name)} joins {g.shared_run_id} "
-                  f"(genesis 0x{g.hash().hex()[:16]}...)", soft_wrap=True, markup=False)  # fmt: skip
+    hello = f"peer {one_line(peer_name)} joins {g.shared_run_id} (genesis 0x{g.hash().hex()})"
+    console.print(hello, soft_wrap=True, markup=False)
     columns = (
         TextColumn("round {task.fields[round]}"),
         BarColumn(),
@@ -328,7 +334,8 @@ def join_cmd(
             progress.console.print(_result_line(result), markup=False, soft_wrap=True)
     if flags.stopped:
         click.echo(f"peer {one_line(peer_name)}: stopped by signal")
-    click.echo(f"peer {one_line(peer_name)}: {len(results)} rounds")
+    count = len(results)
+    click.echo(f"peer {one_line(peer_name)}: {count} round{'' if count == 1 else 's'}")
 
 
 def _result_line(result: RoundResult) -> str:
@@ -357,26 +364,53 @@ def _result_line(result: RoundResult) -> str:
     help="The aggregator's BLS key file (the genesis names its public key).",
 )
 @click.option("--rounds", type=int, default=None, help="Stop after closing this many rounds.")
-@click.option("--once", is_flag=True, help="Close the open round now and exit.")
+@click.option("--once", is_flag=True, help="Close the open round once it is due, then exit.")
 @click.option(
     "--poll", type=float, default=2.0, show_default=True, help="Seconds between looks at the store."
 )
-def aggregate(shared_url: str, key_file: Path, rounds: int | None, once: bool, poll: float) -> None:
+@_CORPUS_PROBE
+def aggregate(
+    shared_url: str,
+    key_file: Path,
+    rounds: int | None,
+    once: bool,
+    poll: float,
+    corpus: tuple[str, ...],
+) -> None:
     """Close rounds of the shared run in STORE: screen, aggregate, sign the round record.
 
-    Without --once a round closes at its deadline or when max_contributions are in. Prints a
+    A round closes at its deadline or as soon as max_contributions records are in. Prints a
     table per round (included and excluded contributions, reasons, norms, losses)."""
     keypair = _load_key(key_file, "aggregator")
     store, g = _open(shared_url)
     if bytes(keypair.public) != bytes(g.aggregator):
         raise BadInput(f"{key_file} is not the aggregator key named by the genesis")
     configure_determinism(None)
-    if once:
-        signed = close_round(store, keypair, now=int(time.time()))
-        _print_round(store, signed)
-        return
-    aggregate_loop(store, keypair, rounds=rounds, poll_s=poll,
-                   on_round=lambda signed: _print_round(store, signed))  # fmt: skip
+    data = _corpus(corpus) if corpus else None
+    with _progress(TextColumn("screening {task.completed}/{task.total}"), BarColumn()) as bar:
+        task = bar.add_task("screen", total=None)
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        def show(signed: SignedRoundRecord) -> None:
+            bar.update(task, completed=0, total=None)
+            _print_round(store, signed)
+
+        if once:
+            signed = close_round(
+                store, keypair, wait=True, poll_s=poll, corpus=data, progress=on_progress
+            )
+            if signed is None:
+                click.echo(f"all {g.rounds} rounds of {g.shared_run_id} are closed")
+            else:
+                show(signed)
+            return
+        closed = aggregate_loop(
+            store, keypair, rounds=rounds, poll_s=poll, corpus=data, progress=on_progress,
+            on_round=show,
+        )  # fmt: skip
+    click.echo(f"{closed} rounds closed")
 
 
 def _print_round(store: SharedStore, signed: SignedRoundRecord) -> None:
@@ -424,19 +458,23 @@ def _table(rows: Sequence[Sequence[str]]) -> None:
 @_SHARED
 @click.option("--round", "round_", type=int, default=None, help="The round to check.")
 @click.option("--all", "all_rounds", is_flag=True, help="Check every closed round.")
-def verify_round_cmd(shared_url: str, round_: int | None, all_rounds: bool) -> None:
+@_CORPUS_PROBE
+def verify_round_cmd(
+    shared_url: str, round_: int | None, all_rounds: bool, corpus: tuple[str, ...]
+) -> None:
     """Recompute theta_{r+1} bit for bit from theta_r and the listed contributions, re-run the
     screening and check the round record's chain and signature. Exit 1 on any problem."""
     if (round_ is None) == (not all_rounds):
         raise click.UsageError("give exactly one of --round R and --all")
     store, _ = _open(shared_url)
+    data = _corpus(corpus) if corpus else None
     closed = store.rounds()
     todo = closed if all_rounds else [round_]
     if not todo or (round_ is not None and round_ not in closed):
         raise BadInput(f"no closed round {'' if round_ is None else round_} in {shared_url}")
     failures = []
     for r in todo:
-        problems = verify_round(store, r)
+        problems = verify_round(store, r, corpus=data)
         if problems:
             failures.extend(f"round {r}: {p}" for p in problems)
             continue
