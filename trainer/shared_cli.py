@@ -22,6 +22,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from proofs.hashing import Hash32
 from proofs.signatures import PUBKEY_SIZE, KeyPair, load_keypair
 from trainer.aggregator import aggregate_loop, close_round, verify_round
 from trainer.cli_errors import BadInput, Command, Failed, one_line
@@ -30,7 +31,7 @@ from trainer.globalstate import initial_model, theta_artifact
 from trainer.hook import DEFAULT_CHUNK_SIZE
 from trainer.loop import configure_determinism
 from trainer.models import GPT_NAME
-from trainer.peer import PeerProgress, RoundResult, join
+from trainer.peer import PeerProgress, RoundResult, check_corpus, check_peer, join
 from trainer.roundrecord import SignedRoundRecord
 from trainer.sharedrun import (
     SHARED_VERSION,
@@ -207,7 +208,7 @@ def genesis(
             model_config={"n_layer": n_layer, "n_head": n_head, "d_model": d_model,
                           "context": context, "dropout": dropout, "vocab_size": 256},
             init_seed=init_seed,
-            initial_root=bytes(32),  # filled in by create_genesis from the built model
+            initial_root=Hash32(bytes(32)),  # filled in by create_genesis from the built model
             optimizer=optimizer,
             hyperparameters=hyper,
             inner_lr=inner_lr,
@@ -243,7 +244,9 @@ def _write_genesis(store: SharedStore, record: Genesis, keypair: KeyPair) -> Sig
     """Build theta_0 from the genesis model and init seed, store it, then the signed genesis
     naming its root (object first: a genesis never names a missing theta_0)."""
     theta0 = theta_artifact(initial_model(record), record.chunk_size)
-    signed = SignedGenesis.sign(keypair, dataclasses.replace(record, initial_root=theta0.root))
+    signed = SignedGenesis.sign(
+        keypair, dataclasses.replace(record, initial_root=Hash32(theta0.root))
+    )
     store.put_object(theta0.root, theta0.parts)
     store.put_genesis(signed)  # StoreError when the store already holds another genesis
     return signed
@@ -301,6 +304,8 @@ def join_cmd(
     keypair = _load_key(key_file, "peer")
     store, g = _open(shared_url)
     data = _corpus(corpus)
+    check_peer(g, keypair, peer_name)  # before any output: a wrong key or corpus is one line
+    check_corpus(data, g)
     flags = _Signals()
     signal.signal(signal.SIGTERM, flags)
     signal.signal(signal.SIGINT, flags)
@@ -469,10 +474,13 @@ def verify_round_cmd(
     store, _ = _open(shared_url)
     data = _corpus(corpus) if corpus else None
     closed = store.rounds()
-    todo = closed if all_rounds else [round_]
-    if not todo or (round_ is not None and round_ not in closed):
-        raise BadInput(f"no closed round {'' if round_ is None else round_} in {shared_url}")
-    failures = []
+    todo = closed if round_ is None else [round_]
+    if not todo:
+        raise BadInput(f"no round of {shared_url} is closed yet")
+    if round_ is not None and round_ not in closed:
+        span = f"rounds {closed[0]}..{closed[-1]} are" if closed else "no round is"
+        raise BadInput(f"round {round_} of {shared_url} has no round record ({span} closed)")
+    failures: list[str] = []
     for r in todo:
         problems = verify_round(store, r, corpus=data)
         if problems:
