@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 from subprocess import PIPE
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ from trainer.peer import (
     Behaviour,
     PeerError,
     PeerProgress,
+    RoundResult,
     Status,
     join,
     run_round,
@@ -303,3 +305,24 @@ def test_peer_killed_mid_round_resumes_to_the_same_contribution(
     assert resumed.contribution is not None and whole.contribution is not None
     # Bit for bit the same round: theta_H, payload, local state, losses, inner manifests.
     assert resumed.contribution.record == whole.contribution.record
+
+
+def test_join_abandons_mid_round_and_leaves_at_a_round_boundary(
+    tmp_path: Path, corpus: Corpus
+) -> None:
+    store, g, k = shared_run(tmp_path, ("alice",))
+    stop: list[int] = []
+
+    def after_first_step(event: PeerProgress) -> None:
+        if event.phase == "training" and event.step == 1:
+            stop.append(1)
+
+    def once(**kw: Any) -> list[RoundResult]:
+        return join(store, g, k["alice"], "alice", corpus=corpus, threads=1, poll_s=0.05, **kw)
+
+    assert once(abandon=lambda: bool(stop), progress=after_first_step) == []
+    assert store.inner_store("alice", 0).manifest_windows() == [0]  # step 0 kept, resumable
+    assert store.list_contribution_files() == []
+    # The next join resumes round 0 at step 1, publishes, and leaves once told to.
+    [result] = once(leave=lambda: bool(store.list_contribution_files()))
+    assert (result.round, result.status, result.resumed_at) == (0, Status.PUBLISHED, 1)
