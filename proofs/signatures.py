@@ -78,6 +78,9 @@ class Domain(enum.Enum):
     STEP_MANIFEST = "step-manifest"
     VERDICT = "verdict"
     PAYOUT_ROOT = "payout-root"
+    SHARED_GENESIS = "shared-genesis"
+    CONTRIBUTION = "contribution"
+    ROUND = "round"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
