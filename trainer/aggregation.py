@@ -20,7 +20,9 @@ checks below in order; the first that fails excludes it with its reason code
    delta hash, size or nnz, or bytes that :func:`trainer.compression.decode_payload` refuses
    (unsorted, repeated, out of range, not k per chunk, non-finite, wrong size);
 7. ``missing-inner-run``: no inner run header whose hash is the record's ``inner_header``, signed
-   by the peer for ``inner_run_id(shared_run_id, r)`` under the genesis hash;
+   by the peer, and matching what the genesis assigns for the round
+   (``trainer.sharedrun.genesis_header_check``: run id ``inner_run_id(shared_run_id, r)``, the
+   genesis hash as assignment, model, optimizer, schedule, data);
 8. ``duplicate``: a second contribution of one key in the round, or a payload identical to
    another peer's (no rule can tell which one is the copy, so every copy is excluded);
 9. ``norm``: an L2 norm above ``norm_factor`` times the median norm of the survivors of 1-8;
@@ -67,15 +69,16 @@ from trainer.data import Corpus, batch_offsets
 from trainer.globalstate import load_flat
 from trainer.recipe import SignedRunHeader
 from trainer.roundrecord import Excluded, Included, file_label
+from trainer.sharedrun import ZERO32, Genesis, SignedContribution, genesis_header_check
 from trainer.sharedstore import is_safe_name
-from trainer.sharedrun import ZERO32, Genesis, SignedContribution, inner_run_id
 
 logger = logging.getLogger(__name__)
 
 PROBE_MAGIC = b"veritrain/probe/v1\x00"
+PAYLOAD_SLACK = 4096
+"""Bytes read past a payload's exact size (a longer file is refused unread)."""
 MAX_RECORD_BYTES = 64 << 10
 """A contribution record file: a few hundred bytes plus H losses."""
-RECORD_NAME = re.compile(r"r(\d{6})\.json")
 
 
 def record_name(round_: int) -> str:
@@ -138,7 +141,8 @@ class RoundContext:
     def __post_init__(self) -> None:
         if len(self.theta_roots) != self.round + 1:
             raise ValueError(
-                f"round {self.round} needs {self.round + 1} theta roots, got {len(self.theta_roots)}"
+                f"round {self.round} needs {self.round + 1} theta roots, "
+                f"got {len(self.theta_roots)}"
             )
 
     @property
@@ -209,7 +213,9 @@ def screen_file(
         signed = _read_record(candidate)
         survivor = _check_record(candidate, signed, ctx, source)
     except _Reject as rej:
-        return exclusion(file, file_hash, rej.reason, rej.detail, signed=signed, built_on=rej.built_on)
+        return exclusion(
+            file, file_hash, rej.reason, rej.detail, signed=signed, built_on=rej.built_on
+        )
     return survivor
 
 
@@ -228,12 +234,17 @@ def _read_record(candidate: CandidateFile) -> SignedContribution:
 
 
 def _check_record(
-    candidate: CandidateFile, signed: SignedContribution, ctx: RoundContext, source: ContributionSource
+    candidate: CandidateFile,
+    signed: SignedContribution,
+    ctx: RoundContext,
+    source: ContributionSource,
 ) -> Survivor:
     record, genesis = signed.contribution, ctx.genesis
     registered = genesis.peers.get(record.peer)
     if registered is None or bytes(registered) != bytes(record.pubkey):
-        owner = next((n for n, k in genesis.peers.items() if bytes(k) == bytes(record.pubkey)), None)
+        owner = next(
+            (n for n, k in genesis.peers.items() if bytes(k) == bytes(record.pubkey)), None
+        )
         seen = "not in the roster" if owner is None else f"registered to {short(owner)}"
         raise _Reject("unregistered", f"peer {short(record.peer)}: its key is {seen}")
     if not signed.verify(record.pubkey):
@@ -291,7 +302,9 @@ def _check_payload(
     n = ctx.size
     expected = payload_size(n, rule.chunk, rule.topk, rule.quantization)
     try:
-        data = source.payload(record.peer, record.round, expected)
+        # Some slack past the exact size, so that decode_payload names what is wrong ("count":
+        # entries past k per chunk) instead of the read refusing it; still bounded.
+        data = source.payload(record.peer, record.round, expected + PAYLOAD_SLACK)
     except SourceError as exc:
         raise _Reject("malformed-payload", str(exc)) from None
     if data is None:
@@ -300,7 +313,8 @@ def _check_payload(
         raise _Reject("malformed-payload", "payload bytes do not hash to the record's delta")
     if len(data) != record.payload_bytes:
         raise _Reject(
-            "malformed-payload", f"payload is {len(data)} bytes, the record says {record.payload_bytes}"
+            "malformed-payload",
+            f"payload is {len(data)} bytes, the record says {record.payload_bytes}",
         )
     try:
         delta = decode_payload(
@@ -309,24 +323,24 @@ def _check_payload(
     except PayloadError as exc:
         raise _Reject("malformed-payload", f"{exc.reason}: {exc}") from None
     if delta.nnz != record.nnz:
-        raise _Reject("malformed-payload", f"payload has {delta.nnz} entries, the record says {record.nnz}")
+        raise _Reject(
+            "malformed-payload", f"payload has {delta.nnz} entries, the record says {record.nnz}"
+        )
     return delta
 
 
-def _check_inner_run(signed: SignedContribution, ctx: RoundContext, source: ContributionSource) -> None:
+def _check_inner_run(
+    signed: SignedContribution, ctx: RoundContext, source: ContributionSource
+) -> None:
     record = signed.contribution
     header = source.inner_header(record.peer, record.round)
     if header is None:
         raise _Reject("missing-inner-run", f"no inner run header for round {record.round}")
-    run_id = inner_run_id(ctx.genesis.shared_run_id, record.round)
-    h = header.header
     if header.header.hash() != record.inner_header:
         raise _Reject("missing-inner-run", "the inner run header's hash is not the record's")
-    if h.run_id != run_id or h.assignment != ctx.genesis_hash or h.pubkey != record.pubkey:
-        raise _Reject(
-            "missing-inner-run",
-            f"inner run {short(h.run_id)} is not {run_id} under this genesis and the peer's key",
-        )
+    differ = genesis_header_check(ctx.genesis, header.header, record.pubkey, round=record.round)
+    if differ:
+        raise _Reject("missing-inner-run", f"the inner run is not the genesis's: {differ[0]}")
     if not header.verify(record.pubkey):
         raise _Reject("missing-inner-run", "the inner run header is not signed by the peer")
 
@@ -345,12 +359,16 @@ def screen_duplicates(survivors: Sequence[Survivor]) -> tuple[list[Survivor], li
         if len(same_key) > 1 and s is not min(same_key, key=lambda x: x.file):
             detail = f"a second contribution of peer {s.signed.contribution.peer} this round"
         elif len({bytes(c.pubkey) for c in copies}) > 1:
-            others = sorted({c.signed.contribution.peer for c in copies} - {s.signed.contribution.peer})
+            others = sorted(
+                {c.signed.contribution.peer for c in copies} - {s.signed.contribution.peer}
+            )
             detail = f"payload identical to that of {', '.join(others)}"
         else:
             kept.append(s)
             continue
-        out.append(exclusion(s.file, s.file_hash, "duplicate", detail, signed=s.signed, norm=s.norm))
+        out.append(
+            exclusion(s.file, s.file_hash, "duplicate", detail, signed=s.signed, norm=s.norm)
+        )
     return kept, out
 
 
@@ -359,7 +377,9 @@ def norm_limit(norms: Sequence[float], factor: float) -> float:
     return factor * statistics.median(norms) if norms else 0.0
 
 
-def screen_norms(survivors: Sequence[Survivor], factor: float) -> tuple[list[Survivor], list[Excluded]]:
+def screen_norms(
+    survivors: Sequence[Survivor], factor: float
+) -> tuple[list[Survivor], list[Excluded]]:
     """Check 9: exclude a norm above ``factor`` times the median of the survivors' norms."""
     limit = norm_limit([s.norm for s in survivors], factor)
     kept, out = [], []
@@ -429,7 +449,15 @@ def screen_probe(
         if probe_worse(loss, base, margin):
             detail = f"probe loss {loss:.6g} > base {base:.6g} + {margin:g} relative"
             out.append(
-                exclusion(s.file, s.file_hash, "probe", detail, signed=s.signed, norm=s.norm, probe_loss=loss)
+                exclusion(
+                    s.file,
+                    s.file_hash,
+                    "probe",
+                    detail,
+                    signed=s.signed,
+                    norm=s.norm,
+                    probe_loss=loss,
+                )
             )
         else:
             kept.append((s, loss))
@@ -459,7 +487,7 @@ def aggregate_hash(u: torch.Tensor) -> Hash32:
     array = u.contiguous().numpy()
     if array.dtype != np.dtype("<f4"):
         array = array.astype("<f4")
-    return Hash32(hashlib.sha256(memoryview(array).cast("B")).digest())
+    return Hash32(hashlib.sha256(array.data).digest())
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -498,7 +526,9 @@ def close_round(
             progress(i + 1, len(candidates))
     survivors, dupes = screen_duplicates(survivors)
     excluded += dupes
-    seed = probe_seed(ctx.genesis_hash, ctx.round, [s.signed.contribution.hash() for s in survivors])
+    seed = probe_seed(
+        ctx.genesis_hash, ctx.round, [s.signed.contribution.hash() for s in survivors]
+    )
     survivors, by_norm = screen_norms(survivors, screening.norm_factor)
     excluded += by_norm
     base_loss: float | None = None

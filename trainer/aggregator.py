@@ -45,16 +45,20 @@ from trainer.aggregation import (
     RoundContext,
     RoundResult,
     SourceError,
+    Survivor,
+    aggregate_hash,
+    apply_sum,
     make_prober,
     probe_offsets,
     record_name,
+    screen_file,
 )
 from trainer.aggregation import close_round as decide_round
 from trainer.data import Corpus
 from trainer.globalstate import flatten, initial_model, load_flat, theta_artifact
 from trainer.recipe import SignedRunHeader
 from trainer.roundrecord import RoundRecord, SignedRoundRecord
-from trainer.sharedrun import SHARED_VERSION, Genesis, SignedContribution
+from trainer.sharedrun import SHARED_VERSION, ZERO32, Genesis, SignedContribution
 from trainer.sharedstore import GENESIS_PATH, SharedStore, is_safe_name, payload_name
 from trainer.store import StoreError
 
@@ -291,7 +295,10 @@ def close_round(
         clock = time.time() if now is None else now
         candidates = unscreened(store, state)
         due = sum(c.name == record_name(r) for c in candidates)
-        if clock >= opened + genesis.screening.deadline_s or due >= genesis.screening.max_contributions:
+        if (
+            clock >= opened + genesis.screening.deadline_s
+            or due >= genesis.screening.max_contributions
+        ):
             break
         if not wait:
             return None
@@ -315,7 +322,7 @@ def close_round(
         excluded=result.excluded,
         base_probe_loss=result.base_probe_loss,
         aggregate=result.aggregate,
-        new_root=encoded.root,
+        new_root=Hash32(encoded.root),
         carried_over=result.carried_over,
     )
     signed = SignedRoundRecord.sign(keypair, record)
@@ -359,6 +366,175 @@ def aggregate_loop(
     return closed
 
 
+PROBE_RTOL = 1e-4
+"""Relative tolerance between a recorded and a recomputed probe loss (float32 reductions may
+round differently on another CPU or thread count; everything else is compared bit for bit)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundCheck:
+    """What :func:`check_round` found: failures, and decisions too close to the margin to
+    call (the recomputed probe loss is within ``PROBE_RTOL`` of the threshold)."""
+
+    problems: tuple[str, ...]
+    close: tuple[str, ...]
+
+
+def _near(a: float | None, b: float | None, tol: float = PROBE_RTOL) -> bool:
+    if a is None or b is None:
+        return a is b
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+def _listed_candidates(
+    store: SharedStore, record: RoundRecord
+) -> tuple[list[CandidateFile], list[str]]:
+    """The files ``record`` screened, read again; problems for those that changed or vanished."""
+    problems: list[str] = []
+    out: list[CandidateFile] = []
+    wanted = {e.file: bytes(e.file_hash) for e in record.excluded}
+    applied = {
+        f"{i.peer}/{record_name(record.round)}": bytes(i.contribution) for i in record.included
+    }
+    for file in sorted(set(wanted) | set(applied)):
+        folder, _, name = file.partition("/")
+        candidate = read_candidate(store, folder, name)
+        if file in applied and _contribution_hash(candidate.raw) != applied[file]:
+            problems.append(f"{file}: the included contribution is no longer in the store")
+        elif file in wanted and bytes(candidate.file_hash) != wanted[file]:
+            problems.append(f"{file}: its bytes changed since the round closed; not re-screened")
+            continue
+        out.append(candidate)
+    return out, problems
+
+
+def _compare(
+    record: RoundRecord, result: RoundResult, genesis: Genesis
+) -> tuple[list[str], list[str]]:
+    """Recorded vs recomputed decisions (probe losses within tolerance)."""
+    problems: list[str] = []
+    close: list[str] = []
+    screening = genesis.screening
+    base = result.base_probe_loss
+    if not _near(record.base_probe_loss, base):
+        problems.append(f"base probe loss {record.base_probe_loss}, recomputed {base}")
+    threshold = None if base is None else base + screening.probe_margin * abs(base)
+
+    def outcomes(r: RoundRecord | RoundResult) -> dict[str, tuple[str, float | None, float | None]]:
+        out: dict[str, tuple[str, float | None, float | None]] = {
+            f"{i.peer}/{record_name(record.round)}": ("included", i.norm, i.probe_loss)
+            for i in r.included
+        }
+        out.update({e.file: (e.reason, e.norm, e.probe_loss) for e in r.excluded})
+        return out
+
+    seen, redo = outcomes(record), outcomes(result)
+    for file in sorted(set(seen) | set(redo)):
+        (got, norm, loss), (want, norm2, loss2) = (
+            seen.get(file, ("absent", None, None)),
+            redo.get(file, ("absent", None, None)),
+        )
+        if got != want:
+            probe_call = {got, want} <= {"included", "probe"} and loss2 is not None
+            if probe_call and threshold is not None and _near(loss2, threshold):
+                close.append(
+                    f"{file}: recorded {got}, recomputed {want}; loss {loss2} is at the "
+                    f"margin {threshold}"
+                )
+            else:
+                problems.append(f"{file}: recorded {got}, recomputed {want}")
+            continue
+        if norm is not None and norm2 is not None and norm != norm2:
+            problems.append(f"{file}: norm {norm!r}, recomputed {norm2!r}")
+        if not _near(loss, loss2):
+            problems.append(f"{file}: probe loss {loss}, recomputed {loss2}")
+    return problems, close
+
+
+def check_round(store: SharedStore, r: int, *, corpus: Corpus | None = None) -> RoundCheck:
+    """Re-check closed round ``r`` (module docstring). Store errors become problems."""
+    try:
+        state = load_run(store, upto=r)
+        if state.next_round != r:
+            return RoundCheck(problems=(f"round {state.next_round} has no valid record",), close=())
+        signed = store.read_round(r)
+    except (VeritrainError, OSError) as exc:
+        return RoundCheck(problems=(str(exc),), close=())
+    genesis, record = state.genesis, signed.round
+    problems = list(record.check_roster(genesis))
+    if not signed.verify(genesis.aggregator):
+        problems.append("the round record is not signed by the genesis's aggregator key")
+    if record.prev != state.prev_hash(r):
+        problems.append("prev is not the hash of the previous round record (or the genesis)")
+    if record.base_root != state.theta_roots(r)[-1]:
+        problems.append("base_root is not the previous round's new_root (or the initial root)")
+    if problems:
+        return RoundCheck(problems=tuple(problems), close=())
+    candidates, read_problems = _listed_candidates(store, record)
+    try:
+        result, model = decide(store, state, r, candidates, corpus=corpus)
+        theta_next = _recorded_theta(store, state, r, record, candidates, model)
+    except (VeritrainError, OSError) as exc:
+        return RoundCheck(problems=(*read_problems, str(exc)), close=())
+    compared, close = _compare(record, result, genesis)
+    problems = [*read_problems, *compared]
+    if theta_next is None:
+        problems.append("the included contributions cannot all be recomputed")
+    else:
+        theta, aggregate = theta_next
+        if aggregate != record.aggregate:
+            problems.append(f"aggregate {record.aggregate.hex()}, recomputed {aggregate.hex()}")
+        load_flat(model, theta)
+        root = Hash32(theta_artifact(model, genesis.chunk_size).root)
+        if root != record.new_root:
+            problems.append(f"new_root {record.new_root.hex()}, recomputed {root.hex()}")
+        else:
+            try:
+                store.read_theta(root, model)  # every leaf checked against the root
+            except StoreError as exc:
+                problems.append(f"theta_{r + 1} in the store does not verify: {exc}")
+    for note in close:
+        logger.warning("round %d: close call: %s", r, note)
+    return RoundCheck(problems=tuple(problems), close=tuple(close))
+
+
+def _recorded_theta(
+    store: SharedStore,
+    state: RunState,
+    r: int,
+    record: RoundRecord,
+    candidates: list[CandidateFile],
+    model: nn.Module,
+) -> tuple[torch.Tensor, Hash32] | None:
+    """theta_{r+1} and the aggregate hash from theta_r and the record's included list (its
+    decisions, not the recomputed ones: a close probe call must not change the root)."""
+    genesis = state.genesis
+    theta = theta_of(store, genesis, record.base_root, model)
+    if record.carried_over:
+        return theta, ZERO32
+    roots = state.theta_roots(r)
+    ctx = RoundContext(genesis=genesis, round=r, size=theta.numel(), theta_roots=roots)
+    by_file = {c.file: c for c in candidates}
+    deltas = []
+    for inc in record.included:
+        candidate = by_file.get(f"{inc.peer}/{record_name(r)}")
+        survivor = None if candidate is None else screen_file(candidate, ctx, StoreSource(store))
+        if (
+            not isinstance(survivor, Survivor)
+            or survivor.signed.contribution.hash() != inc.contribution
+        ):
+            return None
+        deltas.append(survivor.delta)
+    theta_next, u = apply_sum(theta, deltas, genesis.outer.alpha)
+    return theta_next, aggregate_hash(u)
+
+
+def verify_round(store: SharedStore, r: int, *, corpus: Corpus | None = None) -> list[str]:
+    """The problems :func:`check_round` finds in round ``r`` (empty: it verifies); close probe
+    calls are logged, not returned."""
+    return list(check_round(store, r, corpus=corpus).problems)
+
+
 def _pause(point: str) -> None:
     spec = os.environ.get(PAUSE_ENV, "")
     name, _, marker = spec.partition(":")
@@ -372,12 +548,16 @@ def _pause(point: str) -> None:
 
 __all__ = [
     "PAUSE_ENV",
+    "PROBE_RTOL",
     "AggregatorError",
+    "RoundCheck",
     "RunState",
     "StoreSource",
     "aggregate_loop",
+    "check_round",
     "close_round",
     "decide",
     "load_run",
     "unscreened",
+    "verify_round",
 ]
