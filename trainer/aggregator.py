@@ -1,0 +1,563 @@
+"""The aggregator of a shared run: closes rounds in the shared store, and re-checks them.
+
+``close_round`` closes the next open round r (docs/shared-runs.md, "The aggregator"):
+
+- **When.** Round r opens at the previous round record's ``closed_at``; round 0 at the genesis
+  file's modification time as the store reports it (the genesis has no time field; a store that
+  reports none opens round 0 at the first look). It closes once ``now >= opened_at +
+  deadline_s``, or as soon as ``max_contributions`` unscreened records named for round r are in
+  the store; ``wait=True`` polls until one of the two holds.
+- **What.** Every contribution record file that no earlier round record screened (an excluded
+  file matched by file and file hash, an included one by file and contribution hash) is screened
+  (trainer.aggregation); a record for an earlier round published late is screened here, as stale.
+- **Crash safety.** The round record is the only commit: theta_{r+1}'s artifact is written and
+  synced first (content-named, idempotent), the signed record last and write-once. A SIGKILL at
+  any point leaves either no record (a rerun screens and aggregates again from the same theta_r;
+  with the same files and ``now`` it writes the identical record, BLS signatures being
+  deterministic) or the complete one. Applying a contribution means naming it in the record, so
+  none is ever applied twice or lost.
+
+``check_round`` / ``verify_round`` re-check a closed round from the store alone: signature and
+chain, every screening decision (probe losses within ``PROBE_RTOL``; a decision that close to the
+margin is reported as "close", not as a failure), and theta_{r+1}'s root bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+from torch import nn
+
+from proofs.errors import VeritrainError
+from proofs.hashing import Hash32
+from proofs.jsonlimits import loads_untrusted
+from proofs.signatures import KeyPair
+from trainer.aggregation import (
+    MAX_RECORD_BYTES,
+    CandidateFile,
+    Prober,
+    RoundContext,
+    RoundResult,
+    SourceError,
+    Survivor,
+    aggregate_hash,
+    apply_sum,
+    make_prober,
+    probe_offsets,
+    record_name,
+    screen_file,
+)
+from trainer.aggregation import close_round as decide_round
+from trainer.data import Corpus
+from trainer.globalstate import flatten, initial_model, load_flat, theta_artifact
+from trainer.recipe import SignedRunHeader
+from trainer.roundrecord import RoundRecord, SignedRoundRecord
+from trainer.sharedrun import SHARED_VERSION, ZERO32, Genesis, SignedContribution
+from trainer.sharedstore import GENESIS_PATH, SharedStore, is_safe_name, payload_name
+from trainer.store import StoreError
+
+logger = logging.getLogger(__name__)
+
+PAUSE_ENV = "VERITRAIN_AGGREGATOR_PAUSE"
+"""Test hook for the SIGKILL test: ``<point>:<marker file>``. At that point the aggregator
+creates the marker file and sleeps for an hour, for the test to kill it there. Points:
+``screened`` (decided, nothing written), ``theta-written`` (theta synced, no record yet)."""
+
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``: stage is "screen"."""
+
+
+class AggregatorError(VeritrainError, RuntimeError):
+    """A round cannot be closed or checked: wrong key, a genesis or theta that does not verify."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunState:
+    """A shared run as the store holds it: its verified genesis and the closed rounds."""
+
+    genesis: Genesis
+    records: tuple[SignedRoundRecord, ...]
+    genesis_time: int
+
+    @property
+    def next_round(self) -> int:
+        return len(self.records)
+
+    def theta_roots(self, upto: int) -> tuple[Hash32, ...]:
+        """Roots of theta_0 .. theta_upto."""
+        roots = (self.genesis.initial_root, *(s.round.new_root for s in self.records))
+        return tuple(roots[: upto + 1])
+
+    def opened_at(self, r: int) -> int:
+        return self.genesis_time if r == 0 else self.records[r - 1].round.closed_at
+
+    def prev_hash(self, r: int) -> Hash32:
+        return self.genesis.hash() if r == 0 else self.records[r - 1].round.hash()
+
+
+def load_run(store: SharedStore, *, upto: int | None = None) -> RunState:
+    """The genesis (coordinator signature checked) and the round records 0, 1, ... in order
+    (aggregator signatures checked), stopping at the first missing one or at ``upto``.
+    AggregatorError when a signature fails."""
+    signed = store.read_genesis()
+    genesis = signed.genesis
+    if not signed.verify():
+        raise AggregatorError(f"{store.url}: the genesis is not signed by its coordinator")
+    records: list[SignedRoundRecord] = []
+    for r in store.rounds():
+        if r != len(records) or (upto is not None and r >= upto):
+            break
+        rec = store.read_round(r)
+        if not rec.verify(genesis.aggregator):
+            raise AggregatorError(f"{store.url}: round {r}'s record is not the aggregator's")
+        records.append(rec)
+    return RunState(genesis=genesis, records=tuple(records), genesis_time=_genesis_time(store))
+
+
+def _genesis_time(store: SharedStore) -> int:
+    try:
+        info = store.store.fs.info(f"{store.store.root}/{GENESIS_PATH}")
+    except (OSError, ValueError):
+        return int(time.time())
+    for key in ("mtime", "created", "LastModified", "last_modified"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return int(value.timestamp())
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return int(value)
+    return int(time.time())
+
+
+class StoreSource:
+    """Screening's view of the shared store (trainer.aggregation.ContributionSource)."""
+
+    def __init__(self, store: SharedStore) -> None:
+        self.store = store
+
+    def payload(self, peer: str, round_: int, max_bytes: int) -> bytes | None:
+        if not self.store.store.exists(payload_name(peer, round_)):
+            return None
+        try:
+            return self.store.read_contribution_file(peer, f"r{round_:06d}.delta", max_bytes)
+        except StoreError as exc:
+            raise SourceError(str(exc)) from None
+
+    def inner_header(self, peer: str, round_: int) -> SignedRunHeader | None:
+        inner = self.store.inner_store(peer, round_)
+        try:
+            return inner.read_header() if inner.has_header() else None
+        except StoreError:
+            return None
+
+
+def read_candidate(store: SharedStore, folder: str, name: str) -> CandidateFile:
+    """One listed file, read (bounded) only when both names are safe path components."""
+    if not (is_safe_name(folder) and is_safe_name(name)):
+        return CandidateFile(folder=folder, name=name, raw=None, error="unsafe name")
+    try:
+        raw = store.read_contribution_file(folder, name, MAX_RECORD_BYTES)
+    except StoreError as exc:
+        return CandidateFile(folder=folder, name=name, raw=None, error=str(exc))
+    return CandidateFile(folder=folder, name=name, raw=raw)
+
+
+def _contribution_hash(raw: bytes | None) -> bytes | None:
+    if raw is None:
+        return None
+    try:
+        obj = loads_untrusted(raw, max_bytes=MAX_RECORD_BYTES, what="record")
+        return bytes(SignedContribution.from_json(obj).contribution.hash())
+    except (VeritrainError, ValueError):
+        return None
+
+
+def unscreened(store: SharedStore, state: RunState) -> list[CandidateFile]:
+    """Every contribution record file no round record of ``state`` screened, by file name."""
+    excluded = {(e.file, bytes(e.file_hash)) for s in state.records for e in s.round.excluded}
+    included = {
+        (f"{i.peer}/{record_name(s.round.round)}", bytes(i.contribution))
+        for s in state.records
+        for i in s.round.included
+    }
+    included_files = {f for f, _ in included}
+    out = []
+    for folder, name in store.list_contribution_files():
+        if name.endswith(".delta"):
+            continue  # payloads are read through their records
+        candidate = read_candidate(store, folder, name)
+        if (candidate.file, bytes(candidate.file_hash)) in excluded:
+            continue
+        if candidate.file in included_files and (
+            (candidate.file, _contribution_hash(candidate.raw)) in included
+        ):
+            continue
+        out.append(candidate)
+    return sorted(out, key=lambda c: c.file)
+
+
+def theta_of(store: SharedStore, genesis: Genesis, root: bytes, model: nn.Module) -> torch.Tensor:
+    """theta with ``root``: rebuilt from the genesis for theta_0's root when the store lacks
+    it, else read and verified from the store. AggregatorError when it does not verify."""
+    if root == genesis.initial_root and not store.store.has_object(root):
+        fresh = initial_model(genesis)
+        encoded = theta_artifact(fresh, genesis.chunk_size)
+        if encoded.root != root:
+            raise AggregatorError(
+                f"the genesis model builds theta_0 with root {encoded.root.hex()}, the genesis "
+                f"says {root.hex()}"
+            )
+        store.put_object(encoded.root, encoded.parts)
+        return flatten(fresh)
+    try:
+        return store.read_theta(root, model)
+    except StoreError as exc:
+        raise AggregatorError(f"cannot load theta {root.hex()}: {exc}") from exc
+
+
+def load_corpus(genesis: Genesis, corpus: Corpus | None) -> Corpus:
+    """``corpus`` or the genesis dataset's source paths, checked against its root."""
+    data = corpus if corpus is not None else Corpus.from_paths(genesis.dataset.source.split(","))
+    if data.commitment().root != genesis.dataset.root:
+        raise AggregatorError(
+            f"the probe corpus has root {data.commitment().root.hex()}, the genesis dataset "
+            f"{genesis.dataset.root.hex()} (pass the genesis corpus)"
+        )
+    return data
+
+
+def prober_factory(genesis: Genesis, corpus: Corpus | None) -> Callable[[int], Prober]:
+    """``seed -> Prober`` on the genesis dataset (loaded lazily: only rounds with survivors
+    probe)."""
+
+    def make(seed: int) -> Prober:
+        data = load_corpus(genesis, corpus)
+        model = initial_model(genesis)
+        return make_prober(model, data, probe_offsets(genesis, seed, len(data)), genesis.context)
+
+    return make
+
+
+def decide(
+    store: SharedStore,
+    state: RunState,
+    r: int,
+    candidates: list[CandidateFile],
+    *,
+    corpus: Corpus | None = None,
+    progress: Progress | None = None,
+) -> tuple[RoundResult, nn.Module]:
+    """Screen and aggregate ``candidates`` for round ``r`` of ``state``; the model holds theta_r."""
+    genesis = state.genesis
+    model = initial_model(genesis)
+    roots = state.theta_roots(r)
+    theta = theta_of(store, genesis, roots[-1], model)
+    ctx = RoundContext(genesis=genesis, round=r, size=theta.numel(), theta_roots=roots)
+    result = decide_round(
+        ctx,
+        candidates,
+        StoreSource(store),
+        theta,
+        prober_for=prober_factory(genesis, corpus) if genesis.screening.probe else None,
+        progress=None if progress is None else lambda d, t: progress("screen", d, t),
+    )
+    return result, model
+
+
+def close_round(
+    store: SharedStore,
+    keypair: KeyPair,
+    *,
+    now: float | None = None,
+    wait: bool = False,
+    poll_s: float = 2.0,
+    corpus: Corpus | None = None,
+    progress: Progress | None = None,
+) -> SignedRoundRecord | None:
+    """Close the next open round and return its signed record; None when it is not due yet
+    (``wait=False``) or the genesis's rounds are all closed. ``now`` fixes the clock (unix
+    seconds; tests, and re-runs that must write the identical record). Raises AggregatorError
+    when ``keypair`` is not the genesis's aggregator or a theta does not verify."""
+    state = load_run(store)
+    genesis = state.genesis
+    if bytes(keypair.public) != bytes(genesis.aggregator):
+        raise AggregatorError("this key is not the genesis's aggregator key")
+    r = state.next_round
+    if genesis.rounds and r >= genesis.rounds:
+        return None
+    opened = state.opened_at(r)
+    while True:
+        clock = time.time() if now is None else now
+        candidates = unscreened(store, state)
+        due = sum(c.name == record_name(r) for c in candidates)
+        if (
+            clock >= opened + genesis.screening.deadline_s
+            or due >= genesis.screening.max_contributions
+        ):
+            break
+        if not wait:
+            return None
+        time.sleep(max(0.05, min(poll_s, opened + genesis.screening.deadline_s - clock)))
+    result, model = decide(store, state, r, candidates, corpus=corpus, progress=progress)
+    _pause("screened")
+    load_flat(model, result.theta_next)
+    encoded = theta_artifact(model, genesis.chunk_size)
+    store.put_object(encoded.root, encoded.parts)  # synced: the record below names it
+    _pause("theta-written")
+    record = RoundRecord(
+        version=SHARED_VERSION,
+        shared_run_id=genesis.shared_run_id,
+        genesis=genesis.hash(),
+        round=r,
+        prev=state.prev_hash(r),
+        base_root=state.theta_roots(r)[-1],
+        opened_at=opened,
+        closed_at=max(opened, int(clock)),
+        included=result.included,
+        excluded=result.excluded,
+        base_probe_loss=result.base_probe_loss,
+        aggregate=result.aggregate,
+        new_root=Hash32(encoded.root),
+        carried_over=result.carried_over,
+    )
+    signed = SignedRoundRecord.sign(keypair, record)
+    store.put_round(signed)
+    logger.info(
+        "round %d closed: %d included, %d excluded, theta %s",
+        r,
+        len(record.included),
+        len(record.excluded),
+        record.new_root.hex()[:16],
+    )
+    return signed
+
+
+def aggregate_loop(
+    store: SharedStore,
+    keypair: KeyPair,
+    *,
+    rounds: int | None = None,
+    poll_s: float = 2.0,
+    corpus: Corpus | None = None,
+    progress: Progress | None = None,
+    on_round: Callable[[SignedRoundRecord], None] | None = None,
+) -> int:
+    """Close rounds as they come due until the genesis's ``rounds`` (or ``rounds`` more of
+    them) are closed; returns how many this call closed. ``rounds=None`` with a genesis of 0
+    rounds runs until interrupted."""
+    closed = 0
+    while rounds is None or closed < rounds:
+        state = load_run(store)
+        if state.genesis.rounds and state.next_round >= state.genesis.rounds:
+            break
+        signed = close_round(
+            store, keypair, wait=True, poll_s=poll_s, corpus=corpus, progress=progress
+        )
+        if signed is None:
+            break
+        closed += 1
+        if on_round is not None:
+            on_round(signed)
+    return closed
+
+
+PROBE_RTOL = 1e-4
+"""Relative tolerance between a recorded and a recomputed probe loss (float32 reductions may
+round differently on another CPU or thread count; everything else is compared bit for bit)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundCheck:
+    """What :func:`check_round` found: failures, and decisions too close to the margin to
+    call (the recomputed probe loss is within ``PROBE_RTOL`` of the threshold)."""
+
+    problems: tuple[str, ...]
+    close: tuple[str, ...]
+
+
+def _near(a: float | None, b: float | None, tol: float = PROBE_RTOL) -> bool:
+    if a is None or b is None:
+        return a is b
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+def _listed_candidates(
+    store: SharedStore, record: RoundRecord
+) -> tuple[list[CandidateFile], list[str]]:
+    """The files ``record`` screened, read again; problems for those that changed or vanished."""
+    problems: list[str] = []
+    out: list[CandidateFile] = []
+    wanted = {e.file: bytes(e.file_hash) for e in record.excluded}
+    applied = {
+        f"{i.peer}/{record_name(record.round)}": bytes(i.contribution) for i in record.included
+    }
+    for file in sorted(set(wanted) | set(applied)):
+        folder, _, name = file.partition("/")
+        candidate = read_candidate(store, folder, name)
+        if file in applied and _contribution_hash(candidate.raw) != applied[file]:
+            problems.append(f"{file}: the included contribution is no longer in the store")
+        elif file in wanted and bytes(candidate.file_hash) != wanted[file]:
+            problems.append(f"{file}: its bytes changed since the round closed; not re-screened")
+            continue
+        out.append(candidate)
+    return out, problems
+
+
+def _compare(
+    record: RoundRecord, result: RoundResult, genesis: Genesis
+) -> tuple[list[str], list[str]]:
+    """Recorded vs recomputed decisions (probe losses within tolerance)."""
+    problems: list[str] = []
+    close: list[str] = []
+    screening = genesis.screening
+    base = result.base_probe_loss
+    if not _near(record.base_probe_loss, base):
+        problems.append(f"base probe loss {record.base_probe_loss}, recomputed {base}")
+    threshold = None if base is None else base + screening.probe_margin * abs(base)
+
+    def outcomes(r: RoundRecord | RoundResult) -> dict[str, tuple[str, float | None, float | None]]:
+        out: dict[str, tuple[str, float | None, float | None]] = {
+            f"{i.peer}/{record_name(record.round)}": ("included", i.norm, i.probe_loss)
+            for i in r.included
+        }
+        out.update({e.file: (e.reason, e.norm, e.probe_loss) for e in r.excluded})
+        return out
+
+    seen, redo = outcomes(record), outcomes(result)
+    for file in sorted(set(seen) | set(redo)):
+        (got, norm, loss), (want, norm2, loss2) = (
+            seen.get(file, ("absent", None, None)),
+            redo.get(file, ("absent", None, None)),
+        )
+        if got != want:
+            probe_call = {got, want} <= {"included", "probe"} and loss2 is not None
+            if probe_call and threshold is not None and _near(loss2, threshold):
+                close.append(
+                    f"{file}: recorded {got}, recomputed {want}; loss {loss2} is at the "
+                    f"margin {threshold}"
+                )
+            else:
+                problems.append(f"{file}: recorded {got}, recomputed {want}")
+            continue
+        if norm is not None and norm2 is not None and norm != norm2:
+            problems.append(f"{file}: norm {norm!r}, recomputed {norm2!r}")
+        if not _near(loss, loss2):
+            problems.append(f"{file}: probe loss {loss}, recomputed {loss2}")
+    return problems, close
+
+
+def check_round(store: SharedStore, r: int, *, corpus: Corpus | None = None) -> RoundCheck:
+    """Re-check closed round ``r`` (module docstring). Store errors become problems."""
+    try:
+        state = load_run(store, upto=r)
+        if state.next_round != r:
+            return RoundCheck(problems=(f"round {state.next_round} has no valid record",), close=())
+        signed = store.read_round(r)
+    except (VeritrainError, OSError) as exc:
+        return RoundCheck(problems=(str(exc),), close=())
+    genesis, record = state.genesis, signed.round
+    problems = list(record.check_roster(genesis))
+    if not signed.verify(genesis.aggregator):
+        problems.append("the round record is not signed by the genesis's aggregator key")
+    if record.prev != state.prev_hash(r):
+        problems.append("prev is not the hash of the previous round record (or the genesis)")
+    if record.base_root != state.theta_roots(r)[-1]:
+        problems.append("base_root is not the previous round's new_root (or the initial root)")
+    if problems:
+        return RoundCheck(problems=tuple(problems), close=())
+    candidates, read_problems = _listed_candidates(store, record)
+    try:
+        result, model = decide(store, state, r, candidates, corpus=corpus)
+        theta_next = _recorded_theta(store, state, r, record, candidates, model)
+    except (VeritrainError, OSError) as exc:
+        return RoundCheck(problems=(*read_problems, str(exc)), close=())
+    compared, close = _compare(record, result, genesis)
+    problems = [*read_problems, *compared]
+    if theta_next is None:
+        problems.append("the included contributions cannot all be recomputed")
+    else:
+        theta, aggregate = theta_next
+        if aggregate != record.aggregate:
+            problems.append(f"aggregate {record.aggregate.hex()}, recomputed {aggregate.hex()}")
+        load_flat(model, theta)
+        root = Hash32(theta_artifact(model, genesis.chunk_size).root)
+        if root != record.new_root:
+            problems.append(f"new_root {record.new_root.hex()}, recomputed {root.hex()}")
+        else:
+            try:
+                store.read_theta(root, model)  # every leaf checked against the root
+            except StoreError as exc:
+                problems.append(f"theta_{r + 1} in the store does not verify: {exc}")
+    for note in close:
+        logger.warning("round %d: close call: %s", r, note)
+    return RoundCheck(problems=tuple(problems), close=tuple(close))
+
+
+def _recorded_theta(
+    store: SharedStore,
+    state: RunState,
+    r: int,
+    record: RoundRecord,
+    candidates: list[CandidateFile],
+    model: nn.Module,
+) -> tuple[torch.Tensor, Hash32] | None:
+    """theta_{r+1} and the aggregate hash from theta_r and the record's included list (its
+    decisions, not the recomputed ones: a close probe call must not change the root)."""
+    genesis = state.genesis
+    theta = theta_of(store, genesis, record.base_root, model)
+    if record.carried_over:
+        return theta, ZERO32
+    roots = state.theta_roots(r)
+    ctx = RoundContext(genesis=genesis, round=r, size=theta.numel(), theta_roots=roots)
+    by_file = {c.file: c for c in candidates}
+    deltas = []
+    for inc in record.included:
+        candidate = by_file.get(f"{inc.peer}/{record_name(r)}")
+        survivor = None if candidate is None else screen_file(candidate, ctx, StoreSource(store))
+        if (
+            not isinstance(survivor, Survivor)
+            or survivor.signed.contribution.hash() != inc.contribution
+        ):
+            return None
+        deltas.append(survivor.delta)
+    theta_next, u = apply_sum(theta, deltas, genesis.outer.alpha)
+    return theta_next, aggregate_hash(u)
+
+
+def verify_round(store: SharedStore, r: int, *, corpus: Corpus | None = None) -> list[str]:
+    """The problems :func:`check_round` finds in round ``r`` (empty: it verifies); close probe
+    calls are logged, not returned."""
+    return list(check_round(store, r, corpus=corpus).problems)
+
+
+def _pause(point: str) -> None:
+    spec = os.environ.get(PAUSE_ENV, "")
+    name, _, marker = spec.partition(":")
+    if name != point:
+        return
+    logger.warning("pausing at %s for the SIGKILL test (%s)", point, PAUSE_ENV)
+    with open(marker, "w", encoding="utf-8") as handle:
+        handle.write(point)
+    time.sleep(3600)
+
+
+__all__ = [
+    "PAUSE_ENV",
+    "PROBE_RTOL",
+    "AggregatorError",
+    "RoundCheck",
+    "RunState",
+    "StoreSource",
+    "aggregate_loop",
+    "check_round",
+    "close_round",
+    "decide",
+    "load_run",
+    "unscreened",
+    "verify_round",
+]
