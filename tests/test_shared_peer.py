@@ -243,6 +243,10 @@ def test_dropouts_joins_late_and_copied_contributions(tmp_path: Path, corpus: Co
     assert r2 is not None and sorted(i.peer for i in r2.record.included) == ["alice", "bob", "dave"]
     for r in range(3):
         assert verify_round(store, r, corpus=corpus) == [], r
+    # A payload changed after the round: verify-round names the round and exits 1.
+    (Path(store.url) / "contributions" / "bob" / "r000002.delta").write_bytes(b"VTSD")
+    checked = CliRunner().invoke(main, ["verify-round", "--shared", store.url, "--round", "2"])
+    assert checked.exit_code == 1 and checked.output.startswith("FAIL round 2: "), checked.output
 
 
 def test_wrong_key_or_corpus_is_refused_before_anything_is_written(
@@ -262,6 +266,13 @@ def test_wrong_key_or_corpus_is_refused_before_anything_is_written(
     assert refused.output.startswith("error: peer 'bob' is not in the roster")
     assert not (Path(store.url) / "peers").exists()
     assert not (Path(store.url) / "contributions").exists()
+    # One store, one genesis: another is refused before anything is written.
+    objects = sorted((Path(store.url) / "objects").iterdir())
+    again = CliRunner().invoke(main, genesis_args(tmp_path, Path(store.url), ("alice", "bob")))
+    assert again.exit_code == 2 and "already holds the genesis of test-shared" in again.output
+    assert sorted((Path(store.url) / "objects").iterdir()) == objects
+    empty = CliRunner().invoke(main, ["rounds", "--shared", str(tmp_path / "nothing")])
+    assert empty.exit_code == 2 and empty.output.startswith("error: "), empty.output
 
 
 KILL_AFTER_FIRST_WINDOW = """

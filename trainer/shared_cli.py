@@ -247,8 +247,15 @@ def _write_genesis(store: SharedStore, record: Genesis, keypair: KeyPair) -> Sig
     signed = SignedGenesis.sign(
         keypair, dataclasses.replace(record, initial_root=Hash32(theta0.root))
     )
+    if store.has_genesis():  # refused before anything is written; the same genesis is a no-op
+        held = store.read_genesis()
+        if held.to_json() != signed.to_json():
+            raise BadInput(
+                f"{store.url} already holds the genesis of {held.record.shared_run_id} "
+                f"(0x{held.record.hash().hex()}); a shared store holds one run"
+            )
     store.put_object(theta0.root, theta0.parts)
-    store.put_genesis(signed)  # StoreError when the store already holds another genesis
+    store.put_genesis(signed)  # write-once: a genesis written meanwhile is a StoreError
     return signed
 
 
