@@ -317,6 +317,8 @@ def test_peer_killed_mid_round_resumes_to_the_same_contribution(
     assert resumed.contribution is not None and whole.contribution is not None
     # Bit for bit the same round: theta_H, payload, local state, losses, inner manifests.
     assert resumed.contribution.record == whole.contribution.record
+    # The losses of the steps before the kill are there too (read back from the inner run).
+    assert len(resumed.contribution.record.losses) == g.inner_steps == 2
 
 
 def test_join_abandons_mid_round_and_leaves_at_a_round_boundary(

@@ -24,17 +24,16 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from proofs.errors import VeritrainError
 from proofs.hashing import Hash32, sha256
-from proofs.jsonlimits import loads_untrusted
 from proofs.signatures import KeyPair
 from trainer.checkpoint import (
     decode_checkpoint,
@@ -67,7 +66,6 @@ logger = logging.getLogger(__name__)
 ZERO32 = Hash32(bytes(32))
 EF_KEY = "ef"
 """Name of the error-feedback vector in a local-state artifact (next to the ``optim/*`` tensors)."""
-_MAX_RECORD_BYTES = 64 * 1024
 
 
 class PeerError(VeritrainError, ValueError):
@@ -166,45 +164,31 @@ def base_root(store: SharedStore, genesis: Genesis, r: int) -> Hash32:
     return signed.record.new_root
 
 
-def _previous(
-    store: SharedStore, peer_name: str, r: int, pubkey: bytes
-) -> SignedContribution | None:
-    """This peer's latest contribution for a round before ``r`` (its own key checked)."""
-    rounds = sorted(
-        (int(name[1:7]), name)
+_RECORD_NAME = re.compile(r"r(\d{6})\.json")
+
+
+def _previous(store: SharedStore, peer_name: str, r: int, pubkey: bytes) -> Contribution | None:
+    """This peer's latest contribution for a round before ``r`` (signed by its own key)."""
+    earlier = sorted(
+        int(match.group(1))
         for folder, name in store.list_contribution_files()
-        if folder == peer_name and len(name) == 12 and name.startswith("r")
-        and name.endswith(".json") and name[1:7].isdigit() and int(name[1:7]) < r
-    )  # fmt: skip
-    for _, name in reversed(rounds):
+        if folder == peer_name and (match := _RECORD_NAME.fullmatch(name)) is not None
+    )
+    for n in reversed([n for n in earlier if n < r]):
         try:
-            raw = store.read_contribution_file(peer_name, name, _MAX_RECORD_BYTES)
-            signed = SignedContribution.from_json(_loads(raw, name))
-        except (StoreError, VeritrainError, ValueError) as exc:
-            logger.warning("skipping unreadable own contribution %s: %s", name, exc)
+            signed = store.read_contribution(peer_name, n)
+        except StoreError as exc:
+            logger.warning("skipping unreadable own contribution of round %d: %s", n, exc)
             continue
         if signed.verify(pubkey) and signed.record.peer == peer_name:
-            return signed
-        logger.warning("skipping %s/%s: not signed by this peer's key", peer_name, name)
+            return signed.record
+        logger.warning("skipping %s's round %d record: not signed by this key", peer_name, n)
     return None
-
-
-def _loads(raw: bytes, what: str) -> Any:
-    return loads_untrusted(raw, max_bytes=_MAX_RECORD_BYTES, what=what)
-
-
-def _own_record(store: SharedStore, peer_name: str, r: int) -> SignedContribution | None:
-    """The contribution this peer already published for round ``r``, if any."""
-    name = f"r{r:06d}.json"
-    if (peer_name, name) not in set(store.list_contribution_files()):
-        return None
-    raw = store.read_contribution_file(peer_name, name, _MAX_RECORD_BYTES)
-    return SignedContribution.from_json(_loads(raw, name))
 
 
 def load_local_state(
     store: SharedStore,
-    previous: SignedContribution | None,
+    previous: Contribution | None,
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
     size: int,
@@ -214,7 +198,7 @@ def load_local_state(
     fresh = torch.zeros(size, dtype=torch.float32), ZERO32
     if previous is None:
         return fresh
-    root = previous.record.local_state
+    root = previous.local_state
     try:
         state = decode_checkpoint(store.read_verified_leaves(root))
         ef = state.pop(EF_KEY)
@@ -225,6 +209,75 @@ def load_local_state(
         logger.warning("local state 0x%s unusable (%s): starting fresh", root.hex()[:16], exc)
         return fresh
     return ef, root
+
+
+def _closed(store: SharedStore, r: int) -> bool:
+    latest = store.latest_round()
+    return latest is not None and latest >= r
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Start:
+    """What a round starts from: theta_r (flat, CPU) and its root, the local state, the hook."""
+
+    root: Hash32
+    theta: torch.Tensor
+    e: torch.Tensor
+    previous: Contribution | None
+    prev_local: Hash32
+    hook: AuditHook
+
+
+def _start(
+    store: SharedStore, genesis: Genesis, keypair: KeyPair, peer_name: str, r: int,
+    where: torch.device,
+) -> _Start:  # fmt: skip
+    """theta_r (checked against its root) in a fresh model, the local state, the inner hook."""
+    root = base_root(store, genesis, r)
+    model = build_model(genesis.model, genesis.model_config)
+    theta = store.read_theta(root, model)
+    load_flat(model, theta)
+    model.to(where)
+    optimizer = build_inner_optimizer(genesis, model)
+    previous = _previous(store, peer_name, r, bytes(keypair.public))
+    e, prev_local = load_local_state(store, previous, optimizer, model, theta.numel())
+    config = HookConfig(
+        run_id=inner_run_id(genesis.shared_run_id, r), assignment=genesis.hash(),
+        schedule=Schedule.constant(genesis.inner_lr), checkpoint_every=genesis.checkpoint_every,
+        chunk_size=genesis.chunk_size, grad_clip=genesis.grad_clip, model_name=genesis.model,
+        model_config=dict(genesis.model_config), dataset=genesis.dataset,
+        batch_size=genesis.batch_size, context=genesis.context,
+    )  # fmt: skip
+    hook = AuditHook(
+        model, optimizer, store=store.inner_store(peer_name, r), keypair=keypair, config=config
+    )
+    return _Start(root=root, theta=theta, e=e, previous=previous, prev_local=prev_local, hook=hook)
+
+
+def _train(
+    start: _Start, genesis: Genesis, corpus: Corpus, r: int, *, batch_seed: int,
+    where: torch.device, abandon: Flag, progress: Progress,
+) -> int:  # fmt: skip
+    """The H inner steps through the hook (resuming a killed run); returns the first step run."""
+    hook, model, steps = start.hook, start.hook.model, genesis.inner_steps
+    with hook:
+        first = hook.start()  # a new inner run, or the resume of a killed one
+        model.train()
+        for i in range(first, steps):
+            if abandon():
+                break  # leaving the block checkpoints the steps done: a later call resumes
+            hook.begin_step(i)  # the replay seed and the constant inner learning rate
+            batch = corpus.batch_for_step(
+                batch_seed, i, batch_size=genesis.batch_size, context=genesis.context
+            )
+            _, loss = model(batch.inputs.to(where), batch.targets.to(where))
+            if loss is None:  # pragma: no cover - registry LMs return a loss with targets
+                raise RuntimeError("model returned no loss")
+            loss.backward()
+            hook.step(loss, batch=batch.offsets)
+            progress(PeerProgress(round=r, phase="training", step=i + 1, steps=steps,
+                                  loss=float(loss.detach())))  # fmt: skip
+    return first
 
 
 def run_round(
@@ -247,79 +300,40 @@ def run_round(
     Idempotent: a round already published returns its record; a killed round resumes. A round
     that closed while this peer trained is still published (``Status.LATE``, screened stale next
     round) unless ``skip_late``. ``abandon()`` is checked before each inner step: when it turns
-    true the inner run is checkpointed and left (``Status.ABANDONED``). Raises PeerError (not in
-    the roster, another corpus, round not open), StoreError, PipelineError.
+    true the inner run is checkpointed and left (``Status.ABANDONED``). ``device``: auto, cpu or
+    cuda; ``threads``: torch CPU threads (recorded in the inner header, so a resume must use the
+    same). Raises PeerError (not in the roster, another corpus, round not open), StoreError,
+    PipelineError.
     """
     check_peer(genesis, keypair, peer_name)
     check_corpus(corpus, genesis)
-    done = _own_record(store, peer_name, r)
-    if done is not None:
+    if (peer_name, f"r{r:06d}.json") in store.list_contribution_files():
+        done = store.read_contribution(peer_name, r)
         return RoundResult(round=r, status=Status.ALREADY, resumed_at=genesis.inner_steps,
                            contribution=done)  # fmt: skip
     behaviour = behaviour or Behaviour()
-    configure_determinism(threads)  # recorded in the inner header: a resume must match it
+    configure_determinism(threads)  # as the reference trainer does
     where = pick_device(device)
-    root = base_root(store, genesis, r)
-    model = build_model(genesis.model, genesis.model_config)
-    theta_r = store.read_theta(root, model)  # checked against ``root`` by the store
-    load_flat(model, theta_r)
-    model.to(where)
-    optimizer = build_inner_optimizer(genesis, model)
-    previous = _previous(store, peer_name, r, bytes(keypair.public))
-    e, prev_local = load_local_state(store, previous, optimizer, model, theta_r.numel())
-    hook = AuditHook(
-        model,
-        optimizer,
-        store=store.inner_store(peer_name, r),
-        keypair=keypair,
-        config=HookConfig(
-            run_id=inner_run_id(genesis.shared_run_id, r),
-            assignment=genesis.hash(),
-            schedule=Schedule.constant(genesis.inner_lr),
-            checkpoint_every=genesis.checkpoint_every,
-            chunk_size=genesis.chunk_size,
-            grad_clip=genesis.grad_clip,
-            model_name=genesis.model,
-            model_config=dict(genesis.model_config),
-            dataset=genesis.dataset,
-            batch_size=genesis.batch_size,
-            context=genesis.context,
-        ),
-    )
-    batch_seed = hook.run_seed
-    if behaviour.train_on is not None:
-        batch_seed = run_seed_for(behaviour.train_on, genesis.hash(), hook.config.run_id)
+    start = _start(store, genesis, keypair, peer_name, r, where)
+    batch_seed = start.hook.run_seed
+    if behaviour.train_on is not None:  # a copier: another key's batches under its own run
+        batch_seed = run_seed_for(behaviour.train_on, genesis.hash(), start.hook.config.run_id)
+    first = _train(start, genesis, corpus, r, batch_seed=batch_seed, where=where,
+                   abandon=abandon, progress=progress)  # fmt: skip
     steps = genesis.inner_steps
-    with hook:
-        start = hook.start()
-        model.train()
-        for i in range(start, steps):
-            if abandon():
-                break
-            hook.begin_step(i)  # the replay seed and the constant inner learning rate
-            batch = corpus.batch_for_step(
-                batch_seed, i, batch_size=genesis.batch_size, context=genesis.context
-            )
-            _, loss = model(batch.inputs.to(where), batch.targets.to(where))
-            if loss is None:  # pragma: no cover - registry LMs return a loss with targets
-                raise RuntimeError("model returned no loss")
-            loss.backward()
-            hook.step(loss, batch=batch.offsets)
-            progress(PeerProgress(round=r, phase="training", step=i + 1, steps=steps,
-                                  loss=float(loss.detach())))  # fmt: skip
-    if hook.next_step < steps:
-        progress(PeerProgress(round=r, phase=Status.ABANDONED.value, step=hook.next_step,
+    if start.hook.next_step < steps:
+        progress(PeerProgress(round=r, phase=Status.ABANDONED.value, step=start.hook.next_step,
                               steps=steps))  # fmt: skip
-        return RoundResult(round=r, status=Status.ABANDONED, resumed_at=start)
-    signed = _publish(
-        store, genesis, keypair, peer_name, r, hook=hook, theta_r=theta_r, e=e,
-        base=root, previous=previous, prev_local=prev_local, behaviour=behaviour,
-        skip_late=skip_late,
-    )  # fmt: skip
-    late = store.latest_round() is not None and store.latest_round() >= r  # type: ignore[operator]
-    status = Status.SKIPPED_LATE if signed is None else Status.LATE if late else Status.PUBLISHED
+        return RoundResult(round=r, status=Status.ABANDONED, resumed_at=first)
+    late = _closed(store, r)  # checked just before writing anything
+    if late and skip_late:
+        logger.info("round %d closed before this peer finished: not publishing", r)
+        status, signed = Status.SKIPPED_LATE, None
+    else:
+        signed = _publish(store, genesis, keypair, peer_name, r, start, behaviour)
+        status = Status.LATE if late else Status.PUBLISHED
     progress(PeerProgress(round=r, phase=status.value, step=steps, steps=steps))
-    return RoundResult(round=r, status=status, resumed_at=start, contribution=signed)
+    return RoundResult(round=r, status=status, resumed_at=first, contribution=signed)
 
 
 def _publish(
@@ -328,65 +342,43 @@ def _publish(
     keypair: KeyPair,
     peer_name: str,
     r: int,
-    *,
-    hook: AuditHook,
-    theta_r: torch.Tensor,
-    e: torch.Tensor,
-    base: Hash32,
-    previous: SignedContribution | None,
-    prev_local: Hash32,
+    start: _Start,
     behaviour: Behaviour,
-    skip_late: bool,
-) -> SignedContribution | None:
+) -> SignedContribution:
     """Compute d and the new e from theta_H, write objects, payload and record (in that order)."""
-    rule = genesis.outer
-    theta_h = flatten(hook.model)
+    rule, hook = genesis.outer, start.hook
     # Two ops, no fused multiply-add: the same bits on every machine (docs/shared-runs.md).
-    delta = theta_r - theta_h
+    delta = start.theta - flatten(hook.model)
     if behaviour.replace_delta is not None:
         delta = behaviour.replace_delta(delta)
     d, e_next = error_feedback_step(
-        e, delta, beta=rule.beta, chunk=rule.chunk, topk=rule.topk, quantization=rule.quantization
-    )
+        start.e, delta, beta=rule.beta, chunk=rule.chunk, topk=rule.topk,
+        quantization=rule.quantization,
+    )  # fmt: skip
     payload = encode_payload(d)
     final = theta_artifact(hook.model, genesis.chunk_size)
     local = encode_checkpoint(
         {EF_KEY: e_next, **optimizer_tensors(hook.optimizer.state_dict())},
         chunk_size=genesis.chunk_size,
     )
-    latest = store.latest_round()
-    if skip_late and latest is not None and latest >= r:
-        logger.info("round %d closed before this peer finished: not publishing", r)
-        return None
     store.put_object(final.root, final.parts)
     store.put_object(local.root, local.parts)
-    inner = store.inner_store(peer_name, r)
-    manifests = inner.read_manifests()
-    header = hook.header
-    if header is None or not manifests:  # pragma: no cover - start() and close() ran
+    manifests = store.inner_store(peer_name, r).read_manifests()
+    if hook.header is None or not manifests:  # pragma: no cover - start() and close() ran
         raise PeerError(f"round {r}: the inner run has no header or manifest")
+    fresh = start.previous is None or start.prev_local == ZERO32
     record = Contribution(
-        version=SHARED_VERSION,
-        shared_run_id=genesis.shared_run_id,
-        genesis=genesis.hash(),
-        round=r,
-        peer=peer_name,
-        pubkey=bytes(keypair.public),
-        base_root=base,
-        prev_contribution=ZERO32 if previous is None or prev_local == ZERO32
-        else previous.record.hash(),
-        prev_local_state=prev_local,
-        inner_header=header.hash(),
-        inner_manifest=manifests[-1].manifest.hash(),
-        final_state=Hash32(final.root),
-        delta=Hash32(sha256(payload)),
-        payload_bytes=len(payload),
-        nnz=d.nnz,
+        version=SHARED_VERSION, shared_run_id=genesis.shared_run_id, genesis=genesis.hash(),
+        round=r, peer=peer_name, pubkey=bytes(keypair.public), base_root=start.root,
+        prev_contribution=ZERO32 if fresh or start.previous is None else start.previous.hash(),
+        prev_local_state=start.prev_local, inner_header=hook.header.hash(),
+        inner_manifest=manifests[-1].manifest.hash(), final_state=Hash32(final.root),
+        delta=sha256(payload), payload_bytes=len(payload), nnz=d.nnz,
         local_state=Hash32(local.root),
         losses=tuple(float(rec.loss) for m in manifests for rec in m.manifest.records),
     )  # fmt: skip
     signed = SignedContribution.sign(keypair, record)
-    store.put_contribution(signed, payload)
+    store.put_contribution(signed, payload)  # payload first, the record last
     return signed
 
 
