@@ -340,3 +340,22 @@ def test_join_abandons_mid_round_and_leaves_at_a_round_boundary(
     # The next join resumes round 0 at step 1, publishes, and leaves once told to.
     [result] = once(leave=lambda: bool(store.list_contribution_files()))
     assert (result.round, result.status, result.resumed_at) == (0, Status.PUBLISHED, 1)
+
+
+def test_join_leaves_on_sigterm(tmp_path: Path) -> None:
+    store, _, _ = shared_run(tmp_path, ("alice",))
+    args = ["join", "--shared", store.url, "--key", str(tmp_path / "alice.key"), "--name",
+            "alice", "--corpus", CORPUS, "--poll", "0.1", "--threads", "1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO, env=env,
+                            text=True, stdout=PIPE, stderr=PIPE)  # fmt: skip
+    try:
+        wait_for([Path(store.url) / "contributions" / "alice" / "r000000.json"], [proc])
+        proc.send_signal(signal.SIGTERM)  # while it waits for round 0 to close
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out.splitlines()[0].startswith("round 0: published; contribution 0x"), out
+    assert out.splitlines()[1:] == ["peer alice: stopped by signal", "peer alice: 1 round"], out

@@ -404,6 +404,7 @@ def join(
     device: str = "cpu",
     threads: int | None = None,
     behaviour: Behaviour | None = None,
+    on_round: Callable[[RoundResult], None] | None = None,
 ) -> list[RoundResult]:
     """Take part in rounds until ``genesis.rounds`` (when not 0) or ``rounds`` of them are done.
 
@@ -412,8 +413,9 @@ def join(
     for that round's record and then trains the round then open, skipping any that closed while
     it trained or waited. ``leave()`` ends the loop at a round boundary (or while waiting);
     ``abandon()`` also stops mid-round (the inner run stays resumable). Returns one result per
-    round taken part in. Raises PeerError before anything is written when the key is not in the
-    roster or the corpus is not the genesis dataset.
+    round taken part in (each also passed to ``on_round`` as it ends). Raises PeerError before
+    anything is written when the key is not in the roster or the corpus is not the genesis
+    dataset.
     """
     check_peer(genesis, keypair, peer_name)
     check_corpus(corpus, genesis)
@@ -440,5 +442,7 @@ def join(
         if result.status is Status.ABANDONED:
             break
         results.append(result)
+        if on_round is not None:
+            on_round(result)
         target = r + 1
     return results

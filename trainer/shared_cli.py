@@ -237,13 +237,18 @@ def _write_genesis(store: SharedStore, record: Genesis, keypair: KeyPair) -> Sig
 
 
 class _Signals:
-    """SIGTERM/SIGINT: abandon the round at the next inner step (it stays resumable)."""
+    """The first SIGTERM/SIGINT abandons the round at the next inner step (it stays resumable);
+    a second one acts as usual (SIGINT raises KeyboardInterrupt, SIGTERM ends the process)."""
 
     def __init__(self) -> None:
         self.stopped = False
+        signal.signal(signal.SIGTERM, self)
+        signal.signal(signal.SIGINT, self)
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         self.stopped = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @click.command("join", cls=Command)
@@ -288,8 +293,6 @@ def join_cmd(
     check_peer(g, keypair, peer_name)  # before any output: a wrong key or corpus is one line
     check_corpus(data, g)
     flags = _Signals()
-    signal.signal(signal.SIGTERM, flags)
-    signal.signal(signal.SIGINT, flags)
     hello = f"peer {one_line(peer_name)} joins {g.shared_run_id} (genesis 0x{g.hash().hex()})"
     console.print(hello, soft_wrap=True, markup=False)
     columns = (
@@ -315,9 +318,8 @@ def join_cmd(
             leave=lambda: stop_file is not None and stop_file.exists(),
             abandon=lambda: flags.stopped, progress=on_event, skip_late=skip_late,
             device=device, threads=threads,
+            on_round=lambda result: click.echo(_result_line(result)),  # stdout, as it happens
         )  # fmt: skip
-        for result in results:
-            progress.console.print(_result_line(result), markup=False, soft_wrap=True)
     if flags.stopped:
         click.echo(f"peer {one_line(peer_name)}: stopped by signal")
     count = len(results)
