@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from proofs import bls
 from proofs.errors import VeritrainError
 from proofs.hashing import Hash32, sha256
 from proofs.signatures import KeyPair
@@ -247,6 +248,9 @@ def _start(
         chunk_size=genesis.chunk_size, grad_clip=genesis.grad_clip, model_name=genesis.model,
         model_config=dict(genesis.model_config), dataset=genesis.dataset,
         batch_size=genesis.batch_size, context=genesis.context,
+        # A forked signer keeps py_ecc's ~0.2 s signatures off the GIL; the native backend signs
+        # in ~1 ms, less than forking a process with torch loaded costs every round.
+        sign_in_subprocess=bls.active().name != "native",
     )  # fmt: skip
     hook = AuditHook(
         model, optimizer, store=store.inner_store(peer_name, r), keypair=keypair, config=config
