@@ -155,6 +155,7 @@ def _genesis_options(command: F) -> F:
 @click.option("--run-id", required=True, help="Shared run id (1-56 of A-Z a-z 0-9 . _ -).")
 @click.option(
     "--peer",
+    "--peers",
     "peers",
     multiple=True,
     help="Roster entry NAME=KEYFILE or NAME=0xPUBKEY (repeatable).",
