@@ -39,10 +39,10 @@ from trainer.aggregator import (
     AggregatorError,
     check_round,
     close_round,
-    load_run,
     verify_round,
 )
 from trainer.compression import compress, decode_payload, encode_payload, total_entries
+from trainer.roundinputs import load_run
 from trainer.roundrecord import Excluded, RoundRecord, SignedRoundRecord
 from trainer.sharedstore import SharedStore
 
@@ -523,7 +523,7 @@ import hashlib, sys, torch
 import numpy as np
 from trainer.aggregation import apply_sum, aggregate_hash
 from trainer.compression import compress
-from trainer.aggregator import decide, load_run, unscreened
+from trainer.roundinputs import decide, load_run, unscreened
 from trainer.globalstate import load_flat, theta_artifact
 from trainer.sharedstore import SharedStore
 torch.set_num_threads(int(sys.argv[2]))
