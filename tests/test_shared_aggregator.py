@@ -34,11 +34,12 @@ from shared_fixtures import (
 
 from proofs.codec import canonical_json
 from proofs.hashing import Hash32, sha256
-from trainer.aggregation import apply_sum, outer_scale, probe_seed
+from trainer.aggregation import RoundResult, apply_sum, outer_scale, probe_seed
 from trainer.aggregator import (
     AggregatorError,
     check_round,
     close_round,
+    compare_decisions,
     verify_round,
 )
 from trainer.compression import compress, decode_payload, encode_payload, total_entries
@@ -431,6 +432,51 @@ def test_verify_round_detects_tampering(run: Run) -> None:
     data[-1] ^= 1
     obj_path.write_bytes(bytes(data))
     assert any("theta_1" in p for p in verify_round(run.store, 0, corpus=run.corpus))
+
+
+def test_probe_calls_at_the_margin_are_close_not_failures(run: Run) -> None:
+    record = close(run)
+    margin = run.genesis.screening.probe_margin
+    base = 5.0
+    threshold = base + margin * base
+
+    def with_loss(loss: float) -> tuple[list[str], list[str]]:
+        first = dataclasses.replace(record.included[0], probe_loss=loss)
+        others = tuple(dataclasses.replace(i, probe_loss=base) for i in record.included[1:])
+        recomputed = RoundResult(
+            included=(first, *others),
+            excluded=(),
+            base_probe_loss=base,
+            aggregate=record.aggregate,
+            theta_next=torch.zeros(1),
+            carried_over=False,
+        )
+        recorded = dataclasses.replace(
+            record,
+            base_probe_loss=base,
+            included=others,
+            excluded=(
+                Excluded(
+                    file=f"{first.peer}/r000000.json",
+                    file_hash=Hash32(bytes(32)),
+                    peer=first.peer,
+                    contribution=first.contribution,
+                    reason="probe",
+                    detail="at the margin",
+                    built_on=None,
+                    norm=first.norm,
+                    probe_loss=loss,
+                ),
+            ),
+        )
+        return compare_decisions(recorded, recomputed, run.genesis)
+
+    problems, calls = with_loss(threshold * (1 - 1e-6))  # recomputed: just inside the margin
+    assert problems == [] and len(calls) == 1 and "margin" in calls[0]
+    problems, calls = with_loss(base)  # clearly fine: recording it as a probe failure is wrong
+    assert calls == [] and problems == [
+        f"{record.included[0].peer}/r000000.json: recorded probe, recomputed included"
+    ]
 
 
 # ---- SIGKILL and determinism (subprocesses) --------------------------------------------------

@@ -204,10 +204,14 @@ def _listed_candidates(
     return out, problems
 
 
-def _compare(
+def compare_decisions(
     record: RoundRecord, result: RoundResult, genesis: Genesis
 ) -> tuple[list[str], list[str]]:
-    """Recorded vs recomputed decisions (probe losses within tolerance)."""
+    """How ``record``'s decisions differ from ``result``'s (recomputed): (problems, close calls).
+
+    Norms must be equal bit for bit, probe losses within PROBE_RTOL. A file recorded as included
+    and recomputed as excluded by the probe (or the reverse) is a close call, not a problem, when
+    its recomputed loss is within PROBE_RTOL of the threshold base + margin * |base|."""
     problems: list[str] = []
     close: list[str] = []
     screening = genesis.screening
@@ -272,7 +276,7 @@ def check_round(store: SharedStore, r: int, *, corpus: Corpus | None = None) -> 
         theta_next = _recorded_theta(store, state, r, record, candidates, model)
     except (VeritrainError, OSError) as exc:
         return RoundCheck(problems=(*read_problems, str(exc)), close=())
-    compared, close = _compare(record, result, genesis)
+    compared, close = compare_decisions(record, result, genesis)
     problems = [*read_problems, *compared]
     if theta_next is None:
         problems.append("the included contributions cannot all be recomputed")
@@ -350,5 +354,6 @@ __all__ = [
     "aggregate_loop",
     "check_round",
     "close_round",
+    "compare_decisions",
     "verify_round",
 ]
