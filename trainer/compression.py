@@ -184,34 +184,42 @@ class SparseDelta:
         return math.sqrt(math.fsum((v * v).tolist()))
 
 
-def _check_vector(e: torch.Tensor, name: str = "e") -> None:
+def _check_type(e: torch.Tensor, name: str = "e") -> None:
     if e.dtype != torch.float32 or e.dim() != 1 or e.device.type != "cpu":
         raise CompressionError(
             f"{name} must be a 1-D float32 CPU tensor, got {e.dtype} of shape {tuple(e.shape)} "
             f"on {e.device}"
         )
-    if not bool(torch.isfinite(e).all()):
-        bad = int(torch.nonzero(~torch.isfinite(e))[0, 0])
+
+
+def _check_finite(e: torch.Tensor, mag: torch.Tensor, name: str = "e") -> None:
+    """One max reduction of |e| (max propagates NaN); the slow search only on failure."""
+    if e.numel() and not math.isfinite(float(mag.max())):
+        bad = torch.nonzero(~torch.isfinite(e)).squeeze(1)
         raise CompressionError(
-            f"{name} must be finite; {name}[{bad}] = {float(e[bad])} "
-            f"({int((~torch.isfinite(e)).sum())} non-finite entries)"
+            f"{name} must be finite; {name}[{int(bad[0])}] = {float(e[bad[0]])} "
+            f"({bad.numel()} non-finite entries)"
         )
 
 
 def _select_rows(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask keeping, in each row of ``mag`` (>= 0), the k largest entries, ties -> lower
-    column. Only the *values* of torch.topk are used (they are unique); its index order is not."""
+    """Positions in ``mag.view(-1)`` (ascending) of the k largest entries of each row of ``mag``
+    (>= 0), ties -> lower column. Only the *values* of torch.topk are used (the multiset of the
+    k largest is unique); the order in which it returns tied indices is not."""
     kth = torch.topk(mag, k, dim=1, largest=True, sorted=False).values.amin(dim=1, keepdim=True)
-    above = mag > kth
-    need = k - above.sum(dim=1)  # how many entries equal to the k-th value each row still takes
-    equal = mag == kth
-    ties = equal.sum(dim=1) > need
-    if bool(ties.any()):
-        rows = torch.nonzero(ties).squeeze(1)
-        sub = equal[rows]
-        rank = sub.cumsum(dim=1, dtype=torch.int32)
-        equal[rows] = sub & (rank <= need[rows].unsqueeze(1))
-    return above | equal
+    keep = mag >= kth
+    pos = torch.nonzero(keep.view(-1)).squeeze(1)
+    if pos.numel() == mag.shape[0] * k:  # every row has exactly k entries >= its k-th value
+        return pos
+    # Some rows hold more entries equal to their k-th value than they may take: in those rows
+    # keep every entry above it, then the lowest-column equal ones (a running count).
+    rows = torch.nonzero(keep.sum(dim=1) > k).squeeze(1)
+    sub, sub_kth = mag[rows], kth[rows]
+    above = sub > sub_kth
+    equal = sub == sub_kth
+    need = k - above.sum(dim=1, keepdim=True)
+    keep[rows] = above | (equal & (equal.cumsum(dim=1, dtype=torch.int32) <= need))
+    return torch.nonzero(keep.view(-1)).squeeze(1)
 
 
 def topk_per_chunk(e: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
@@ -219,18 +227,18 @@ def topk_per_chunk(e: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
 
     Raises CompressionError if e is not a finite 1-D float32 CPU tensor or chunk/topk are invalid.
     """
-    _check_vector(e)
+    _check_type(e)
     size = e.numel()
     _check_params(size, chunk, topk, "float32")
-    full, k, tail, k_tail = _layout(size, chunk, topk)
     mag = e.abs()
+    _check_finite(e, mag)
+    full, k, tail, k_tail = _layout(size, chunk, topk)
     parts = []
     if full:
-        parts.append(_select_rows(mag[: full * chunk].view(full, chunk), k).view(-1))
+        parts.append(_select_rows(mag[: full * chunk].view(full, chunk), k))
     if tail:
-        parts.append(_select_rows(mag[full * chunk :].view(1, tail), k_tail).view(-1))
-    mask = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return torch.nonzero(mask).squeeze(1)
+        parts.append(_select_rows(mag[full * chunk :].view(1, tail), k_tail) + full * chunk)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _check_indices(idx: I64, size: int, chunk: int, topk: int) -> None:
@@ -257,16 +265,18 @@ def quantize(
     ``topk`` defaults to the largest per-chunk count of ``indices``; pass the run's value when
     topk may exceed chunk. Raises CompressionError for bad e or indices.
     """
-    _check_vector(e)
+    _check_type(e)
     size = e.numel()
     if indices.dtype != torch.int64 or indices.dim() != 1:
         raise CompressionError(f"indices must be 1-D int64, got {indices.dtype}")
     idx = indices.numpy()
+    _check_params(size, chunk, topk or 1, quantization)
     if topk is None:
         topk = int(np.bincount(idx // chunk).max()) if idx.size else 1
-    _check_params(size, chunk, topk, quantization)
+        _check_params(size, chunk, topk, quantization)
     _check_indices(idx, size, chunk, topk)
     v = e[indices].numpy()
+    _check_finite(torch.from_numpy(v), torch.from_numpy(np.abs(v)), "e[indices]")
     if quantization == "float32":
         return SparseDelta(
             size=size, chunk=chunk, topk=topk, quantization=quantization,
@@ -310,18 +320,23 @@ def error_feedback_step(
 ) -> tuple[SparseDelta, torch.Tensor]:
     """e' = beta*e + delta; d = compress(e'); returns (d, e' - d).
 
-    beta*e and + delta are two separate float32 ops (no fused multiply-add on any path); e' - d
-    changes only the selected entries. e and delta are not modified.
+    beta is rounded to float32 once; beta*e and + delta are two separate float32 ops (no fused
+    multiply-add on any path); e' - d changes only the selected entries, and is exact there
+    (Sterbenz: each value is within a factor 2 of the entry it quantizes, or 0), so
+    e_new + d == e' bit for bit. e and delta are not modified. Raises CompressionError when
+    e, delta or e' is not finite.
     """
-    _check_vector(e, "e")
-    _check_vector(delta, "delta")
+    _check_type(e, "e")
+    _check_type(delta, "delta")
     if e.shape != delta.shape:
         raise CompressionError(f"e has shape {tuple(e.shape)} but delta {tuple(delta.shape)}")
     if not math.isfinite(beta):
         raise CompressionError(f"beta must be finite, got {beta}")
     scaled = e * beta
     e_prime = scaled + delta
-    if not bool(torch.isfinite(e_prime).all()):
+    if e_prime.numel() and not math.isfinite(float(e_prime.abs().max())):
+        for name, x in (("e", e), ("delta", delta)):
+            _check_finite(x, x.abs(), name)
         raise CompressionError("beta*e + delta overflowed float32 (non-finite entries)")
     d = compress(e_prime, chunk=chunk, topk=topk, quantization=quantization)
     e_new = e_prime.clone()

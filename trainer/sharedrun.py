@@ -227,6 +227,7 @@ class Screening:
 
 def _check_hyperparameters(optimizer: str, values: Mapping[str, Any]) -> None:
     """The optimizer must exist in torch.optim and accept ``values`` (no rate among them)."""
+    optimizer_class(optimizer)  # EncodingError naming the optimizer
     _require(len(values) <= MAX_HYPERPARAMETERS, "too many optimizer hyperparameters")
     for key, value in values.items():
         _require(isinstance(key, str), "hyperparameter names must be strings")
