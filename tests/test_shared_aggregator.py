@@ -44,7 +44,7 @@ from trainer.aggregator import (
 )
 from trainer.compression import compress, decode_payload, encode_payload, total_entries
 from trainer.roundinputs import load_run
-from trainer.roundrecord import Excluded, RoundRecord, SignedRoundRecord
+from trainer.roundrecord import MAX_EXCLUDED, Excluded, RoundRecord, SignedRoundRecord
 from trainer.sharedstore import SharedStore
 
 NOW = 1_900_000_000.0
@@ -281,6 +281,18 @@ def test_unreadable_records_and_symlinks(run: Run) -> None:
         "p3/r000002.json": "unreadable",
     }
     assert len(record.included) == 3
+
+
+def test_a_flood_of_junk_files_neither_blocks_the_round_nor_crowds_out_peers(run: Run) -> None:
+    folder = run.path / "store" / "contributions" / "p3"
+    folder.mkdir(parents=True)
+    for i in range(MAX_EXCLUDED + 10):
+        (folder / f"a{i:05d}.json").write_bytes(b"x" * 300)  # sorts before every peer's file
+    first = close(run)
+    assert len(first.excluded) == MAX_EXCLUDED - 3 and len(first.included) == 3
+    assert all(len(e.detail) <= 512 for e in first.excluded)
+    second = close(run, NOW + run.genesis.screening.deadline_s)
+    assert len(second.excluded) == 13 and second.carried_over
 
 
 def test_missing_or_foreign_inner_run(run: Run) -> None:

@@ -29,7 +29,7 @@ one-line detail; the first failing check wins:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,7 +39,7 @@ from proofs.hashing import Hash32, sha256
 from proofs.jsonlimits import loads_untrusted
 from trainer.compression import PayloadError, SparseDelta, decode_payload, payload_size
 from trainer.recipe import SignedRunHeader
-from trainer.roundrecord import Excluded, file_label
+from trainer.roundrecord import MAX_DETAIL, MAX_EXCLUDED, Excluded, file_label
 from trainer.sharedrun import ZERO32, Genesis, SignedContribution, genesis_header_check
 from trainer.sharedstore import is_safe_name
 
@@ -166,11 +166,27 @@ def exclusion(
         peer=None if record is None else record.peer,
         contribution=None if record is None else record.hash(),
         reason=reason,
-        detail=detail,
+        detail=detail if len(detail) <= MAX_DETAIL else detail[: MAX_DETAIL - 3] + "...",
         built_on=built_on,
         norm=norm,
         probe_loss=probe_loss,
     )
+
+
+def select_candidates(
+    candidates: Sequence[CandidateFile], round_: int, roster: Collection[str]
+) -> tuple[list[CandidateFile], int]:
+    """The files one round screens, and how many wait for a later round.
+
+    A round record lists at most MAX_EXCLUDED exclusions, so a peer that floods the store with
+    junk files must not make the round impossible to record, nor crowd out the others: every
+    roster peer's file named for this round is screened, then the other files in name order up
+    to the limit; the rest stay unscreened for the next rounds."""
+    first = [c for c in candidates if c.folder in roster and c.name == record_name(round_)]
+    rest = [c for c in candidates if not (c.folder in roster and c.name == record_name(round_))]
+    room = max(0, MAX_EXCLUDED - len(first))
+    chosen = sorted(first + rest[:room], key=lambda c: c.file)
+    return chosen, max(0, len(rest) - room)
 
 
 def screen_file(
