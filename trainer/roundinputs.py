@@ -3,8 +3,10 @@
 The run's state (genesis and closed rounds, signatures checked), the contribution files no round
 has screened yet, theta_r loaded and verified, the probe's corpus and model, and
 :func:`decide`: screening and aggregation of a round over the store (trainer.aggregation).
-Nothing here writes, except theta_0's artifact when the store lacks it (rebuilt from the genesis
-and checked against its root).
+Nothing here writes. theta_0 is read from the store, where the genesis command publishes it; a
+store without it gets theta_0 rebuilt from the genesis and checked against its root (which only
+works on a CPU path that rounds the initialisation like the coordinator's did: torch's
+``normal_`` differs under ATEN_CPU_CAPABILITY=default).
 """
 
 from __future__ import annotations
@@ -173,8 +175,8 @@ def unscreened(store: SharedStore, state: RunState) -> list[CandidateFile]:
 
 
 def theta_of(store: SharedStore, genesis: Genesis, root: bytes, model: nn.Module) -> torch.Tensor:
-    """theta with ``root``: rebuilt from the genesis for theta_0's root when the store lacks
-    it, else read and verified from the store. AggregatorError when it does not verify."""
+    """theta with ``root``, read and verified from the store (theta_0: rebuilt from the genesis
+    when the store lacks it). AggregatorError when it does not verify."""
     if root == genesis.initial_root and not store.store.has_object(root):
         fresh = initial_model(genesis)
         encoded = theta_artifact(fresh, genesis.chunk_size)
@@ -183,7 +185,6 @@ def theta_of(store: SharedStore, genesis: Genesis, root: bytes, model: nn.Module
                 f"the genesis model builds theta_0 with root {encoded.root.hex()}, the genesis "
                 f"says {root.hex()}"
             )
-        store.put_object(encoded.root, encoded.parts)
         return flatten(fresh)
     try:
         return store.read_theta(root, model)
