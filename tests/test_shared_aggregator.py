@@ -34,16 +34,17 @@ from shared_fixtures import (
 
 from proofs.codec import canonical_json
 from proofs.hashing import Hash32, sha256
-from trainer.aggregation import apply_sum, outer_scale, probe_seed
+from trainer.aggregation import RoundResult, apply_sum, outer_scale, probe_seed
 from trainer.aggregator import (
     AggregatorError,
     check_round,
     close_round,
-    load_run,
+    compare_decisions,
     verify_round,
 )
 from trainer.compression import compress, decode_payload, encode_payload, total_entries
-from trainer.roundrecord import Excluded, RoundRecord, SignedRoundRecord
+from trainer.roundinputs import load_run
+from trainer.roundrecord import MAX_EXCLUDED, Excluded, RoundRecord, SignedRoundRecord
 from trainer.sharedstore import SharedStore
 
 NOW = 1_900_000_000.0
@@ -282,6 +283,18 @@ def test_unreadable_records_and_symlinks(run: Run) -> None:
     assert len(record.included) == 3
 
 
+def test_a_flood_of_junk_files_neither_blocks_the_round_nor_crowds_out_peers(run: Run) -> None:
+    folder = run.path / "store" / "contributions" / "p3"
+    folder.mkdir(parents=True)
+    for i in range(MAX_EXCLUDED + 10):
+        (folder / f"a{i:05d}.json").write_bytes(b"x" * 300)  # sorts before every peer's file
+    first = close(run)
+    assert len(first.excluded) == MAX_EXCLUDED - 3 and len(first.included) == 3
+    assert all(len(e.detail) <= 512 for e in first.excluded)
+    second = close(run, NOW + run.genesis.screening.deadline_s)
+    assert len(second.excluded) == 13 and second.carried_over
+
+
 def test_missing_or_foreign_inner_run(run: Run) -> None:
     publish(run, "p3", 0, d=random_delta(run), inner_header=Hash32(b"\x02" * 32))
     record = close(run)
@@ -433,6 +446,51 @@ def test_verify_round_detects_tampering(run: Run) -> None:
     assert any("theta_1" in p for p in verify_round(run.store, 0, corpus=run.corpus))
 
 
+def test_probe_calls_at_the_margin_are_close_not_failures(run: Run) -> None:
+    record = close(run)
+    margin = run.genesis.screening.probe_margin
+    base = 5.0
+    threshold = base + margin * base
+
+    def with_loss(loss: float) -> tuple[list[str], list[str]]:
+        first = dataclasses.replace(record.included[0], probe_loss=loss)
+        others = tuple(dataclasses.replace(i, probe_loss=base) for i in record.included[1:])
+        recomputed = RoundResult(
+            included=(first, *others),
+            excluded=(),
+            base_probe_loss=base,
+            aggregate=record.aggregate,
+            theta_next=torch.zeros(1),
+            carried_over=False,
+        )
+        recorded = dataclasses.replace(
+            record,
+            base_probe_loss=base,
+            included=others,
+            excluded=(
+                Excluded(
+                    file=f"{first.peer}/r000000.json",
+                    file_hash=Hash32(bytes(32)),
+                    peer=first.peer,
+                    contribution=first.contribution,
+                    reason="probe",
+                    detail="at the margin",
+                    built_on=None,
+                    norm=first.norm,
+                    probe_loss=loss,
+                ),
+            ),
+        )
+        return compare_decisions(recorded, recomputed, run.genesis)
+
+    problems, calls = with_loss(threshold * (1 - 1e-6))  # recomputed: just inside the margin
+    assert problems == [] and len(calls) == 1 and "margin" in calls[0]
+    problems, calls = with_loss(base)  # clearly fine: recording it as a probe failure is wrong
+    assert calls == [] and problems == [
+        f"{record.included[0].peer}/r000000.json: recorded probe, recomputed included"
+    ]
+
+
 # ---- SIGKILL and determinism (subprocesses) --------------------------------------------------
 
 CLOSE_SCRIPT = """
@@ -523,7 +581,7 @@ import hashlib, sys, torch
 import numpy as np
 from trainer.aggregation import apply_sum, aggregate_hash
 from trainer.compression import compress
-from trainer.aggregator import decide, load_run, unscreened
+from trainer.roundinputs import decide, load_run, unscreened
 from trainer.globalstate import load_flat, theta_artifact
 from trainer.sharedstore import SharedStore
 torch.set_num_threads(int(sys.argv[2]))
