@@ -90,6 +90,15 @@ def run_id_bytes(run_id: str) -> bytes:
     return bytes(keccak256(run_id.encode("utf-8")))
 
 
+def round_registry_id(shared_run_id: str, r: int) -> str:
+    """The registry run id under which a shared run's round ``r`` record hash is committed:
+    ``shared/<shared run id>/r<round, 6 digits>``. Solo run ids cannot contain ``/``, so the two
+    never collide; the block of that commitment anchors the round's audit beacon."""
+    if r < 0:
+        raise ValueError(f"round must be >= 0, got {r}")
+    return f"shared/{shared_run_id}/r{r:06d}"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Deployment:
     """Where the contracts live; saved as JSON so separate commands find them."""

@@ -359,6 +359,9 @@ def _add_settlement_commands() -> None:
 
     for command in COMMANDS:
         main.add_command(command)
+    from rewards.round_commits import commit_rounds_command
+
+    main.add_command(commit_rounds_command)
 
 
 _add_settlement_commands()

@@ -39,6 +39,7 @@ from proofs.errors import EncodingError
 from proofs.hashing import Hash32
 from proofs.signatures import PUBKEY_SIZE, Domain
 from proofs.signed import Signed
+from trainer.compression import QUANTIZATIONS
 from trainer.data import CorpusCommitment
 from trainer.recipe import (
     GROUP_KEYS_NOT_HYPERPARAMETERS,
@@ -49,10 +50,6 @@ from trainer.recipe import (
 )
 from trainer.replay import optimizer_class
 from trainer.schedule import Schedule
-
-# NOTE (issue #15): trainer.compression (which owns QUANTIZATIONS) is not merged into main yet;
-# once it is, replace this line with ``from trainer.compression import QUANTIZATIONS``.
-QUANTIZATIONS = ("int8", "float32")
 
 SHARED_VERSION = 1
 ZERO32 = Hash32(bytes(32))
