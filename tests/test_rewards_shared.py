@@ -16,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 import shared_fixtures as sf
 import torch
@@ -42,6 +44,7 @@ from proofs.codec import canonical_json
 from proofs.hashing import Hash32, sha256
 from proofs.signatures import KeyPair
 from rewards import payouts, policy, warehouse
+from rewards.analyst import Analyst
 from rewards.cli import main
 from trainer.aggregator import close_round
 from trainer.peer import Behaviour, run_round
@@ -103,6 +106,7 @@ def contribution_hash(run: sf.Run, r: int, peer: str) -> Hash32:
 def new_warehouse(
     path: Path, run: sf.Run, *, trainers: tuple[str, ...] = ("p0", "p1", "p2")
 ) -> str:
+    path.mkdir(parents=True, exist_ok=True)
     db = str(path / "w.duckdb")
     con = warehouse.connect(db, create=True)
     for name in trainers:
@@ -194,11 +198,8 @@ def rows(db: str, sql: str) -> list[tuple[Any, ...]]:
 
 
 def compute(db: str) -> None:
-    con = warehouse.connect(db)
-    try:
+    with warehouse.opened(db) as con:  # publishes the analysts' snapshot, as `compute` does
         policy.compute(con)
-    finally:
-        con.close()
 
 
 # ---------------------------------------------------------------- oracle (docs/payout-policy.md)
@@ -554,3 +555,45 @@ def test_root_and_post_work_on_round_rewards(run: sf.Run, tmp_path: Path) -> Non
             admin, ClaimRequest(account=acct, cumulative_amount=amount, proof=tree.proof_for(acct))
         )
         assert s.token_balance(acct) == amount
+
+
+# ---------------------------------------------------------------- docs/queries.md
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "queries.md"
+SECTION = re.compile(r"^## (\d+)\. (.+?)\n(.*?)(?=^## |^# |\Z)", re.S | re.M)
+SQL = re.compile(r"```sql\n(.*?)```", re.S)
+FIRST_SHARED_QUERY = 13
+AFTER_EPOCH_1 = {19}  # shown as the warehouse stood after epoch 1's verdicts
+
+
+def _markdown(frame: pl.DataFrame) -> str:
+    lines = [
+        "| " + " | ".join(frame.columns) + " |",
+        "|" + "|".join("---" for _ in frame.columns) + "|",
+    ]
+    for row in frame.iter_rows():
+        lines.append("| " + " | ".join("" if v is None else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def test_shared_run_queries_of_the_doc(run: sf.Run, tmp_path: Path) -> None:
+    sections = {
+        int(n): (title, body)
+        for n, title, body in SECTION.findall(DOC.read_text(encoding="utf-8"))
+        if int(n) >= FIRST_SHARED_QUERY
+    }
+    assert len(sections) >= 6
+    first = scenario(run, tmp_path / "first", p2_full_in_epoch_1=False)
+    compute(first.db)
+    paid = paid_world(run, tmp_path / "paid")
+    results = {}
+    for n, (_, body) in sorted(sections.items()):
+        sql = SQL.search(body)
+        assert sql is not None, f"query {n} has no sql block"
+        with Analyst(first.db if n in AFTER_EPOCH_1 else paid.db) as analyst:
+            results[n] = analyst.sql(sql.group(1))
+    for n, frame in results.items():
+        assert _markdown(frame) in sections[n][1], (
+            f"query {n}: doc table is stale:\n{_markdown(frame)}"
+        )
