@@ -284,6 +284,20 @@ def test_unregistered_peer_and_tampered_round_are_rejections(run: sf.Run, tmp_pa
     # The rest of the batch is in: round 0 and the contributions of p0 and p1 in it.
     assert rows(db, "SELECT round FROM shared_rounds") == [(0,)]
     assert rows(db, "SELECT peer_id FROM contributions ORDER BY 1") == [("t-p0",), ("t-p1",)]
+    # Once p2 is registered, the same ingest loads its contribution of the round already held.
+    con = warehouse.connect(db)
+    key = "0x" + bytes(run.peers["p2"].public).hex()
+    warehouse.register_peer(
+        con, peer_id="t-p2", pubkey=key, role="trainer", payout_address=address("p2")
+    )
+    con.close()
+    code, out = ingest(db, "--shared", str(copy))
+    assert code == 3 and "0 rounds, 1 contributions" in out, out  # round 1 is still tampered
+    assert rows(db, "SELECT peer_id FROM contributions ORDER BY 1") == [
+        ("t-p0",),
+        ("t-p1",),
+        ("t-p2",),
+    ]
 
 
 def test_bad_verdicts_are_rejected_with_reasons(run: sf.Run, tmp_path: Path) -> None:
