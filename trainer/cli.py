@@ -1,4 +1,6 @@
-"""``python -m trainer`` / ``veritrain-train``: run the reference trainer, verify a run store.
+"""``python -m trainer`` / ``veritrain-train``: run the reference trainer, verify a run store, and
+take part in shared runs (genesis, join: trainer/shared_cli.py; aggregate, verify-round, rounds:
+trainer/round_cli.py).
 
 Thin: parse options, call trainer.loop / trainer.verify, print. Secrets are never printed; a new
 key file is created with 0600 permissions by proofs.signatures.save_keypair, which never replaces
@@ -277,3 +279,12 @@ def keygen(key_file: Path, force: bool) -> None:
     except KeyFileExistsError as exc:
         raise BadInput(f"{exc} (pass --force to replace it and lose that key)") from exc
     click.echo(f"0x{bytes(keypair.public).hex()}")
+
+
+# Shared runs (issue #15): genesis and join (trainer/shared_cli.py), aggregate, verify-round and
+# rounds (trainer/round_cli.py). Imported last; neither imports this module, so there is no cycle.
+from trainer.round_cli import COMMANDS as _ROUND_COMMANDS  # noqa: E402
+from trainer.shared_cli import COMMANDS as _SHARED_COMMANDS  # noqa: E402
+
+for _command in (*_SHARED_COMMANDS, *_ROUND_COMMANDS):
+    main.add_command(_command)
