@@ -175,6 +175,12 @@ def _infinite_step(run: Run, data: bytearray) -> bytes:
     return bytes(data)
 
 
+def _overflowing_step(run: Run, data: bytearray) -> bytes:
+    at = _steps_at(run)
+    data[at : at + 4] = struct.pack("<f", 3e38)  # finite, but 127 * 3e38 is not a float32
+    return bytes(data)
+
+
 PAYLOAD_CASES: dict[str, tuple[Callable[[Run, bytearray], bytes], str]] = {
     "truncated": (lambda run, d: bytes(d[:-10]), "size"),
     "oversized": (lambda run, d: bytes(d) + b"\0" * 10, "size"),
@@ -183,6 +189,7 @@ PAYLOAD_CASES: dict[str, tuple[Callable[[Run, bytearray], bytes], str]] = {
     "repeated": (_repeat_first_offset, "repeated"),
     "out-of-range": (_offset_out_of_range, "out-of-range"),
     "non-finite": (_infinite_step, "non-finite"),
+    "overflowing-step": (_overflowing_step, "non-finite"),
     "other-k": (lambda run, d: _other_k_payload(run), "header"),
 }
 
@@ -194,6 +201,7 @@ def _other_k_payload(run: Run) -> bytes:
     return encode_payload(compress(e, chunk=o.chunk, topk=o.topk - 1, quantization=o.quantization))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, on decode
 @pytest.mark.parametrize("case", sorted(PAYLOAD_CASES))
 def test_malformed_payload_is_excluded_with_its_reason(run: Run, case: str) -> None:
     mutate, reason = PAYLOAD_CASES[case]
