@@ -81,3 +81,80 @@ def test_contribution_verdict_signature_binds_domain_and_body() -> None:
     forged = SignedContributionVerdict(signature=signed.signature, verdict=changed)
     assert not forged.verify()
     assert signed.verdict.outcome is Outcome.PASS
+
+
+# ---- a tiny shared run: peers p0, p1, p2 and x, H=4, two windows per inner run ----------------
+
+import shutil
+import time
+
+from audit.contribution import audit_contribution
+from proofs.signatures import KeyPair
+from shared_fixtures import build_genesis, key, write_corpus
+from trainer.aggregator import close_round
+from trainer.data import Corpus
+from trainer.globalstate import initial_model, theta_artifact
+from trainer.peer import Behaviour, run_round
+from trainer.sharedrun import Genesis, SignedGenesis
+from trainer.sharedstore import SharedStore
+
+PEERS = ("p0", "p1", "p2", "x")
+AUDITOR = keypair_from_seed(b"veritrain-test-shared-auditor-key!")
+SEED = hashlib.sha256(b"test sample seed").digest()
+
+
+class Shared:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.corpus = write_corpus(path)
+        self.keys: dict[str, KeyPair] = {p: key(f"audit-shared-{p}") for p in PEERS}
+        self.aggregator = key("audit-shared-aggregator")
+        coordinator = key("audit-shared-coordinator")
+        g = build_genesis(
+            self.corpus, self.keys, coordinator=coordinator, aggregator=self.aggregator,
+            inner_steps=4,
+        )  # fmt: skip
+        self.genesis: Genesis = dataclasses.replace(g, checkpoint_every=2)
+        self.store = SharedStore(path / "store")
+        self.store.put_genesis(SignedGenesis.sign(coordinator, self.genesis))
+        theta0 = theta_artifact(initial_model(self.genesis), self.genesis.chunk_size)
+        self.store.put_object(theta0.root, theta0.parts)
+
+    def train(self, peer: str, r: int, store: SharedStore | None = None, **kw: object) -> None:
+        run_round(store or self.store, self.genesis, self.keys[peer], peer, r,
+                  corpus=self.corpus, threads=1, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+    def close(self, store: SharedStore | None = None) -> None:
+        close_round(store or self.store, self.aggregator, now=time.time() + 1e7)
+
+    def copy(self, dest: Path) -> Shared:
+        twin = object.__new__(Shared)
+        shutil.copytree(self.path, dest)
+        twin.__dict__.update(self.__dict__)
+        twin.path, twin.store = dest, SharedStore(dest / "store")
+        twin.corpus = Corpus.from_paths([dest / "corpus.py"])
+        return twin
+
+    def audit(self, r: int, peer: str, **kw: object):  # type: ignore[no-untyped-def]
+        args: dict[str, object] = {"keypair": AUDITOR, "sample_seed": SEED, "corpus": self.corpus}
+        args.update(kw)
+        return audit_contribution(self.store, self.genesis, r, peer, **args)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
+    run = Shared(tmp_path_factory.mktemp("shared"))
+    for r in (0, 1):
+        for peer in PEERS:
+            run.train(peer, r)
+        run.close()
+    return run
+
+
+def test_honest_contribution_passes_exact(shared: Shared) -> None:
+    signed = shared.audit(1, "p1", mode="exact", steps=4)
+    v = signed.verdict
+    assert v.outcome is Outcome.PASS, v.reason + str(v.checks)
+    assert v.mode.value == "exact"
+    assert [s.step for s in v.steps] == [0, 1, 2, 3]
+    assert signed.verify()
