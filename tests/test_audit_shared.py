@@ -18,7 +18,6 @@ import torch
 from shared_fixtures import build_genesis, key, write_corpus
 
 from audit.contribution import audit_contribution
-from audit.shared_batch import SharedJob, audit_shared
 from audit.contribution_verdict import (
     CHECK_NAMES,
     ContributionVerdict,
@@ -27,13 +26,14 @@ from audit.contribution_verdict import (
     load_contribution_verdict,
     sign_contribution_verdict,
 )
+from audit.shared_batch import SharedJob, audit_shared
 from audit.verdict import Outcome
 from proofs.codec import canonical_json
 from proofs.hashing import sha256
 from proofs.signatures import KeyPair, keypair_from_seed, save_keypair
 from trainer.aggregator import close_round
-from trainer.data import Corpus, batch_offsets
 from trainer.compression import compress, decode_payload, encode_payload
+from trainer.data import Corpus, batch_offsets
 from trainer.globalstate import flatten, initial_model, load_flat, theta_artifact
 from trainer.peer import Behaviour, run_round
 from trainer.roundrecord import SignedRoundRecord
@@ -119,9 +119,12 @@ class Shared:
         self.aggregator = key("audit-shared-aggregator")
         coordinator = key("audit-shared-coordinator")
         g = build_genesis(
-            self.corpus, self.keys, coordinator=coordinator, aggregator=self.aggregator,
+            self.corpus,
+            self.keys,
+            coordinator=coordinator,
+            aggregator=self.aggregator,
             inner_steps=4,
-        )  # fmt: skip
+        )
         self.genesis: Genesis = dataclasses.replace(g, checkpoint_every=2)
         self.store = SharedStore(path / "store")
         self.store.put_genesis(SignedGenesis.sign(coordinator, self.genesis))
@@ -129,8 +132,16 @@ class Shared:
         self.store.put_object(theta0.root, theta0.parts)
 
     def train(self, peer: str, r: int, store: SharedStore | None = None, **kw: object) -> None:
-        run_round(store or self.store, self.genesis, self.keys[peer], peer, r,
-                  corpus=self.corpus, threads=1, **kw)  # type: ignore[arg-type]  # fmt: skip
+        run_round(
+            store or self.store,
+            self.genesis,
+            self.keys[peer],
+            peer,
+            r,
+            corpus=self.corpus,
+            threads=1,
+            **kw,
+        )  # type: ignore[arg-type]
 
     def close(self, store: SharedStore | None = None) -> None:
         store = store or self.store
@@ -224,9 +235,17 @@ def test_copier_with_own_inner_run_is_caught(shared: Shared, tmp_path: Path) -> 
         scratch = _in_scratch(twin, tmp_path / "scratch", lambda s: None)
         own = scratch.store.read_contribution("x", 2).contribution
         victim = twin.store.read_contribution("p0", 2).contribution
-        _resign(twin, twin, "p0", peer="x", pubkey=bytes(twin.keys["x"].public),
-                inner_header=own.inner_header, inner_manifest=own.inner_manifest,
-                prev_contribution=own.prev_contribution, prev_local_state=own.prev_local_state)  # fmt: skip
+        _resign(
+            twin,
+            twin,
+            "p0",
+            peer="x",
+            pubkey=bytes(twin.keys["x"].public),
+            inner_header=own.inner_header,
+            inner_manifest=own.inner_manifest,
+            prev_contribution=own.prev_contribution,
+            prev_local_state=own.prev_local_state,
+        )
         assert victim.final_state != own.final_state
 
     twin = _round2(shared, tmp_path, attack)
@@ -302,7 +321,7 @@ def test_building_on_an_old_round_is_caught(shared: Shared, tmp_path: Path) -> N
 def test_training_on_unassigned_data_is_caught_whenever_sampled(
     shared: Shared, tmp_path: Path
 ) -> None:
-    """x trains on p0's batches (trainer.peer.Behaviour(train_on=...)); any sampled step shows it."""
+    """x trains on p0's batches (Behaviour(train_on=...)); any sampled step shows it."""
 
     def attack(twin: Shared) -> None:
         twin.train("x", 2, behaviour=Behaviour(train_on=bytes(twin.keys["p0"].public)))
@@ -366,15 +385,17 @@ def test_usefulness_is_the_lone_application_on_the_heldout_batch(shared: Shared)
     seed = int.from_bytes(
         hashlib.sha256(b"veritrain/shared-heldout/v1" + g.hash()).digest()[:8], "big"
     )
-    offsets = batch_offsets(seed, r, batch_size=g.batch_size, context=g.context,
-                            corpus_size=len(shared.corpus.data))  # fmt: skip
+    offsets = batch_offsets(
+        seed, r, batch_size=g.batch_size, context=g.context, corpus_size=len(shared.corpus.data)
+    )
     batch = shared.corpus.batch(offsets, g.context)
     model = initial_model(g)
     theta_r = shared.store.read_theta(shared.store.read_round(r).round.base_root, model)
     payload = (shared.path / "store/contributions/p0/r000001.delta").read_bytes()
     o = g.outer
-    d = decode_payload(payload, size=theta_r.numel(), chunk=o.chunk, topk=o.topk,
-                       quantization=o.quantization).to_dense()  # fmt: skip
+    d = decode_payload(
+        payload, size=theta_r.numel(), chunk=o.chunk, topk=o.topk, quantization=o.quantization
+    ).to_dense()
     after = theta_r - torch.tensor(o.alpha, dtype=torch.float32) * d
 
     def loss(flat: torch.Tensor) -> float:
@@ -397,9 +418,11 @@ BEACON = "0x" + "ab" * 32
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "audit", "shared", *args],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )  # fmt: skip
+    )
 
 
 def _key_file(tmp: Path) -> Path:
@@ -410,10 +433,15 @@ def _key_file(tmp: Path) -> Path:
 
 def test_batch_samples_from_the_beacon_and_resumes(shared: Shared, tmp_path: Path) -> None:
     job = SharedJob(
-        store_url=str(shared.store.url), out=tmp_path / "out", keypair=AUDITOR,
-        beacon=bytes.fromhex(BEACON[2:]), contributions=2, steps=1, mode="tolerant",
+        store_url=str(shared.store.url),
+        out=tmp_path / "out",
+        keypair=AUDITOR,
+        beacon=bytes.fromhex(BEACON[2:]),
+        contributions=2,
+        steps=1,
+        mode="tolerant",
         corpus_paths=(str(shared.path / "corpus.py"),),
-    )  # fmt: skip
+    )
     first = audit_shared(job)
     assert [j.outcome for j in first] == [Outcome.PASS] * 4 and not any(j.skipped for j in first)
     for r in (0, 1):
@@ -439,8 +467,22 @@ def test_cli_end_to_end(shared: Shared, tmp_path: Path) -> None:
     (twin.path / "store/contributions/junk").mkdir()
     (twin.path / "store/contributions/junk/r000001.json").write_bytes(b"[]")
     key_path, out = _key_file(tmp_path), tmp_path / "out"
-    args = ("--shared", str(twin.path / "store"), "--key", str(key_path), "--out", str(out),
-            "--beacon", BEACON, "--steps", "1", "--round", "1", "--corpus", str(twin.path / "corpus.py"))  # fmt: skip
+    args = (
+        "--shared",
+        str(twin.path / "store"),
+        "--key",
+        str(key_path),
+        "--out",
+        str(out),
+        "--beacon",
+        BEACON,
+        "--steps",
+        "1",
+        "--round",
+        "1",
+        "--corpus",
+        str(twin.path / "corpus.py"),
+    )
     done = _cli(*args)
     assert done.returncode == 1, done.stderr
     files = sorted(p.name for p in (out / "r000001").iterdir())
@@ -462,10 +504,27 @@ def test_cli_end_to_end(shared: Shared, tmp_path: Path) -> None:
 
 def test_cli_tolerant_under_another_cpu_capability(shared: Shared, tmp_path: Path) -> None:
     """Honest contributions pass in tolerant mode when the auditor's CPU kernels differ."""
-    done = _cli("--shared", str(shared.path / "store"), "--key", str(_key_file(tmp_path)),
-                "--out", str(tmp_path / "out"), "--beacon", BEACON, "--steps", "2", "--round", "0",
-                "--contributions", "2", "--mode", "tolerant", "--corpus", str(shared.path / "corpus.py"),
-                env={"ATEN_CPU_CAPABILITY": "default"})  # fmt: skip
+    done = _cli(
+        "--shared",
+        str(shared.path / "store"),
+        "--key",
+        str(_key_file(tmp_path)),
+        "--out",
+        str(tmp_path / "out"),
+        "--beacon",
+        BEACON,
+        "--steps",
+        "2",
+        "--round",
+        "0",
+        "--contributions",
+        "2",
+        "--mode",
+        "tolerant",
+        "--corpus",
+        str(shared.path / "corpus.py"),
+        env={"ATEN_CPU_CAPABILITY": "default"},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 contributions judged (0 resumed), 0 not passing" in done.stdout
 
@@ -485,8 +544,15 @@ def test_cli_bad_input_is_one_line_exit_2(
     base = {"--shared": str(shared.path / "store"), "--beacon": BEACON}
     base.update(dict(zip(extra[::2], extra[1::2], strict=True)))
     args = [x for kv in base.items() for x in kv]
-    done = _cli(*args, "--key", str(_key_file(tmp_path)), "--out", str(tmp_path / "out"),
-                "--corpus", str(shared.path / "corpus.py"))  # fmt: skip
+    done = _cli(
+        *args,
+        "--key",
+        str(_key_file(tmp_path)),
+        "--out",
+        str(tmp_path / "out"),
+        "--corpus",
+        str(shared.path / "corpus.py"),
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and message in lines[-1], done.stderr
