@@ -129,6 +129,7 @@ _GENESIS_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--norm-factor", float, 3.0, "Exclude norms above this times the round's median."),
     ("--probe-batch", int, 8, "Samples in the probe batch."),
     ("--probe-margin", float, 0.05, "Relative probe-loss increase that excludes a contribution."),
+    ("--probe-gain", float, 0.5, "Exclude a probe gain below this share of the median (0: off)."),
     ("--min-contributions", int, 1, "Fewer included: theta carried over."),
     ("--max-contributions", int, None, "Close early once this many are in [default: roster size]."),
     ("--deadline", float, 600.0, "Seconds a round stays open."),
@@ -169,9 +170,15 @@ def _genesis_options(command: F) -> F:
     help="Screen each contribution on a probe batch.",
 )
 @click.option("--corpus", multiple=True, help="Corpus file/folder (repeatable; default stdlib).")
+@click.option(
+    "--heldout",
+    multiple=True,
+    help="Held-out corpus file/folder where auditors measure usefulness (repeatable; disjoint "
+    "from --corpus; default: none, usefulness is measured on the training corpus).",
+)
 def genesis(
     shared_url: str, key_file: Path, run_id: str, peers: tuple[str, ...], aggregator_key: str,
-    probe: bool, corpus: tuple[str, ...], **opts: Any,
+    probe: bool, corpus: tuple[str, ...], heldout: tuple[str, ...], **opts: Any,
 ) -> None:  # fmt: skip
     """Start a shared run: write the coordinator-signed genesis and theta_0 into STORE."""
     keypair = load_key(key_file, "coordinator")
@@ -183,6 +190,7 @@ def genesis(
     if not isinstance(hyper, dict):
         raise BadInput("--hyperparameters must be a JSON object")
     data = corpus_of(corpus)
+    held = corpus_of(heldout).commitment() if heldout else None
     o = opts
     try:
         record = Genesis(
@@ -193,13 +201,14 @@ def genesis(
             optimizer=o["optimizer"], hyperparameters=hyper, inner_lr=o["inner_lr"],
             grad_clip=o["grad_clip"] or None, inner_steps=o["inner_steps"],
             batch_size=o["batch_size"], context=o["context"], dataset=data.commitment(),
-            checkpoint_every=o["checkpoint_every"] or o["inner_steps"],
+            heldout=held, checkpoint_every=o["checkpoint_every"] or o["inner_steps"],
             chunk_size=o["chunk_size"],
             outer=OuterRule(beta=o["beta"], chunk=o["chunk"], topk=o["topk"],
                             quantization=o["quantization"], alpha=o["alpha"]),
             screening=Screening(
                 norm_factor=o["norm_factor"], probe=probe, probe_batch=o["probe_batch"],
-                probe_margin=o["probe_margin"], min_contributions=o["min_contributions"],
+                probe_margin=o["probe_margin"], probe_gain=o["probe_gain"],
+                min_contributions=o["min_contributions"],
                 max_contributions=o["max_contributions"] or len(roster),
                 deadline_s=o["deadline"],
             ),
