@@ -659,3 +659,36 @@ def test_verdicts_of_audit_shared_are_ingested_and_paid(run: sf.Run, tmp_path: P
             if (r, p) not in {(1, "p2"), (2, "p2")}
         )
         assert (paid == POOL) if useful else (paid is None), (r, paid)
+
+
+def test_a_version_3_warehouse_migrates_and_keeps_its_rejections(tmp_path: Path) -> None:
+    import duckdb
+
+    from rewards import schema
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL,"
+        " checksum VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)"
+    )
+    for m in schema.migrations()[:3]:  # the schema of the code before shared runs
+        con.execute(m.sql)
+        con.execute(
+            "INSERT INTO schema_migrations VALUES (?, ?, ?, now())", [m.version, m.name, m.checksum]
+        )
+    con.execute("INSERT INTO rejections VALUES ('runs/x', 'run', 'bad signature', 'b-1', now())")
+    con.close()
+    migrated = warehouse.connect(path)
+    try:
+        assert schema.current_version(migrated) == 4
+        assert migrated.execute("SELECT source, kind, reason FROM rejections").fetchall() == [
+            ("runs/x", "run", "bad signature")
+        ]
+        migrated.execute(
+            "INSERT INTO rejections VALUES ('s/r', 'contribution-verdict', 'why', 'b-2', now())"
+        )
+        with pytest.raises(duckdb.ConstraintException):
+            migrated.execute("INSERT INTO rejections VALUES ('s/r', 'nonsense', 'w', 'b', now())")
+    finally:
+        migrated.close()
