@@ -507,7 +507,8 @@ def test_cli_end_to_end(shared: Shared, tmp_path: Path) -> None:
 
 
 def test_cli_tolerant_under_another_cpu_capability(shared: Shared, tmp_path: Path) -> None:
-    """Honest contributions pass in tolerant mode when the auditor's CPU kernels differ."""
+    """Honest contributions pass in tolerant mode when the auditor's CPU kernels differ (judged
+    in two worker processes, one contribution each)."""
     done = _cli(
         "--shared",
         str(shared.path / "store"),
@@ -525,6 +526,8 @@ def test_cli_tolerant_under_another_cpu_capability(shared: Shared, tmp_path: Pat
         "2",
         "--mode",
         "tolerant",
+        "--workers",
+        "2",
         "--corpus",
         str(shared.path / "corpus.py"),
         env={"ATEN_CPU_CAPABILITY": "default"},
