@@ -272,8 +272,9 @@ def audit_shared(
 ) -> list[Judgement]:
     """Run ``job`` under OUT's lock: plan every round, then judge every drawn contribution
     (``workers`` > 1: one forked process each; fork from a process that has not run a parallel
-    torch kernel yet, as the CLI does: GNU OpenMP's thread pool does not survive a fork). ``on_plan(total)`` is called once with the
-    number of contributions drawn, ``on_result`` after each. Raises SharedAuditInputError
+    torch kernel yet, as the CLI does: GNU OpenMP's thread pool does not survive a fork).
+    ``on_plan(total)`` is called once with the number of contributions drawn, ``on_result``
+    after each. Raises SharedAuditInputError
     before anything is written when the job cannot start, OutputLocked when OUT is in use."""
     store, genesis = check_inputs(job)
     with output_lock(job.out):
