@@ -704,3 +704,20 @@ def test_beacon_is_the_block_after_the_round_commitment(
     assert plan["beacon"] == "0x" + bytes(block["hash"]).hex()
     seed = hashlib.sha256(b"veritrain/shared-sample/v1" + bytes(block["hash"]) + record.hash())
     assert plan["sample_seed"] == "0x" + seed.hexdigest()
+
+
+def test_misplaced_record_and_missing_payload_are_invalid(shared: Shared, tmp_path: Path) -> None:
+    twin = shared.copy(tmp_path / "twin")
+    folder = twin.path / "store/contributions"
+    shutil.copyfile(folder / "p0/r000001.json", folder / "p2/r000001.json")
+    (folder / "p1/r000001.delta").unlink()
+    moved = twin.audit(1, "p2", steps=1).verdict
+    assert moved.outcome is Outcome.INVALID and "holds 'p0'" in moved.reason
+    assert (
+        moved.contribution
+        == twin.store.read_round(1)
+        .round.included[[i.peer for i in twin.store.read_round(1).round.included].index("p2")]
+        .contribution
+    )  # the verdict names the contribution the round record included
+    missing = twin.audit(1, "p1", steps=1).verdict
+    assert missing.outcome is Outcome.INVALID and _failed(missing) == {"error-feedback"}
