@@ -81,6 +81,7 @@ class Domain(enum.Enum):
     SHARED_GENESIS = "shared-genesis"
     CONTRIBUTION = "contribution"
     ROUND = "round"
+    CONTRIBUTION_VERDICT = "contribution-verdict"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

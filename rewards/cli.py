@@ -9,7 +9,8 @@ rewards.report; both are added to this group.
 Exit status (the convention of the three CLIs, trainer/cli_errors.py): 0 when the command did all
 its work; 1 when it ran and found a failure (``verify-root``: the posted root does not match);
 2 on bad input, usage or setup, nothing written (``error: ...``, one line on stderr; the traceback
-too with -v); 3 when ``ingest`` wrote its batch but rejected some records (listed on stderr).
+too with -v); 3 when ``ingest`` or ``ingest-shared`` wrote its batch but rejected some
+records (listed on stderr).
 """
 
 from __future__ import annotations
@@ -242,6 +243,60 @@ def ingest_cmd(
     console.print(
         f"epoch {report.epoch}: {report.runs_loaded} runs, {report.verdicts_loaded} verdicts"
         f" loaded; {report.duplicates} duplicates; {len(report.rejections)} rejected"
+    )
+    if report.rejections:
+        print_table(
+            err_console,
+            ("source", "kind", "reason"),
+            [(r.source, r.kind, r.reason) for r in report.rejections],
+            title=f"{len(report.rejections)} record(s) rejected",
+        )
+        click.get_current_context().exit(EXIT_PARTIAL)
+
+
+@main.command("ingest-shared")
+@_db_option
+@click.option("--shared", "store", help="Shared run store (folder or fsspec URL).")
+@click.option(
+    "--verdicts",
+    "verdicts",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Folder of contribution verdicts (`audit shared --out`); repeatable.",
+)
+@click.option("--epoch", type=int, help="Epoch to file new records under (default: latest).")
+@click.option(
+    "--round-pool",
+    "round_pool",
+    type=click.IntRange(min=0),
+    help="Base units each closed round shares (required when the run is new).",
+)
+def ingest_shared_cmd(
+    db: str,
+    store: str | None,
+    verdicts: tuple[str, ...],
+    epoch: int | None,
+    round_pool: int | None,
+) -> None:
+    """Load a shared run (genesis, round records, contributions, exclusions) and contribution
+    verdicts, verifying every signature; one transaction per batch, idempotent.
+
+    Exit status 0 when every record read was loaded or was already there; 3 when the batch was
+    written but some records were rejected (listed on stderr, kept in the rejections table);
+    2 when nothing was written (bad input).
+    """
+    from rewards import shared_ingest
+
+    if store is None and not verdicts:
+        raise click.UsageError("give --shared and/or --verdicts")
+    with warehouse.opened(db) as con:
+        report = shared_ingest.ingest_shared(
+            con, store_url=store, verdict_dirs=verdicts, epoch=epoch, round_pool=round_pool
+        )
+    console.print(
+        f"epoch {report.epoch}: {report.rounds_loaded} rounds, {report.contributions_loaded}"
+        f" contributions, {report.verdicts_loaded} contribution verdicts loaded;"
+        f" {report.duplicates} duplicates; {len(report.rejections)} rejected"
     )
     if report.rejections:
         print_table(

@@ -64,7 +64,7 @@ class IngestError(VeritrainError, ValueError):
 class Rejection:
     """A record that was not loaded, and why."""
 
-    kind: Literal["run", "verdict"]
+    kind: Literal["run", "verdict", "shared-run", "round", "contribution", "contribution-verdict"]
     source: str
     reason: str
 

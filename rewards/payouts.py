@@ -71,7 +71,9 @@ _INPUT_QUERIES = (
         "SELECT peer_id, role, bls_pubkey, payout_address FROM peers WHERE peer_id IN ("
         " SELECT peer_id FROM runs WHERE epoch <= $e UNION"
         " SELECT auditor_id FROM verdicts WHERE epoch <= $e UNION"
-        " SELECT peer_id FROM stakes WHERE epoch <= $e) ORDER BY peer_id",
+        " SELECT peer_id FROM stakes WHERE epoch <= $e UNION"
+        " SELECT peer_id FROM contributions WHERE epoch <= $e UNION"
+        " SELECT auditor_id FROM contribution_verdicts WHERE epoch <= $e) ORDER BY peer_id",
     ),
     ("epochs", "SELECT epoch, pool::VARCHAR FROM epochs WHERE epoch <= $e ORDER BY epoch"),
     (
@@ -88,6 +90,23 @@ _INPUT_QUERIES = (
         "verdicts",
         "SELECT verdict_id, run_id, step, auditor_id, epoch, outcome, loss_before, loss_after"
         " FROM verdicts WHERE epoch <= $e ORDER BY verdict_id",
+    ),
+    # Shared runs (rewards/policy_shared.sql reads these columns).
+    (
+        "shared_runs",
+        "SELECT shared_run_id, genesis_hash, epoch, round_pool::VARCHAR, inner_steps"
+        " FROM shared_runs WHERE epoch <= $e ORDER BY shared_run_id",
+    ),
+    (
+        "contributions",
+        "SELECT shared_run_id, round, peer_id, contribution_hash, included, epoch"
+        " FROM contributions WHERE epoch <= $e ORDER BY shared_run_id, contribution_hash",
+    ),
+    (
+        "contribution_verdicts",
+        "SELECT verdict_id, shared_run_id, contribution_hash, auditor_id, epoch, outcome,"
+        " passed_steps, loss_before, loss_after"
+        " FROM contribution_verdicts WHERE epoch <= $e ORDER BY verdict_id",
     ),
 )
 

@@ -1,9 +1,11 @@
-"""Runs the payout policy (rewards/policy.sql) and checks its invariants.
+"""Runs the payout policy (rewards/policy.sql, with rewards/policy_shared.sql for shared runs)
+and checks its invariants.
 
 The money is computed by the SQL, statement by statement, with its named parameters taken from the
 ``policy_params`` table (or given explicitly, for a what-if run that is rolled back). Python only
 runs it, in one transaction, and refuses the result when an invariant fails: an epoch's rewards
-must sum exactly to its payable pool, no amount may be negative, cumulative amounts must never
+must sum exactly to its payable pool plus the round rewards it pays, a paid round exactly to its
+round pool, no amount may be negative, cumulative amounts must never
 decrease, and an epoch already posted on chain must recompute to the total it was posted with.
 """
 
@@ -31,7 +33,7 @@ from rewards.warehouse import (
 
 log = logging.getLogger(__name__)
 
-POLICY_VERSION = 1
+POLICY_VERSION = 2  # 2: shared-run contributions and round rewards (policy_shared.sql)
 
 
 class PolicyError(VeritrainError, RuntimeError):
@@ -79,9 +81,31 @@ def policy_sql() -> str:
     return (resources.files("rewards") / "policy.sql").read_text(encoding="utf-8")
 
 
+def shared_policy_sql() -> str:
+    """The text of rewards/policy_shared.sql (contributions and round rewards of shared runs)."""
+    return (resources.files("rewards") / "policy_shared.sql").read_text(encoding="utf-8")
+
+
 def policy_sql_hash() -> str:
-    """sha256 of policy.sql, part of every epoch's inputs hash."""
-    return hashlib.sha256(policy_sql().encode()).hexdigest()
+    """sha256 of policy.sql followed by policy_shared.sql, part of every epoch's inputs hash."""
+    return hashlib.sha256((policy_sql() + shared_policy_sql()).encode()).hexdigest()
+
+
+# Where the two files interleave (see the top of policy_shared.sql): contribution outcomes come
+# first (policy.sql's slashing reads them), round rewards after the epoch summaries and before the
+# cumulative payouts (which must include them).
+_ROUND_REWARDS_MARK = "\n-- @round rewards"
+_SHARED_PART2_MARK = "\n-- @part 2"
+
+
+def policy_parts() -> tuple[str, ...]:
+    """The SQL scripts run_statements runs, in order."""
+    main, main_mark, payouts = policy_sql().partition(_ROUND_REWARDS_MARK)
+    outcomes, shared_mark, rounds = shared_policy_sql().partition(_SHARED_PART2_MARK)
+    if not (main_mark and shared_mark):
+        raise PolicyError("policy.sql or policy_shared.sql lost the marker that interleaves them")
+    # Each marker line stays a comment at the top of the part it opens.
+    return outcomes, main, shared_mark + rounds, main_mark + payouts
 
 
 def stored_params(con: Connection) -> PolicyParams:
@@ -142,22 +166,28 @@ def _now() -> _dt.datetime:
 def run_statements(con: Connection, params: PolicyParams) -> None:
     """Run policy.sql on ``con`` (inside the caller's transaction); PolicyError if it fails."""
     values = params.to_sql_params()
-    for statement in con.extract_statements(policy_sql()):
-        named = {name: values[name] for name in statement.named_parameters}
-        try:
-            con.execute(statement, named).fetchall()
-        except duckdb.Error as exc:
-            raise PolicyError(f"policy.sql failed: {exc}") from exc
+    for part in policy_parts():
+        for statement in con.extract_statements(part):
+            named = {name: values[name] for name in statement.named_parameters}
+            try:
+                con.execute(statement, named).fetchall()
+            except duckdb.Error as exc:
+                raise PolicyError(f"policy.sql failed: {exc}") from exc
 
 
 def check_invariants(con: Connection) -> None:
     """Raise PolicyError when the computed tables break an invariant of the policy."""
     checks = {
-        "an epoch's rewards do not sum to its payable pool": """
+        "an epoch's rewards do not sum to its payable pool plus its round rewards": """
             SELECT s.epoch FROM epoch_summaries AS s
             WHERE s.paid + s.carry_out <> s.pool + s.carry_in
-               OR s.paid <> coalesce((SELECT sum(amount) FROM rewards AS w
-                                      WHERE w.epoch = s.epoch), 0)""",
+               OR s.paid + coalesce((SELECT sum(amount) FROM round_rewards AS x
+                                     WHERE x.epoch = s.epoch), 0)
+                  <> coalesce((SELECT sum(amount) FROM rewards AS w WHERE w.epoch = s.epoch), 0)""",
+        "a round's rewards do not sum exactly to its round pool": """
+            SELECT min(x.epoch) FROM round_rewards AS x JOIN shared_runs AS r USING (shared_run_id)
+            GROUP BY x.shared_run_id, x.round, r.round_pool
+            HAVING sum(x.amount) <> r.round_pool OR count(DISTINCT x.epoch) <> 1""",
         "an amount is negative": "SELECT epoch FROM rewards WHERE amount < 0 OR score < 0",
         # One window pass over payouts: a repeated (epoch, account) sorts next to itself.
         "a cumulative amount decreased, or payouts repeat an account in an epoch": """
@@ -168,14 +198,21 @@ def check_invariants(con: Connection) -> None:
         "the grand total paid differs from the pools minus what is carried": """
             SELECT 1 FROM (SELECT sum(pool) AS pools FROM epochs) AS a,
                           (SELECT sum(amount) AS paid FROM rewards) AS b,
-                          (SELECT carry_out FROM epoch_summaries ORDER BY epoch DESC LIMIT 1) AS c
-            WHERE a.pools <> coalesce(b.paid, 0) + c.carry_out""",
+                          (SELECT carry_out FROM epoch_summaries ORDER BY epoch DESC LIMIT 1) AS c,
+                          (SELECT sum(amount) AS rounds FROM round_rewards) AS d
+            WHERE a.pools + coalesce(d.rounds, 0) <> coalesce(b.paid, 0) + c.carry_out""",
         # The computed tables have no key index (migration 002): their keys are unique by
         # construction of policy.sql, and checked here (payouts above).
         "a computed table repeats a key": """
             SELECT 0 FROM (SELECT run_id FROM run_outcomes GROUP BY run_id HAVING count(*) > 1
                            UNION ALL
-                           SELECT epoch FROM rewards GROUP BY epoch, account HAVING count(*) > 1)
+                           SELECT epoch FROM rewards GROUP BY epoch, account HAVING count(*) > 1
+                           UNION ALL
+                           SELECT 0 FROM contribution_outcomes
+                           GROUP BY shared_run_id, contribution_hash HAVING count(*) > 1
+                           UNION ALL
+                           SELECT 0 FROM round_rewards
+                           GROUP BY shared_run_id, contribution_hash HAVING count(*) > 1)
             LIMIT 1""",
         "an epoch posted on chain now gives another cumulative total": """
             SELECT p.epoch FROM settlement_posts AS p

@@ -98,8 +98,10 @@ FROM runs AS r
 LEFT JOIN _run_decisions AS d USING (run_id)
 LEFT JOIN _usefulness AS u USING (run_id);
 
--- 4. Slashing: in each epoch where a peer has a failed run, it loses floor(stake * slash_bps /
---    10000) of the stake it holds then (deposits up to that epoch minus earlier slashes).
+-- 4. Slashing: in each epoch where a peer has a failed run or a failed shared-run contribution
+--    (contribution_outcomes, computed before this file by rewards/policy_shared.sql part 1), it
+--    loses floor(stake * slash_bps / 10000) of the stake it holds then (deposits up to that epoch
+--    minus earlier slashes). failed_runs counts both.
 INSERT INTO slashes
 WITH RECURSIVE failures AS (
     SELECT f.decided_epoch AS epoch, f.peer_id, count(*) AS failed_runs,
@@ -107,7 +109,9 @@ WITH RECURSIVE failures AS (
                      WHERE s.peer_id = f.peer_id AND s.epoch <= f.decided_epoch), 0)::HUGEINT
                AS deposited,
            row_number() OVER (PARTITION BY f.peer_id ORDER BY f.decided_epoch) AS k
-    FROM run_outcomes AS f WHERE f.state = 'failed'
+    FROM (SELECT peer_id, decided_epoch FROM run_outcomes WHERE state = 'failed'
+          UNION ALL
+          SELECT peer_id, decided_epoch FROM contribution_outcomes WHERE state = 'failed') AS f
     GROUP BY f.decided_epoch, f.peer_id
 ), chain AS (
     SELECT epoch, peer_id, failed_runs, k, deposited AS stake_before,
@@ -233,6 +237,10 @@ FROM _pools AS p
 LEFT JOIN scored AS s USING (epoch) LEFT JOIN decided AS d USING (epoch)
 LEFT JOIN filed AS f USING (epoch) LEFT JOIN paid AS w USING (epoch)
 ORDER BY p.epoch;
+
+-- @round rewards: rewards/policy.py runs rewards/policy_shared.sql part 2 here, which adds each
+-- epoch's shared-run round rewards to its rewards rows (the epoch summaries above count the
+-- epoch's own pool only).
 
 -- 8. Cumulative payouts: for every epoch, every account paid anything so far, with its amount in
 --    that epoch and its cumulative amount (what the on-chain cumulative claim checks). The running

@@ -1,0 +1,345 @@
+"""Auditing shared-run contributions (issue #16, part A): verdict format, checks, attacks, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from shared_fixtures import build_genesis, key, write_corpus
+
+from audit.contribution import audit_contribution
+from audit.contribution_verdict import (
+    CHECK_NAMES,
+    ContributionVerdict,
+    ContributionVerdictError,
+    SignedContributionVerdict,
+    load_contribution_verdict,
+    sign_contribution_verdict,
+)
+from audit.verdict import Outcome
+from proofs.codec import canonical_json
+from proofs.hashing import sha256
+from proofs.signatures import KeyPair, keypair_from_seed
+from trainer.aggregator import close_round
+from trainer.data import Corpus
+from trainer.compression import compress, decode_payload, encode_payload
+from trainer.globalstate import flatten, initial_model, theta_artifact
+from trainer.peer import Behaviour, run_round
+from trainer.roundrecord import SignedRoundRecord
+from trainer.sharedrun import Genesis, SignedContribution, SignedGenesis
+from trainer.sharedstore import SharedStore
+
+VECTOR = json.loads(
+    (Path(__file__).parent / "vectors" / "shared" / "contribution_verdict.json").read_text()
+)
+
+
+# ---- the verdict format ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", range(len(VECTOR["verdicts"])))
+def test_contribution_verdict_vector(index: int) -> None:
+    entry = VECTOR["verdicts"][index]
+    data = json.dumps(entry["signed"]).encode()
+    signed = load_contribution_verdict(data)
+    verdict = signed.verdict
+    # Written back, the record gives exactly the independent generator's bytes and hash.
+    assert canonical_json(verdict.to_json()).decode("ascii") == entry["canonical"]
+    assert verdict.hash() == hashlib.sha256(entry["canonical"].encode()).digest()
+    assert "0x" + verdict.hash().hex() == entry["hash"]
+    assert signed.verify()
+    auditor = keypair_from_seed(bytes.fromhex(VECTOR["auditor_seed"][2:]))
+    resigned = sign_contribution_verdict(auditor, verdict)
+    assert resigned.to_json() == entry["signed"]
+    assert [c.name for c in verdict.checks] == list(CHECK_NAMES)
+
+
+def test_contribution_verdict_reader_is_strict() -> None:
+    good = VECTOR["verdicts"][0]["signed"]
+
+    def refused(mutate: object) -> None:
+        doc = json.loads(json.dumps(good))
+        mutate(doc)  # type: ignore[operator]
+        with pytest.raises(ContributionVerdictError):
+            load_contribution_verdict(json.dumps(doc).encode())
+
+    refused(lambda d: d["verdict"].update(extra=1))
+    refused(lambda d: d["verdict"].pop("heldout"))
+    refused(lambda d: d["verdict"].update(kind="veritrain-verdict"))
+    refused(lambda d: d["verdict"].update(version=2))
+    refused(lambda d: d["verdict"].update(outcome="maybe"))
+    refused(lambda d: d["verdict"].update(pubkey="0x00"))
+    refused(lambda d: d["verdict"]["checks"].reverse())
+    refused(lambda d: d["verdict"]["checks"].pop())
+    refused(lambda d: d["verdict"]["checks"][0].update(passed=1))
+    refused(lambda d: d["verdict"]["checks"][1].update(passed=False))  # a pass with a failed check
+    refused(lambda d: d["verdict"].update(reason="x"))  # a pass with a reason
+    refused(lambda d: d["verdict"]["steps"][0].update(outcome="ok"))
+    with pytest.raises(ContributionVerdictError):
+        load_contribution_verdict(b"[1,")
+    with pytest.raises(ContributionVerdictError):
+        load_contribution_verdict(b" " * (2 << 20))
+
+
+def test_contribution_verdict_signature_binds_domain_and_body() -> None:
+    signed = load_contribution_verdict(json.dumps(VECTOR["verdicts"][0]["signed"]).encode())
+    other = keypair_from_seed(b"someone-else-entirely-0123456789")
+    assert not signed.verify(other.public)
+
+    changed = dataclasses.replace(signed.verdict, loss_after=5.0)
+    forged = SignedContributionVerdict(signature=signed.signature, verdict=changed)
+    assert not forged.verify()
+    assert signed.verdict.outcome is Outcome.PASS
+
+
+# ---- a tiny shared run: peers p0, p1, p2 and x, H=4, two windows per inner run ----------------
+
+
+PEERS = ("p0", "p1", "p2", "x")
+AUDITOR = keypair_from_seed(b"veritrain-test-shared-auditor-key!")
+SEED = hashlib.sha256(b"test sample seed").digest()
+
+
+class Shared:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.corpus = write_corpus(path)
+        self.keys: dict[str, KeyPair] = {p: key(f"audit-shared-{p}") for p in PEERS}
+        self.aggregator = key("audit-shared-aggregator")
+        coordinator = key("audit-shared-coordinator")
+        g = build_genesis(
+            self.corpus, self.keys, coordinator=coordinator, aggregator=self.aggregator,
+            inner_steps=4,
+        )  # fmt: skip
+        self.genesis: Genesis = dataclasses.replace(g, checkpoint_every=2)
+        self.store = SharedStore(path / "store")
+        self.store.put_genesis(SignedGenesis.sign(coordinator, self.genesis))
+        theta0 = theta_artifact(initial_model(self.genesis), self.genesis.chunk_size)
+        self.store.put_object(theta0.root, theta0.parts)
+
+    def train(self, peer: str, r: int, store: SharedStore | None = None, **kw: object) -> None:
+        run_round(store or self.store, self.genesis, self.keys[peer], peer, r,
+                  corpus=self.corpus, threads=1, **kw)  # type: ignore[arg-type]  # fmt: skip
+
+    def close(self, store: SharedStore | None = None) -> None:
+        store = store or self.store
+        r = len(store.rounds())
+        # A clock past each round's deadline: every round closes at once.
+        assert close_round(store, self.aggregator, now=time.time() + 1e7 * (r + 1)) is not None
+
+    def copy(self, dest: Path) -> Shared:
+        twin = object.__new__(Shared)
+        shutil.copytree(self.path, dest)
+        twin.__dict__.update(self.__dict__)
+        twin.path, twin.store = dest, SharedStore(dest / "store")
+        twin.corpus = Corpus.from_paths([dest / "corpus.py"])
+        return twin
+
+    def audit(self, r: int, peer: str, **kw: object):  # type: ignore[no-untyped-def]
+        args: dict[str, object] = {"keypair": AUDITOR, "sample_seed": SEED, "corpus": self.corpus}
+        args.update(kw)
+        return audit_contribution(self.store, self.genesis, r, peer, **args)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
+    run = Shared(tmp_path_factory.mktemp("shared"))
+    for r in (0, 1):
+        for peer in PEERS:
+            run.train(peer, r)
+        run.close()
+    return run
+
+
+def test_honest_contribution_passes_exact(shared: Shared) -> None:
+    signed = shared.audit(1, "p1", mode="exact", steps=4)
+    v = signed.verdict
+    assert v.outcome is Outcome.PASS, v.reason + str(v.checks)
+    assert v.mode.value == "exact"
+    assert [s.step for s in v.steps] == [0, 1, 2, 3]
+    assert signed.verify()
+
+
+# ---- attacks: each built with the real peer code, then doctored as the attacker would ---------
+
+
+def _round2(shared: Shared, tmp: Path, attack: Callable[[Shared], None]) -> Shared:
+    """A copy of the two-round run in which p0 and p1 train round 2 honestly and ``attack``
+    publishes x's round-2 contribution; the round is then closed by the aggregator."""
+    twin = shared.copy(tmp / "twin")
+    for peer in ("p0", "p1"):
+        twin.train(peer, 2)
+    attack(twin)
+    twin.close()
+    return twin
+
+
+def _in_scratch(
+    twin: Shared, dest: Path, prepare: Callable[[Shared], None], **kw: object
+) -> Shared:
+    """x trains round 2 in a scratch copy of ``twin`` after ``prepare`` doctored it; its inner run
+    and objects are then copied into ``twin`` (its contribution record is left to the caller)."""
+    scratch = twin.copy(dest)
+    prepare(scratch)
+    scratch.train("x", 2, **kw)
+    inner = Path("store/peers/x/r000002")
+    shutil.copytree(scratch.path / inner, twin.path / inner)
+    shutil.copytree(scratch.path / "store/objects", twin.path / "store/objects", dirs_exist_ok=True)
+    return scratch
+
+
+def _republish(twin: Shared, signed: SignedContribution, payload: bytes) -> None:
+    twin.store.put_contribution(
+        SignedContribution.sign(twin.keys["x"], signed.contribution), payload
+    )
+
+
+def _resign(twin: Shared, source: Shared, owner: str = "x", **fields: object) -> None:
+    """Publish ``source``'s round-2 contribution of ``owner`` as x's, with ``fields`` replaced."""
+    signed = source.store.read_contribution(owner, 2)
+    payload = (source.path / f"store/contributions/{owner}/r000002.delta").read_bytes()
+    record = dataclasses.replace(signed.contribution, **fields)  # type: ignore[arg-type]
+    twin.store.put_contribution(SignedContribution.sign(twin.keys["x"], record), payload)
+
+
+def _failed(verdict: ContributionVerdict) -> set[str]:
+    return {c.name for c in verdict.checks if not c.passed}
+
+
+def test_copier_with_own_inner_run_is_caught(shared: Shared, tmp_path: Path) -> None:
+    """x re-signs p0's contribution (its d, final state and local state) over its own inner run."""
+
+    def attack(twin: Shared) -> None:
+        scratch = _in_scratch(twin, tmp_path / "scratch", lambda s: None)
+        own = scratch.store.read_contribution("x", 2).contribution
+        victim = twin.store.read_contribution("p0", 2).contribution
+        _resign(twin, twin, "p0", peer="x", pubkey=bytes(twin.keys["x"].public),
+                inner_header=own.inner_header, inner_manifest=own.inner_manifest,
+                prev_contribution=own.prev_contribution, prev_local_state=own.prev_local_state)  # fmt: skip
+        assert victim.final_state != own.final_state
+
+    twin = _round2(shared, tmp_path, attack)
+    v = twin.audit(2, "x", steps=1).verdict
+    assert v.outcome is Outcome.FAIL
+    assert {"final-state", "error-feedback"} <= _failed(v)
+
+
+def test_copier_with_copied_inner_run_is_caught(shared: Shared, tmp_path: Path) -> None:
+    """x copies p0's inner run into its own folder and re-signs p0's record as its own."""
+
+    def attack(twin: Shared) -> None:
+        inner = twin.path / "store/peers"
+        shutil.copytree(inner / "p0/r000002", inner / "x/r000002")
+        _resign(twin, twin, "p0", peer="x", pubkey=bytes(twin.keys["x"].public))
+
+    twin = _round2(shared, tmp_path, attack)
+    v = twin.audit(2, "x", steps=1).verdict
+    assert v.outcome is not Outcome.PASS
+    assert {"start-state", "local-chain"} <= _failed(v)
+
+
+def test_fabricated_d_is_caught_whenever_sampled(shared: Shared, tmp_path: Path) -> None:
+    """x trains honestly but publishes a random top-k payload of the honest norm, re-signed."""
+
+    def attack(twin: Shared) -> None:
+        scratch = _in_scratch(twin, tmp_path / "scratch", lambda s: None)
+        honest = (scratch.path / "store/contributions/x/r000002.delta").read_bytes()
+        o, size = twin.genesis.outer, int(flatten(initial_model(twin.genesis)).numel())
+        d = decode_payload(
+            honest, size=size, chunk=o.chunk, topk=o.topk, quantization=o.quantization
+        )
+        noise = torch.randn(size, generator=torch.Generator().manual_seed(5))
+        noise *= d.norm() / float(noise.norm()) * 3.0  # top-k keeps about a third of the norm
+        fake = encode_payload(
+            compress(noise, chunk=o.chunk, topk=o.topk, quantization=o.quantization)
+        )
+        _resign(twin, scratch, delta=sha256(fake), payload_bytes=len(fake))
+        (twin.path / "store/contributions/x/r000002.delta").unlink()
+        record = twin.store.read_contribution("x", 2)
+        (twin.path / "store/contributions/x/r000002.json").unlink()
+        twin.store.put_contribution(record, fake)
+
+    twin = _round2(shared, tmp_path, attack)
+    assert _included(twin, 2, "x")
+    v = twin.audit(2, "x", steps=1).verdict
+    assert v.outcome is Outcome.FAIL and _failed(v) == {"error-feedback"}
+
+
+def test_building_on_an_old_round_is_caught(shared: Shared, tmp_path: Path) -> None:
+    """x trains round 2 from theta_1 (it made its scratch store believe round 1 changed nothing)
+    and claims theta_2 in its record."""
+
+    def stale_view(scratch: Shared) -> None:
+        signed = scratch.store.read_round(1)
+        old = dataclasses.replace(signed.round, new_root=signed.round.base_root)
+        path = scratch.path / "store/rounds/r000001.json"
+        path.write_bytes(canonical_json(SignedRoundRecord.sign(scratch.aggregator, old).to_json()))
+
+    def attack(twin: Shared) -> None:
+        scratch = _in_scratch(twin, tmp_path / "scratch", stale_view)
+        theta_2 = twin.store.read_round(1).round.new_root
+        assert scratch.store.read_contribution("x", 2).contribution.base_root != theta_2
+        _resign(twin, scratch, base_root=theta_2)
+
+    twin = _round2(shared, tmp_path, attack)
+    assert _included(twin, 2, "x")
+    v = twin.audit(2, "x", steps=1).verdict
+    assert v.outcome is Outcome.FAIL
+    assert "start-state" in _failed(v) and v.reason.startswith("start-state")
+
+
+def test_training_on_unassigned_data_is_caught_whenever_sampled(
+    shared: Shared, tmp_path: Path
+) -> None:
+    """x trains on p0's batches (trainer.peer.Behaviour(train_on=...)); any sampled step shows it."""
+
+    def attack(twin: Shared) -> None:
+        twin.train("x", 2, behaviour=Behaviour(train_on=bytes(twin.keys["p0"].public)))
+
+    twin = _round2(shared, tmp_path, attack)
+    assert _included(twin, 2, "x")
+    for seed in range(4):  # different samples of one step each: every one catches it
+        v = twin.audit(2, "x", steps=1, sample_seed=sha256(bytes([seed]))).verdict
+        assert v.outcome is Outcome.FAIL and _failed(v) == {"inner-steps"}, v.reason
+        assert len(v.steps) == 1 and v.steps[0].outcome == "fail"
+
+
+def test_broken_local_state_chain_is_caught(shared: Shared, tmp_path: Path) -> None:
+    """x hides its round-1 contribution from itself: it builds on round 0's local state."""
+
+    def hide(scratch: Shared) -> None:
+        (scratch.path / "store/contributions/x/r000001.json").unlink()
+
+    def attack(twin: Shared) -> None:
+        scratch = _in_scratch(twin, tmp_path / "scratch", hide)
+        _resign(twin, scratch)
+
+    twin = _round2(shared, tmp_path, attack)
+    assert _included(twin, 2, "x")
+    v = twin.audit(2, "x", steps=1).verdict
+    assert v.outcome is Outcome.FAIL and _failed(v) == {"local-chain"}, v.reason
+
+
+def test_tampered_artifact_is_invalid(shared: Shared, tmp_path: Path) -> None:
+    """A byte of x's committed local-state artifact flipped in the store: invalid, not fail."""
+    twin = _round2(shared, tmp_path, lambda t: t.train("x", 2))
+    v = twin.audit(2, "x", steps=1).verdict
+    assert v.outcome is Outcome.PASS
+    root = twin.store.read_contribution("x", 2).contribution.local_state
+    path = twin.path / f"store/objects/{root.hex()}.vtar"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    v = twin.audit(2, "x", steps=1).verdict
+    assert v.outcome is Outcome.INVALID and "error-feedback" in _failed(v)
+
+
+def _included(run: Shared, r: int, peer: str) -> bool:
+    return peer in {i.peer for i in run.store.read_round(r).round.included}
