@@ -33,6 +33,7 @@ from audit.beacon import (
 )
 from audit.bundle import aggregate_verdicts, load_verdict_bundle, verify_bundle
 from audit.cli_output import console, err, print_table, run_with_progress, say, summary
+from audit.contribution_cli import shared_cmd
 from audit.evidence import check_verdict
 from audit.fetch import load_run
 from audit.jobs import JobSpec, SampleSpec
@@ -355,3 +356,6 @@ def verify_bundle_cmd(path: Path) -> None:
     ok = verify_bundle(bundle)
     say(f"{len(bundle.verdicts)} verdicts on {bundle.run_id}: {'valid' if ok else 'INVALID'}")
     sys.exit(EXIT_OK if ok else EXIT_FAILED)
+
+
+main.add_command(shared_cmd)  # python -m audit shared (audit/contribution_cli.py)

@@ -31,12 +31,11 @@ from audit.contribution_checks import (
     decode_committed,
     fail,
     flat_of,
-    heldout_description,
     ok,
     read_payload,
     theta_tensors_at,
-    usefulness,
 )
+from audit.contribution_usefulness import heldout_description, usefulness
 from audit.contribution_verdict import (
     CHECK_NAMES,
     Check,
@@ -248,8 +247,8 @@ def _judge(
     device_name = "cpu"
     final_optim = None
     if run is not None:
+        problems = genesis_header_check(genesis, run.header, record.pubkey, round=r)
         if start_optim is not None:
-            problems = genesis_header_check(genesis, run.header, record.pubkey, round=r)
             findings["start-state"] = check_start_state(
                 inner, run, record, theta_r, start_optim, problems, param_bytes
             )
@@ -263,7 +262,7 @@ def _judge(
             else ()
         )
         findings["inner-steps"], steps, device_name = _reexecute(
-            inner, run, corpus, fixed, picks, sample_seed, device
+            inner, run, corpus, fixed, picks, sample_seed, device, peer_at_fault=bool(problems)
         )
     if e_prev is not None:
         try:
@@ -293,9 +292,13 @@ def _auto_mode(run: VerifiedRun, device: str | None) -> Mode:
 
 def _reexecute(
     inner: RunStore, run: VerifiedRun, corpus: Corpus, mode: Mode, picks: tuple[int, ...],
-    sample_seed: bytes, device: str | None,
+    sample_seed: bytes, device: str | None, *, peer_at_fault: bool,
 ) -> tuple[Finding, tuple[StepCheck, ...], str]:  # fmt: skip
-    """Re-execute the sampled inner steps with the solo-run StepAuditor (chain check on)."""
+    """Re-execute the sampled inner steps with the solo-run StepAuditor (chain check on).
+
+    A run this auditor cannot re-execute is the peer's failure only when its header is not the
+    genesis assignment (``peer_at_fault``); otherwise (exact mode on another CPU kernel, say) it
+    raises ContributionAuditError: no verdict blames the peer for the auditor's setup."""
     name = "inner-steps"
     if not picks:
         return fail(name, "the inner run has no steps"), (), "cpu"
@@ -303,6 +306,8 @@ def _reexecute(
     try:
         auditor = StepAuditor(inner, run, corpus, config, sample_seed=sample_seed)
     except AuditSetupError as exc:
+        if not peer_at_fault:
+            raise ContributionAuditError(f"cannot re-execute the inner steps: {exc}") from exc
         return fail(name, f"not re-executed: {exc}"[:400]), (), "cpu"
     checks = []
     try:

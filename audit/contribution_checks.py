@@ -10,7 +10,6 @@ Merkle root (``SharedStore.read_verified_leaves``, ``audit.fetch.fetch_artifact`
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from audit.fetch import ArtifactInvalid, VerifiedRun, decode_checked, fetch_arti
 from audit.window import max_artifact_bytes
 from proofs.errors import EncodingError, VeritrainError
 from proofs.hashing import Hash32, sha256
-from trainer.aggregation import apply_sum
 from trainer.checkpoint import OPTIM_META, OPTIM_STATE, PARAM, decode_checkpoint, encode_checkpoint
 from trainer.compression import (
     PayloadError,
@@ -32,8 +30,6 @@ from trainer.compression import (
     error_feedback_step,
     payload_size,
 )
-from trainer.data import Corpus, batch_offsets
-from trainer.globalstate import load_flat
 from trainer.manifest import StateRef
 from trainer.peer import EF_KEY, load_local_state
 from trainer.roundrecord import RoundRecord
@@ -41,7 +37,6 @@ from trainer.sharedrun import ZERO32, Contribution, Genesis, build_inner_optimiz
 from trainer.sharedstore import SharedStore, payload_name
 from trainer.store import RunStore, StoreError, object_name
 
-HELDOUT_MAGIC = b"veritrain/shared-heldout/v1"
 EF_RTOL = 1e-4
 """Tolerant mode, error feedback: relative tolerance, against the chunk's largest |e'|, for values
 and for the margin of top-k support differences (docs/auditing.md)."""
@@ -386,47 +381,3 @@ def tolerant_problem(
 
 def _steps(d: SparseDelta, n_chunks: int) -> torch.Tensor:
     return d.steps.to(torch.float32) if d.steps is not None else torch.zeros(n_chunks)
-
-
-# ---- usefulness ---------------------------------------------------------------------------------
-
-
-def heldout_seed(genesis: Genesis) -> int:
-    """The held-out batch seed: first 8 bytes (big-endian) of sha256(MAGIC || genesis hash)."""
-    return int.from_bytes(hashlib.sha256(HELDOUT_MAGIC + genesis.hash()).digest()[:8], "big")
-
-
-def heldout_offsets(genesis: Genesis, r: int, corpus_size: int) -> tuple[int, ...]:
-    return batch_offsets(
-        heldout_seed(genesis), r, batch_size=genesis.batch_size, context=genesis.context,
-        corpus_size=corpus_size,
-    )  # fmt: skip
-
-
-def heldout_description(genesis: Genesis, r: int, held_out: bool) -> str:
-    source = genesis.heldout if held_out and genesis.heldout is not None else genesis.dataset
-    kind = "heldout" if held_out else "dataset"
-    return (
-        f"{kind}=0x{source.root.hex()};seed=0x{heldout_seed(genesis):016x};round={r};"
-        f"batch={genesis.batch_size};ctx={genesis.context}"
-    )
-
-
-def usefulness(
-    model: nn.Module, genesis: Genesis, r: int, corpus: Corpus, theta_r: torch.Tensor,
-    d: SparseDelta | None,
-) -> tuple[float, float]:  # fmt: skip
-    """(loss at theta_r, loss at theta_r - fl32(alpha)*d) on the round's held-out batch, eval
-    mode, no gradients; loss_after is NaN when there is no decodable d."""
-    batch = corpus.batch(heldout_offsets(genesis, r, len(corpus.data)), genesis.context)
-
-    def loss(flat: torch.Tensor) -> float:
-        load_flat(model, flat)
-        model.eval()
-        with torch.inference_mode():
-            _, value = model(batch.inputs, batch.targets)
-        return math.nan if value is None else float(value)
-
-    before = loss(theta_r)
-    after = math.nan if d is None else loss(apply_sum(theta_r, [d], genesis.outer.alpha)[0])
-    return before, after

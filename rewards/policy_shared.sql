@@ -142,4 +142,5 @@ INSERT INTO rewards
 SELECT x.epoch, x.account, 0, sum(x.amount)
 FROM round_rewards AS x
 WHERE NOT EXISTS (SELECT 1 FROM rewards AS w WHERE w.epoch = x.epoch AND w.account = x.account)
-GROUP BY x.epoch, x.account;
+GROUP BY x.epoch, x.account
+HAVING sum(x.amount) > 0;

@@ -74,7 +74,10 @@ def _walk(store: SharedStore) -> tuple[list[SignedRoundRecord], RoundChainError 
             return out, RoundChainError(
                 f"{store.url}: round {expected} has no record, round {r} has one"
             )
-        signed = store.read_round(r)
+        try:
+            signed = store.read_round(r)
+        except (StoreError, EncodingError) as exc:
+            return out, RoundChainError(f"{store.url}: round {r}: {exc}")
         record = signed.round
         problems = list(record.check_roster(genesis))
         if not signed.verify(genesis.aggregator):

@@ -22,7 +22,7 @@ import datetime as _dt
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -218,7 +218,7 @@ def _read_contributions(
 ) -> None:
     r, run = record.round, record.shared_run_id
 
-    def stage(found: tuple[SignedContribution, str], extra: dict[str, object]) -> None:
+    def stage(found: tuple[SignedContribution, str], extra: Mapping[str, object]) -> None:
         signed, peer_id = found
         c = signed.contribution
         batch.contributions.append(
@@ -312,7 +312,7 @@ def _read_verdicts(batch: _Batch, con: Connection, folder: str) -> None:
                 "why": v.reason,
                 "passed": sorted({s.step for s in v.steps if s.outcome == "pass"}),
                 "n": len(v.steps),
-                "H": v.inner_steps,
+                "hsteps": v.inner_steps,
                 "lb": v.loss_before,
                 "la": v.loss_after,
                 "held": v.heldout,
@@ -426,7 +426,7 @@ def _write(batch: _Batch, con: Connection) -> None:
         query(
             con,
             "INSERT INTO contribution_verdicts SELECT $id, $s, $r, c.peer_id, $h, a.peer_id, $e,"
-            " $o, $m, $why, $passed, $n, $H, $lb, $la, $held, $seed, $dev, $b"
+            " $o, $m, $why, $passed, $n, $hsteps, $lb, $la, $held, $seed, $dev, $b"
             " FROM contributions AS c, peers AS a"
             " WHERE c.shared_run_id = $s AND c.contribution_hash = $h AND a.bls_pubkey = $auditor",
             row,

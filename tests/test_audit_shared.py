@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,14 +26,15 @@ from audit.contribution_verdict import (
     load_contribution_verdict,
     sign_contribution_verdict,
 )
+from audit.shared_batch import SharedJob, audit_shared
 from audit.verdict import Outcome
 from proofs.codec import canonical_json
 from proofs.hashing import sha256
-from proofs.signatures import KeyPair, keypair_from_seed
+from proofs.signatures import KeyPair, keypair_from_seed, save_keypair
 from trainer.aggregator import close_round
-from trainer.data import Corpus
 from trainer.compression import compress, decode_payload, encode_payload
-from trainer.globalstate import flatten, initial_model, theta_artifact
+from trainer.data import Corpus, batch_offsets
+from trainer.globalstate import flatten, initial_model, load_flat, theta_artifact
 from trainer.peer import Behaviour, run_round
 from trainer.roundrecord import SignedRoundRecord
 from trainer.sharedrun import Genesis, SignedContribution, SignedGenesis
@@ -115,9 +119,12 @@ class Shared:
         self.aggregator = key("audit-shared-aggregator")
         coordinator = key("audit-shared-coordinator")
         g = build_genesis(
-            self.corpus, self.keys, coordinator=coordinator, aggregator=self.aggregator,
+            self.corpus,
+            self.keys,
+            coordinator=coordinator,
+            aggregator=self.aggregator,
             inner_steps=4,
-        )  # fmt: skip
+        )
         self.genesis: Genesis = dataclasses.replace(g, checkpoint_every=2)
         self.store = SharedStore(path / "store")
         self.store.put_genesis(SignedGenesis.sign(coordinator, self.genesis))
@@ -125,8 +132,16 @@ class Shared:
         self.store.put_object(theta0.root, theta0.parts)
 
     def train(self, peer: str, r: int, store: SharedStore | None = None, **kw: object) -> None:
-        run_round(store or self.store, self.genesis, self.keys[peer], peer, r,
-                  corpus=self.corpus, threads=1, **kw)  # type: ignore[arg-type]  # fmt: skip
+        run_round(
+            store or self.store,
+            self.genesis,
+            self.keys[peer],
+            peer,
+            r,
+            corpus=self.corpus,
+            threads=1,
+            **kw,
+        )  # type: ignore[arg-type]
 
     def close(self, store: SharedStore | None = None) -> None:
         store = store or self.store
@@ -220,9 +235,17 @@ def test_copier_with_own_inner_run_is_caught(shared: Shared, tmp_path: Path) -> 
         scratch = _in_scratch(twin, tmp_path / "scratch", lambda s: None)
         own = scratch.store.read_contribution("x", 2).contribution
         victim = twin.store.read_contribution("p0", 2).contribution
-        _resign(twin, twin, "p0", peer="x", pubkey=bytes(twin.keys["x"].public),
-                inner_header=own.inner_header, inner_manifest=own.inner_manifest,
-                prev_contribution=own.prev_contribution, prev_local_state=own.prev_local_state)  # fmt: skip
+        _resign(
+            twin,
+            twin,
+            "p0",
+            peer="x",
+            pubkey=bytes(twin.keys["x"].public),
+            inner_header=own.inner_header,
+            inner_manifest=own.inner_manifest,
+            prev_contribution=own.prev_contribution,
+            prev_local_state=own.prev_local_state,
+        )
         assert victim.final_state != own.final_state
 
     twin = _round2(shared, tmp_path, attack)
@@ -298,7 +321,7 @@ def test_building_on_an_old_round_is_caught(shared: Shared, tmp_path: Path) -> N
 def test_training_on_unassigned_data_is_caught_whenever_sampled(
     shared: Shared, tmp_path: Path
 ) -> None:
-    """x trains on p0's batches (trainer.peer.Behaviour(train_on=...)); any sampled step shows it."""
+    """x trains on p0's batches (Behaviour(train_on=...)); any sampled step shows it."""
 
     def attack(twin: Shared) -> None:
         twin.train("x", 2, behaviour=Behaviour(train_on=bytes(twin.keys["p0"].public)))
@@ -343,3 +366,194 @@ def test_tampered_artifact_is_invalid(shared: Shared, tmp_path: Path) -> None:
 
 def _included(run: Shared, r: int, peer: str) -> bool:
     return peer in {i.peer for i in run.store.read_round(r).round.included}
+
+
+# ---- honest contributions in tolerant mode, and usefulness ------------------------------------
+
+
+def test_honest_contribution_passes_tolerant(shared: Shared) -> None:
+    v = shared.audit(0, "p2", mode="tolerant", steps=2).verdict
+    assert v.outcome is Outcome.PASS, v.reason
+    assert v.mode.value == "tolerant" and len(v.steps) == 2
+
+
+def test_usefulness_is_the_lone_application_on_the_heldout_batch(shared: Shared) -> None:
+    """loss_after recomputed here from the spec, independently of audit/: the batch at
+    batch_offsets(sha256(MAGIC || genesis hash)[:8], r) and theta_r - fl32(alpha) * d."""
+    g, r = shared.genesis, 1
+    v = shared.audit(r, "p0", steps=1).verdict
+    seed = int.from_bytes(
+        hashlib.sha256(b"veritrain/shared-heldout/v1" + g.hash()).digest()[:8], "big"
+    )
+    offsets = batch_offsets(
+        seed, r, batch_size=g.batch_size, context=g.context, corpus_size=len(shared.corpus.data)
+    )
+    batch = shared.corpus.batch(offsets, g.context)
+    model = initial_model(g)
+    theta_r = shared.store.read_theta(shared.store.read_round(r).round.base_root, model)
+    payload = (shared.path / "store/contributions/p0/r000001.delta").read_bytes()
+    o = g.outer
+    d = decode_payload(
+        payload, size=theta_r.numel(), chunk=o.chunk, topk=o.topk, quantization=o.quantization
+    ).to_dense()
+    after = theta_r - torch.tensor(o.alpha, dtype=torch.float32) * d
+
+    def loss(flat: torch.Tensor) -> float:
+        load_flat(model, flat)
+        model.eval()
+        with torch.no_grad():
+            return float(model(batch.inputs, batch.targets)[1])
+
+    assert v.loss_before == loss(theta_r)
+    assert v.loss_after == pytest.approx(loss(after), rel=1e-6)
+    assert v.loss_after != v.loss_before
+    assert f"seed=0x{seed:016x};round={r}" in v.heldout
+
+
+# ---- the batch and the CLI --------------------------------------------------------------------
+
+BEACON = "0x" + "ab" * 32
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "audit", "shared", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def _key_file(tmp: Path) -> Path:
+    path = tmp / "auditor.key"
+    save_keypair(path, AUDITOR)
+    return path
+
+
+def test_batch_samples_from_the_beacon_and_resumes(shared: Shared, tmp_path: Path) -> None:
+    job = SharedJob(
+        store_url=str(shared.store.url),
+        out=tmp_path / "out",
+        keypair=AUDITOR,
+        beacon=bytes.fromhex(BEACON[2:]),
+        contributions=2,
+        steps=1,
+        mode="tolerant",
+        corpus_paths=(str(shared.path / "corpus.py"),),
+    )
+    first = audit_shared(job)
+    assert [j.outcome for j in first] == [Outcome.PASS] * 4 and not any(j.skipped for j in first)
+    for r in (0, 1):
+        record = shared.store.read_round(r).round
+        seed = hashlib.sha256(
+            b"veritrain/shared-sample/v1" + bytes.fromhex(BEACON[2:]) + record.hash()
+        ).digest()
+        order = sorted(
+            record.included, key=lambda i: hashlib.sha256(seed + i.contribution).digest()
+        )
+        assert {j.peer for j in first if j.round == r} == {i.peer for i in order[:2]}
+        plan = json.loads((tmp_path / f"out/r{r:06d}/plan.json").read_text())
+        assert plan["sample_seed"] == "0x" + seed.hex()
+    second = audit_shared(job)
+    assert all(j.skipped for j in second) and [j.outcome for j in second] == [Outcome.PASS] * 4
+
+
+def test_cli_end_to_end(shared: Shared, tmp_path: Path) -> None:
+    twin = shared.copy(tmp_path / "twin")
+    # A junk file where p1's round-1 record was, and junk beside it: p1 is judged invalid, the
+    # batch goes on.
+    (twin.path / "store/contributions/p1/r000001.json").write_bytes(b"\x00junk{")
+    (twin.path / "store/contributions/junk").mkdir()
+    (twin.path / "store/contributions/junk/r000001.json").write_bytes(b"[]")
+    key_path, out = _key_file(tmp_path), tmp_path / "out"
+    args = (
+        "--shared",
+        str(twin.path / "store"),
+        "--key",
+        str(key_path),
+        "--out",
+        str(out),
+        "--beacon",
+        BEACON,
+        "--steps",
+        "1",
+        "--round",
+        "1",
+        "--corpus",
+        str(twin.path / "corpus.py"),
+    )
+    done = _cli(*args)
+    assert done.returncode == 1, done.stderr
+    files = sorted(p.name for p in (out / "r000001").iterdir())
+    assert files == ["p0.json", "p1.json", "p2.json", "plan.json", "x.json"]
+    verdicts = {
+        p: load_contribution_verdict((out / f"r000001/{p}.json").read_bytes()) for p in PEERS
+    }
+    assert verdicts["p1"].verdict.outcome is Outcome.INVALID
+    assert all(verdicts[p].verdict.outcome is Outcome.PASS for p in ("p0", "p2", "x"))
+    assert all(s.verify() for s in verdicts.values())
+    assert "invalid" in done.stdout and "usefulness" in done.stdout
+    # Resumable: a second run re-judges nothing (every file is kept byte for byte).
+    before = {p: (out / f"r000001/{p}.json").read_bytes() for p in PEERS}
+    again = _cli(*args)
+    assert again.returncode == 1
+    assert "4 contributions judged (4 resumed)" in again.stdout
+    assert before == {p: (out / f"r000001/{p}.json").read_bytes() for p in PEERS}
+
+
+def test_cli_tolerant_under_another_cpu_capability(shared: Shared, tmp_path: Path) -> None:
+    """Honest contributions pass in tolerant mode when the auditor's CPU kernels differ."""
+    done = _cli(
+        "--shared",
+        str(shared.path / "store"),
+        "--key",
+        str(_key_file(tmp_path)),
+        "--out",
+        str(tmp_path / "out"),
+        "--beacon",
+        BEACON,
+        "--steps",
+        "2",
+        "--round",
+        "0",
+        "--contributions",
+        "2",
+        "--mode",
+        "tolerant",
+        "--corpus",
+        str(shared.path / "corpus.py"),
+        env={"ATEN_CPU_CAPABILITY": "default"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 contributions judged (0 resumed), 0 not passing" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--round", "7"), "have no verified round record"),
+        (("--steps", "0"), "--steps must be >= 1"),
+        (("--beacon", "0x12"), "beacon"),
+        (("--shared", "/nonexistent/store"), "no shared run"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(
+    shared: Shared, tmp_path: Path, extra: tuple[str, ...], message: str
+) -> None:
+    base = {"--shared": str(shared.path / "store"), "--beacon": BEACON}
+    base.update(dict(zip(extra[::2], extra[1::2], strict=True)))
+    args = [x for kv in base.items() for x in kv]
+    done = _cli(
+        *args,
+        "--key",
+        str(_key_file(tmp_path)),
+        "--out",
+        str(tmp_path / "out"),
+        "--corpus",
+        str(shared.path / "corpus.py"),
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and message in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr

@@ -175,6 +175,12 @@ def _infinite_step(run: Run, data: bytearray) -> bytes:
     return bytes(data)
 
 
+def _overflowing_step(run: Run, data: bytearray) -> bytes:
+    at = _steps_at(run)
+    data[at : at + 4] = struct.pack("<f", 3e38)  # finite, but 127 * 3e38 is not a float32
+    return bytes(data)
+
+
 PAYLOAD_CASES: dict[str, tuple[Callable[[Run, bytearray], bytes], str]] = {
     "truncated": (lambda run, d: bytes(d[:-10]), "size"),
     "oversized": (lambda run, d: bytes(d) + b"\0" * 10, "size"),
@@ -183,6 +189,7 @@ PAYLOAD_CASES: dict[str, tuple[Callable[[Run, bytearray], bytes], str]] = {
     "repeated": (_repeat_first_offset, "repeated"),
     "out-of-range": (_offset_out_of_range, "out-of-range"),
     "non-finite": (_infinite_step, "non-finite"),
+    "overflowing-step": (_overflowing_step, "non-finite"),
     "other-k": (lambda run, d: _other_k_payload(run), "header"),
 }
 
@@ -194,6 +201,7 @@ def _other_k_payload(run: Run) -> bytes:
     return encode_payload(compress(e, chunk=o.chunk, topk=o.topk - 1, quantization=o.quantization))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, on decode
 @pytest.mark.parametrize("case", sorted(PAYLOAD_CASES))
 def test_malformed_payload_is_excluded_with_its_reason(run: Run, case: str) -> None:
     mutate, reason = PAYLOAD_CASES[case]
@@ -309,12 +317,23 @@ def test_missing_or_foreign_inner_run(run: Run) -> None:
     assert excluded(close(run2), "p3/r000000.json")[0] == "missing-inner-run"
 
 
-def test_duplicate_payload_excludes_every_copy(run: Run) -> None:
+def test_identical_payloads_stay_included_and_are_summed_once(run: Run) -> None:
+    # Excluding every copy would let any roster peer knock an honest one out of a round by
+    # copying its payload; instead both stay (the audit judges each) and the sum applies it once.
+    twin = copy_run(run, run.path.parent / "twin")
     copied = run.store.read_contribution_file("p0", "r000000.delta", 1 << 20)
     publish(run, "p3", 0, payload=copied)
     record = close(run)
-    assert reasons(record) == {"p0/r000000.json": "duplicate", "p3/r000000.json": "duplicate"}
-    assert sorted(i.peer for i in record.included) == ["p1", "p2"]
+    assert sorted(i.peer for i in record.included) == ["p0", "p1", "p2", "p3"]
+    assert reasons(record) == {}
+    alone = close(twin)
+    assert sorted(i.peer for i in alone.included) == ["p0", "p1", "p2"]
+    # The same three payloads summed (the copy at its own key's place in the order, so the float32
+    # rounding may differ in the last bits), not four: counted twice, p0 would move theta by more.
+    step, step_alone = theta(run, 0) - theta(run, 1), theta(twin, 0) - theta(twin, 1)
+    assert torch.allclose(step, step_alone, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(step, step_alone * 4 / 3, rtol=1e-2, atol=0)
+    assert verify_round(run.store, 0, corpus=run.corpus) == []
 
 
 def test_norm_above_factor_times_median(run: Run) -> None:
@@ -624,9 +643,53 @@ def test_outer_scale_is_rounded_to_float32_once() -> None:
         apply_sum(theta0, [], 1.0)
 
 
-def test_probe_worse_treats_nan_as_worse() -> None:
-    from trainer.aggregation import probe_worse
+def test_probe_threshold() -> None:
+    from trainer.aggregation import probe_threshold
 
-    assert probe_worse(float("nan"), 1.0, 0.1)
-    assert not probe_worse(1.05, 1.0, 0.1)
-    assert probe_worse(1.2, 1.0, 0.1)
+    assert probe_threshold(1.0, [0.5, 0.6], 0.1, 0.0) == 1.1  # margin only
+    # Gains 1, 0.9, 0.8, 0.01: median 0.85, so a loss above 5 - 0.5 * 0.85 does too little.
+    assert probe_threshold(5.0, [4.0, 4.1, 4.2, 4.99], 0.1, 0.5) == 5.0 - 0.5 * 0.85
+    # A median gain <= 0 (or NaN losses, counted as no gain) leaves the margin rule alone.
+    assert probe_threshold(5.0, [5.1, 5.2, 4.9], 0.1, 0.5) == 5.5
+    assert probe_threshold(5.0, [float("nan"), float("nan"), 4.0], 0.1, 0.5) == 5.5
+    limit = probe_threshold(1.0, [float("nan")], 0.1, 0.0)
+    assert not float("nan") <= limit  # a NaN loss is never kept
+
+
+def test_probe_gain_excludes_a_plausible_update_that_does_nothing(
+    template: Run, tmp_path: Path
+) -> None:
+    run = make_run(
+        tmp_path / "gain",
+        peers=4,
+        screening={"probe": True, "probe_margin": 0.05, "probe_gain": 0.5},
+    )
+    for peer in ("p0", "p1", "p2"):
+        publish(run, peer, 0)
+    honest = decode_payload(
+        run.store.read_contribution_file("p0", "r000000.delta", 1 << 20),
+        size=run.size,
+        chunk=run.genesis.outer.chunk,
+        topk=run.genesis.outer.topk,
+        quantization=run.genesis.outer.quantization,
+    )
+    # The honest values shuffled inside each chunk (same steps, so exactly the honest norm) onto
+    # the wrong coordinates: within the norm rule, and its loss stays near theta_r's (inside the
+    # 5 % margin) while honest updates lower it.
+    assert honest.codes is not None and honest.steps is not None
+    chunk_of = honest.offsets // run.genesis.outer.chunk
+    shuffle = torch.rand(chunk_of.shape, generator=torch.Generator().manual_seed(3))
+    order = torch.argsort(chunk_of.to(torch.float64) * 2 + shuffle.to(torch.float64))
+    codes = honest.codes[order]
+    random_d = dataclasses.replace(
+        honest, codes=codes, values=codes.to(torch.float32) * honest.steps[chunk_of]
+    )
+    publish(run, "p3", 0, d=random_d)
+    record = close(run)
+    reason, detail = excluded(record, "p3/r000000.json")
+    assert reason == "probe" and "gain 0.5 x median" in detail, record
+    entry = next(e for e in record.excluded if e.file == "p3/r000000.json")
+    assert record.base_probe_loss is not None and entry.probe_loss is not None
+    assert entry.probe_loss <= record.base_probe_loss * 1.05  # the margin alone keeps it
+    assert sorted(i.peer for i in record.included) == ["p0", "p1", "p2"]
+    assert check_round(run.store, 0, corpus=run.corpus).problems == ()

@@ -276,6 +276,8 @@ BAD_GENESIS = [
     ("screening.min_contributions", 3),  # more than the roster
     ("screening.max_contributions", 0),
     ("screening.deadline_s", 0.0),
+    ("screening.probe_gain", 1.0),
+    ("screening.probe_gain", -0.1),
     ("screening.probe", 1),
     ("dataset.root", "0x00"),
     ("heldout", GENESIS.dataset.to_json()),  # the training corpus is not held out

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from proofs.encoding import decode_tensors, encode_tensors
 from proofs.errors import EncodingError
-from trainer.data import CORPUS_CHUNK_SIZE, Corpus, batch_offsets
+from trainer.data import CORPUS_CHUNK_SIZE, Corpus, CorpusCommitment, batch_offsets
 from trainer.models import GPT_NAME, GPTConfig, build_model, model_names, register_model
 from trainer.seeds import cpu_rng_state, derive_seed, replay_seed, seed_generators
 from trainer.tensors import from_tensor_bytes, to_tensor_bytes
@@ -109,6 +109,16 @@ def _other_corpus(tmp_path: Path) -> Path:
     sub.mkdir()
     (sub / "o.py").write_bytes(b"other\n" * 10)
     return sub
+
+
+def test_corpus_of_many_files_keeps_a_readable_commitment(tmp_path: Path) -> None:
+    paths = []
+    for i in range(300):
+        paths.append(tmp_path / f"file_with_a_long_name_{i:04d}.py")
+        paths[-1].write_text(f"x = {i}\n")
+    commitment = Corpus.from_paths(paths).commitment()
+    assert len(commitment.source) <= 1024 and commitment.source.startswith("300 paths: ")
+    assert CorpusCommitment.from_json(commitment.to_json()) == commitment
 
 
 def test_corpus_errors(tmp_path: Path) -> None:

@@ -3,12 +3,20 @@
 Nothing here reads or writes a store (trainer.aggregator does, through trainer.roundinputs).
 Every unscreened file first goes through checks 1-7 of trainer.screening; then, over the round:
 
-8. ``duplicate``: a second contribution of one key in the round, or a payload identical to
-   another peer's (no rule can tell which one is the copy, so every copy is excluded);
+8. ``duplicate``: a second contribution of one key in the round. A payload identical to another
+   peer's is *not* excluded: nothing here tells the copy from the original, and excluding both
+   would let any roster peer knock an honest one out of a round by copying its payload. Both stay
+   included, the sum applies that payload once (below), and the audit of each contribution
+   (issue #16: its payload must be what its own inner run and error feedback produce) catches the
+   copy whenever it is sampled;
 9. ``norm``: an L2 norm above ``norm_factor`` times the median norm of the survivors of 1-8;
 10. ``probe`` (when the genesis enables it): applied alone (:func:`apply_sum` with that one
     contribution: ``theta_r - fl32(alpha) * d``), its loss on the probe batch exceeds theta_r's
-    by more than ``probe_margin`` relative (a NaN loss is worse).
+    by more than ``probe_margin`` relative (a NaN loss is worse), or its gain (theta_r's loss
+    minus its own) is below ``probe_gain`` times the median gain of the probed contributions
+    when that median is positive (Gauntlet-style: an update of plausible norm in a random
+    direction barely moves the loss while honest ones lower it; measured in
+    benchmarks/shared_quality.py).
 
 Probe batch: ``batch_offsets(seed, 0, batch_size=probe_batch, context=genesis.context, ...)``
 over the genesis dataset, model in eval mode (no dropout), where seed = first 8 bytes
@@ -17,9 +25,10 @@ hashes of the survivors of 1-8)``. Those hashes are all in the round record (inc
 excluded for norm or probe), so anyone recomputes the batch from the record, and no peer can
 know it before the round closes.
 
-Aggregation: peers sorted by public key bytes; ``acc = zeros(n, float32)``; ``d.add_into(acc)``
-in that order (one index_add_ per contribution; each position receives at most one value per
-contribution, so the order of rounding is fixed); ``c = fl32(alpha / n_included)``;
+Aggregation: peers sorted by public key bytes; of several included contributions with one payload
+hash only the first in that order is summed; ``acc = zeros(n, float32)``; ``d.add_into(acc)`` in
+that order (one index_add_ per distinct payload; each position receives at most one value per
+payload, so the order of rounding is fixed); ``c = fl32(alpha / n_distinct)``;
 ``u = acc * c``; ``theta_next = theta - u``. Each is one correctly rounded float32 operation per
 element, identical on every SIMD path and thread count: no fused multiply-add (``theta.add(acc,
 alpha=-c)`` or ``addcmul`` would fuse on AVX2/AVX-512 and not on the default path).
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import statistics
 import struct
 from collections.abc import Callable, Sequence
@@ -62,23 +72,16 @@ PROBE_MAGIC = b"veritrain/probe/v1\x00"
 
 
 def screen_duplicates(survivors: Sequence[Survivor]) -> tuple[list[Survivor], list[Excluded]]:
-    """Check 8: one contribution per key and round, and no payload shared by two peers."""
+    """Check 8: one contribution per key and round (identical payloads of two peers both stay:
+    see the module docstring)."""
     by_key: dict[bytes, list[Survivor]] = {}
-    by_delta: dict[bytes, list[Survivor]] = {}
     for s in survivors:
         by_key.setdefault(bytes(s.pubkey), []).append(s)
-        by_delta.setdefault(bytes(s.signed.contribution.delta), []).append(s)
     kept, out = [], []
     for s in survivors:
         same_key = by_key[bytes(s.pubkey)]
-        copies = by_delta[bytes(s.signed.contribution.delta)]
         if len(same_key) > 1 and s is not min(same_key, key=lambda x: x.file):
             detail = f"a second contribution of peer {s.signed.contribution.peer} this round"
-        elif len({bytes(c.pubkey) for c in copies}) > 1:
-            others = sorted(
-                {c.signed.contribution.peer for c in copies} - {s.signed.contribution.peer}
-            )
-            detail = f"payload identical to that of {', '.join(others)}"
         else:
             kept.append(s)
             continue
@@ -147,23 +150,35 @@ def make_prober(model: nn.Module, corpus: Corpus, offsets: Sequence[int], contex
     return loss
 
 
-def probe_worse(loss: float, base: float, margin: float) -> bool:
-    """True when ``loss`` exceeds ``base`` by more than ``margin`` relative (NaN is worse)."""
-    return not loss <= base + margin * abs(base)
+def probe_threshold(base: float, losses: Sequence[float], margin: float, gain: float) -> float:
+    """The highest probe loss a contribution may reach and stay: ``base + margin * |base|``, and
+    with ``gain`` > 0 also ``base - gain * median(base - losses)`` when that median is positive
+    (NaN losses count as no gain). Python floats: the same on every machine."""
+    limit = base + margin * abs(base)
+    gains = [base - loss if loss == loss else -math.inf for loss in losses]
+    if gain > 0 and gains:
+        median = statistics.median(gains)
+        if median > 0:
+            limit = min(limit, base - gain * median)
+    return limit
 
 
 def screen_probe(
     survivors: Sequence[Survivor], theta: torch.Tensor, ctx: RoundContext, prober: Prober
 ) -> tuple[list[tuple[Survivor, float]], list[Excluded], float]:
-    """Check 10: each survivor's lone application against theta_r's loss. Returns the kept ones
-    with their probe losses, the exclusions and the base loss."""
-    margin, alpha = ctx.genesis.screening.probe_margin, ctx.genesis.outer.alpha
+    """Check 10: each survivor's lone application against theta_r's loss and against the median
+    gain. Returns the kept ones with their probe losses, the exclusions and the base loss."""
+    screening, alpha = ctx.genesis.screening, ctx.genesis.outer.alpha
     base = prober(theta)
+    losses = [prober(apply_sum(theta, [s.delta], alpha)[0]) for s in survivors]
+    limit = probe_threshold(base, losses, screening.probe_margin, screening.probe_gain)
     kept, out = [], []
-    for s in survivors:
-        loss = prober(apply_sum(theta, [s.delta], alpha)[0])
-        if probe_worse(loss, base, margin):
-            detail = f"probe loss {loss:.6g} > base {base:.6g} + {margin:g} relative"
+    for s, loss in zip(survivors, losses, strict=True):
+        if not loss <= limit:
+            detail = (
+                f"probe loss {loss:.6g} > limit {limit:.6g} (base {base:.6g}, margin "
+                f"{screening.probe_margin:g}, gain {screening.probe_gain:g} x median)"
+            )
             out.append(
                 exclusion(
                     s.file,
@@ -196,6 +211,15 @@ def apply_sum(
         d.add_into(acc)
     u = acc * outer_scale(alpha, len(deltas))
     return theta - u, u
+
+
+def distinct_payloads(included: Sequence[tuple[bytes, SparseDelta]]) -> list[SparseDelta]:
+    """The payloads to sum, from (payload hash, decoded payload) pairs in aggregation order: the
+    first of several identical payloads, at its place in that order (see the module docstring)."""
+    distinct: dict[bytes, SparseDelta] = {}
+    for digest, delta in included:
+        distinct.setdefault(bytes(digest), delta)
+    return list(distinct.values())
 
 
 def aggregate_hash(u: torch.Tensor) -> Hash32:
@@ -276,7 +300,8 @@ def close_round(
             theta_next=theta,
             carried_over=True,
         )
-    theta_next, u = apply_sum(theta, [s.delta for s, _ in scored], ctx.genesis.outer.alpha)
+    pairs = [(inc.delta, s.delta) for inc, (s, _) in zip(included, scored, strict=True)]
+    theta_next, u = apply_sum(theta, distinct_payloads(pairs), ctx.genesis.outer.alpha)
     return RoundResult(
         included=included,
         excluded=tuple(excluded),
@@ -294,11 +319,12 @@ __all__ = [
     "aggregate_hash",
     "apply_sum",
     "close_round",
+    "distinct_payloads",
     "make_prober",
     "outer_scale",
     "probe_offsets",
     "probe_seed",
-    "probe_worse",
+    "probe_threshold",
     "screen_duplicates",
     "screen_norms",
     "screen_probe",

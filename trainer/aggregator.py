@@ -36,7 +36,13 @@ from torch import nn
 from proofs.errors import VeritrainError
 from proofs.hashing import Hash32
 from proofs.signatures import KeyPair
-from trainer.aggregation import RoundResult, aggregate_hash, apply_sum
+from trainer.aggregation import (
+    RoundResult,
+    aggregate_hash,
+    apply_sum,
+    distinct_payloads,
+    probe_threshold,
+)
 from trainer.data import Corpus
 from trainer.globalstate import load_flat, theta_artifact
 from trainer.roundinputs import (
@@ -221,14 +227,24 @@ def compare_decisions(
 
     Norms must be equal bit for bit, probe losses within PROBE_RTOL. A file recorded as included
     and recomputed as excluded by the probe (or the reverse) is a close call, not a problem, when
-    its recomputed loss is within PROBE_RTOL of the threshold base + margin * |base|."""
+    its recomputed loss is within PROBE_RTOL of the recomputed threshold (probe_threshold)."""
     problems: list[str] = []
     close: list[str] = []
     screening = genesis.screening
     base = result.base_probe_loss
     if not _near(record.base_probe_loss, base):
         problems.append(f"base probe loss {record.base_probe_loss}, recomputed {base}")
-    threshold = None if base is None else base + screening.probe_margin * abs(base)
+    probed = [i.probe_loss for i in result.included] + [e.probe_loss for e in result.excluded]
+    threshold = (
+        None
+        if base is None
+        else probe_threshold(
+            base,
+            [x for x in probed if x is not None],
+            screening.probe_margin,
+            screening.probe_gain,
+        )
+    )
 
     def outcomes(r: RoundRecord | RoundResult) -> dict[str, tuple[str, float | None, float | None]]:
         out: dict[str, tuple[str, float | None, float | None]] = {
@@ -334,8 +350,8 @@ def _recorded_theta(
             or survivor.signed.contribution.hash() != inc.contribution
         ):
             return None
-        deltas.append(survivor.delta)
-    theta_next, u = apply_sum(theta, deltas, genesis.outer.alpha)
+        deltas.append((inc.delta, survivor.delta))
+    theta_next, u = apply_sum(theta, distinct_payloads(deltas), genesis.outer.alpha)
     return theta_next, aggregate_hash(u)
 
 

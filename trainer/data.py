@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from proofs.codec import check_keys, get_bytes, get_int, get_str
+from proofs.codec import MAX_STR, check_keys, get_bytes, get_int, get_str
 from proofs.errors import EncodingError
 from proofs.hashing import Root
 
@@ -118,7 +118,13 @@ class Corpus:
         if not data:
             raise EncodingError(f"corpus is empty: {', '.join(labels)}")
         logger.info("corpus: %d files, %d bytes", len(names), len(data))
-        return cls(data, names, source=",".join(labels))
+        source = ",".join(labels)
+        if len(source) > MAX_STR:
+            # Every reader bounds a header's strings; a label past the bound would make the run
+            # (or shared-run genesis) unreadable. ``source`` is description, not binding.
+            head = f"{len(labels)} paths: "
+            source = head + source[: MAX_STR - len(head) - 3] + "..."
+        return cls(data, names, source=source)
 
     @classmethod
     def stdlib(cls) -> Corpus:

@@ -33,6 +33,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from proofs.codec import short
 from proofs.errors import EncodingError, VeritrainError
 from proofs.hashing import Hash32, sha256
@@ -308,6 +310,9 @@ def _check_payload(
         )
     except PayloadError as exc:
         raise _Reject("malformed-payload", f"{exc.reason}: {exc}") from None
+    if not bool(torch.isfinite(delta.values).all()):
+        # Finite codes and steps can still dequantize past float32 (127 * a step near its max).
+        raise _Reject("malformed-payload", "non-finite: a dequantized value overflows float32")
     if delta.nnz != record.nnz:
         raise _Reject(
             "malformed-payload", f"payload has {delta.nnz} entries, the record says {record.nnz}"

@@ -176,6 +176,11 @@ class Screening:
     min_contributions: int
     max_contributions: int
     deadline_s: float
+    probe_gain: float = 0.0
+    """Also exclude a contribution whose probe gain (base loss - its loss) is below this fraction
+    of the median gain of the round's probed contributions, when that median is positive (in
+    [0, 1); 0 disables). Catches updates of plausible norm that do nothing: random directions
+    barely move the loss, honest updates lower it."""
 
     def __post_init__(self) -> None:
         _finite(self.norm_factor, "screening.norm_factor")
@@ -194,6 +199,8 @@ class Screening:
         )
         _finite(self.deadline_s, "screening.deadline_s")
         _require(self.deadline_s > 0, f"deadline_s must be > 0, got {self.deadline_s}")
+        _finite(self.probe_gain, "screening.probe_gain")
+        _require(0 <= self.probe_gain < 1, f"probe_gain must be in [0, 1), got {self.probe_gain}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -204,6 +211,7 @@ class Screening:
             "min_contributions": self.min_contributions,
             "max_contributions": self.max_contributions,
             "deadline_s": self.deadline_s,
+            "probe_gain": self.probe_gain,
         }
 
     @classmethod
@@ -219,6 +227,7 @@ class Screening:
             min_contributions=get_int(obj, "min_contributions"),
             max_contributions=get_int(obj, "max_contributions"),
             deadline_s=get_float(obj, "deadline_s"),
+            probe_gain=get_float(obj, "probe_gain"),
         )
 
 

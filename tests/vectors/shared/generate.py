@@ -96,6 +96,7 @@ def main() -> None:
             "min_contributions": 1,
             "max_contributions": 16,
             "deadline_s": 600.0,
+            "probe_gain": 0.5,
         },
         "rounds": 10,
         "coordinator": hx(COORDINATOR.public),
