@@ -226,6 +226,7 @@ def plot_heldout(data: SharedData) -> str:
         elif probe.height:
             ax.plot(probe["round"], probe["base_probe_loss"], "s--", color=f"C{i}",
                     label=_label(f"{run_id}: probe loss (no verdicts)"))  # fmt: skip
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round r (loss of theta_r)")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -246,6 +247,7 @@ def plot_contribution_usefulness(data: SharedData) -> str:
         if failed.height:
             ax.scatter(failed["round"], failed["gain"], marker="x", color="#c62828", s=80)
     ax.axhline(0, color="#888", lw=0.8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round")
     ax.set_ylabel("loss_before - loss_after")
     ax.grid(alpha=0.3)
@@ -272,10 +274,12 @@ def render_shared(data: SharedData | None, *, decimals: int = 18) -> str:
         for run_id in data.runs["shared_run_id"].to_list()
     )
     note = (
-        "<p>Held-out loss: theta_r on the auditors' held-out batch (mean <code>loss_before</code>"
-        " of round r's contribution verdicts). Usefulness: <code>loss_before - loss_after</code>"
-        " of theta_r - alpha d alone; the policy pays max(0, round(1e6 x mean)) over passing "
-        "verdicts. A red x marks a failed or invalid audit.</p>"
+        "<p>Held-out loss: theta_r on the auditors' held-out batch (mean "
+        "<code>loss_before</code> of round r's contribution verdicts). Each run draws its batch "
+        "from its own genesis hash, so two runs' curves compare in trend, not point by point. "
+        "Usefulness: <code>loss_before - loss_after</code> of theta_r - alpha d alone; the "
+        "policy pays max(0, round(1e6 x mean)) over passing verdicts. A red x marks a failed "
+        "or invalid audit.</p>"
     )
     body = "".join([
         _table(runs, ["shared run", "ingested in epoch", "inner steps", "rounds",
