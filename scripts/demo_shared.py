@@ -12,10 +12,13 @@ The same run without carol, dave and erin trains next, as the report's compariso
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from demo_shell import DemoError, Job, Shell, console
+from rich.table import Table
 
 ROUNDS = 7
 INNER_STEPS = 8
@@ -59,6 +62,7 @@ class SharedRun:
     ) -> None:
         self.sh, self.keys, self.run_id, self.peers = sh, keys, run_id, peers
         self.store = out / run_id
+        self.verdicts = out / "shared-verdicts" / run_id
         self.records: list[str] = []  # the aggregator's output per round
 
     def key(self, name: str) -> str:
@@ -128,3 +132,130 @@ class SharedRun:
         return self.sh.run(f"commit-rounds {self.run_id}", [
             "-m", "rewards", "commit-rounds", "--shared", str(self.store),
         ], key_file=key_file)  # fmt: skip
+
+    def audit(self, auditor_key: Path, rpc: str, deployment: Path, *extra: str) -> str:
+        """`audit shared` of the included contributions into ``self.verdicts``, the sample drawn
+        from the block after each round record's commitment. Exit 1 when a contribution fails
+        (carol's do): that is the point."""
+        held = [a for h in HELDOUT for a in ("--heldout", h)]
+        return self.sh.run(f"audit shared {self.run_id}", [
+            "-m", "audit", "shared", "--shared", str(self.store), "--key", str(auditor_key),
+            "--out", str(self.verdicts), "--rpc", rpc, "--deployment", str(deployment),
+            "--mode", "exact", *held, *extra,
+        ], ok_codes=(0, 1))  # fmt: skip
+
+    def ingest(self, round_pool: int) -> tuple[str, list[str], None]:
+        return (f"ingest-shared {self.run_id}", [
+            "-m", "rewards", "ingest-shared", "--shared", str(self.store), "--verdicts",
+            str(self.verdicts), "--epoch", "0", "--round-pool", str(round_pool),
+        ], None)  # fmt: skip
+
+
+# The policy's confidence (99 % of catching a peer that fakes 25 % of its steps) over H = 8 inner
+# steps needs 7 of them re-executed: 1 - C(8-2, n) / C(8, n) reaches 0.99 only at n = 7.
+AUDIT_STEPS = 7
+
+SHARED_SUMMARY_SQL = """
+WITH v AS (
+    SELECT contribution_hash, min(reason) FILTER (WHERE outcome <> 'pass') AS caught_for
+    FROM contribution_verdicts GROUP BY ALL
+)
+SELECT c.roster_name AS peer,
+       count(DISTINCT c.record_round) AS rounds_sent,
+       count(DISTINCT c.contribution_hash) FILTER (WHERE c.included) AS included,
+       coalesce(string_agg(DISTINCT x.reason || coalesce(' (built on r' || x.built_on || ')', ''),
+                           ', '), '') AS excluded_for,
+       count(DISTINCT c.contribution_hash) FILTER (WHERE o.state = 'failed') AS caught,
+       coalesce(min(v.caught_for), '') AS caught_for,
+       coalesce((SELECT sum(w.amount) FROM round_rewards w
+                 WHERE w.shared_run_id = c.shared_run_id AND w.peer_id = c.peer_id), 0) AS paid
+FROM contributions c
+LEFT JOIN exclusions x ON x.shared_run_id = c.shared_run_id
+                      AND x.contribution_hash = c.contribution_hash
+LEFT JOIN contribution_outcomes o ON o.shared_run_id = c.shared_run_id
+                                 AND o.contribution_hash = c.contribution_hash
+LEFT JOIN v ON v.contribution_hash = c.contribution_hash
+WHERE c.shared_run_id = '{run}'
+GROUP BY c.shared_run_id, c.roster_name, c.peer_id ORDER BY c.roster_name
+"""
+
+HELDOUT_SQL = """
+SELECT shared_run_id AS run, round, round(avg(loss_before), 4) AS heldout_loss
+FROM contribution_verdicts GROUP BY ALL ORDER BY run, round
+"""
+
+
+class SharedSection:
+    """The demo's shared-run steps, called by scripts/demo.py between the solo audit and the
+    settlement: train both runs, commit their rounds, audit them, then ingest and summarise."""
+
+    def __init__(self, sh: Shell, out: Path, keys: Path) -> None:
+        self.sh, self.keys = sh, keys
+        self.run = SharedRun(sh, out, keys, "demo-shared", SHARED_PEERS)
+        self.base = SharedRun(sh, out, keys, "demo-shared-honest", HONEST)
+
+    def train(self) -> None:
+        console.rule(f"[bold]5. one shared GPT: {len(SHARED_PEERS)} peers, {ROUNDS} rounds")
+        console.print("  " + self.run.genesis())
+        for p in SHARED_PEERS:
+            console.print(f"  {p.name:6} {p.role}")
+        self.run.train(show=True)
+        checked = self.run.verify().count("OK round")
+        console.print(f"  verify-round --all: {checked} of {ROUNDS} rounds recomputed bit for bit "
+                      "from the store (screening, probe, sum, signatures, chain)")  # fmt: skip
+        console.rule("[bold]6. the same run without carol, dave and erin (comparison curve)")
+        console.print("  " + self.base.genesis())
+        self.base.train(show=False)
+
+    def commit_and_audit(self, operator: Path, rpc: str, deployment: Path,
+                         mine: Callable[[], None]) -> None:  # fmt: skip
+        console.rule("[bold]7. round records on chain; the auditor audits the contributions")
+        for run in (self.run, self.base):
+            lines = run.commit_rounds(operator).strip().splitlines()
+            console.print(f"  {run.run_id}: {len(lines)} round record hashes committed "
+                          f"({lines[-1].split(' (')[-1].rstrip(')')} last)")  # fmt: skip
+        mine()
+        console.print(f"  {self.run.run_id}: {AUDIT_STEPS} of {INNER_STEPS} inner steps "
+                      "re-executed per included contribution (the policy's 99 % confidence "
+                      "against a 25 % cheat needs 7 of 8), error feedback recomputed bitwise, "
+                      "usefulness on the held-out corpus (proofs/)")  # fmt: skip
+        auditor = self.keys / "auditor.bls"
+        out = self.run.audit(auditor, rpc, deployment, "--steps", str(AUDIT_STEPS))
+        console.print(_tail(out), markup=False, highlight=False, soft_wrap=True)
+        # The comparison run: one contribution a round is enough for its held-out loss curve.
+        self.base.audit(auditor, rpc, deployment, "--steps", "1", "--contributions", "1")
+        console.print(
+            f"  {self.base.run_id}: one contribution a round audited (its held-out "
+            "loss per round is the report's comparison curve; its round pool is 0)"
+        )
+
+    def ingest_steps(self, round_pool: int) -> list[tuple[str, list[str], None]]:
+        return [self.run.ingest(round_pool), self.base.ingest(0)]
+
+    def summary(
+        self, sql: Callable[[str], list[dict[str, Any]]], tokens: Callable[[Any], str]
+    ) -> None:
+        roles = {p.name: p.role for p in SHARED_PEERS}
+        table = Table(title=f"shared run {self.run.run_id}: {ROUNDS} rounds")
+        for col in ("peer", "role", "rounds sent", "included", "excluded (why)", "caught (why)",
+                    "paid from rounds"):  # fmt: skip
+            table.add_column(col, justify="right" if col in ("rounds sent", "included") else "left")
+        for row in sql(SHARED_SUMMARY_SQL.format(run=self.run.run_id)):
+            caught = str(row["caught"]) + (f" ({row['caught_for'][:48]})" if row["caught"] else "")
+            table.add_row(row["peer"], roles.get(row["peer"], "?"), str(row["rounds_sent"]),
+                          str(row["included"]), row["excluded_for"] or "-", caught,
+                          tokens(row["paid"]))  # fmt: skip
+        console.print(table)
+        losses: dict[int, dict[str, float]] = {}
+        for row in sql(HELDOUT_SQL):
+            losses.setdefault(int(row["round"]), {})[row["run"]] = float(row["heldout_loss"])
+        nan = float("nan")
+        line = "  ".join(
+            f"r{r} {v.get(self.run.run_id, nan):.3f}/{v.get(self.base.run_id, nan):.3f}"
+            for r, v in sorted(losses.items())
+        )
+        console.print(f"held-out loss per round (with adversaries / without): {line}")
+
+
+def _tail(output: str, lines: int = 30) -> str:
+    return "\n".join("  " + line for line in output.rstrip().splitlines()[-lines:])
