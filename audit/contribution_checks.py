@@ -350,12 +350,13 @@ def tolerant_problem(
     mag = e_prime.abs()
     chunk_of = torch.arange(size) // chunk
     n_chunks = int(chunk_of[-1]) + 1
-    m = torch.zeros(n_chunks).index_reduce_(0, chunk_of, mag, "amax", include_self=False)
-    # t_c: the smallest selected |e'| of the auditor's own selection in each chunk.
+    pad = n_chunks * chunk - size
+    m = torch.nn.functional.pad(mag, (0, pad)).view(n_chunks, chunk).amax(dim=1)
+    # t_c: the smallest |e'| of the auditor's own selection in each chunk (its k-th largest).
     sel = d_want.offsets
-    t = torch.full((n_chunks,), math.inf).index_reduce_(
-        0, chunk_of[sel], mag[sel], "amin", include_self=True
-    )
+    chosen = torch.full((n_chunks * chunk,), math.inf)
+    chosen[sel] = mag[sel]
+    t = chosen.view(n_chunks, chunk).amin(dim=1)
     tol = EF_RTOL * m
     want, seen = set(sel.tolist()), set(d_seen.offsets.tolist())
     for i in sorted(want ^ seen):

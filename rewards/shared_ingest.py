@@ -13,7 +13,7 @@ What is verified (issue #16, docs/warehouse.md "Shared runs"):
   that key must be a registered trainer of the warehouse (whose payout address is paid);
 - each contribution verdict: signed by its auditor key, a registered auditor, over a contribution
   the warehouse holds (same run, genesis, round, peer key),
-  one verdict per auditor and contribution.
+  one verdict per auditor and contribution (rewards/shared_verdicts.py).
 """
 
 from __future__ import annotations
@@ -24,23 +24,21 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from audit.contribution_verdict import SignedContributionVerdict, load_contribution_verdict
-from proofs.codec import canonical_json
-from proofs.errors import EncodingError, VeritrainError
+from proofs.errors import EncodingError
 from rewards.ingest import IngestError, Rejection, resolve_epoch
 from rewards.round_commits import _walk
+from rewards.shared_verdicts import VerdictIntake, read_verdicts
 from rewards.warehouse import Connection, check_amount, query, transaction
-from trainer.roundrecord import RoundRecord
+from trainer.roundrecord import Excluded, RoundRecord
 from trainer.sharedrun import Genesis, SignedContribution
 from trainer.sharedstore import SharedStore
 from trainer.store import StoreError
 
 log = logging.getLogger(__name__)
 
-_Kind = Literal["round", "contribution", "contribution-verdict"]
+_Kind = Literal["round", "contribution"]
 _RECORD_NAME = re.compile(r"r(\d{6})\.json")
 
 
@@ -151,6 +149,16 @@ def _read_rounds(batch: _Batch, con: Connection, store: SharedStore, genesis: Ge
             {"s": genesis.shared_run_id},
         )
     }
+    # Contributions of held rounds are read again unless held: one rejected earlier (its peer
+    # not registered yet, say) loads once the cause is fixed.
+    known = {
+        str(h)
+        for (h,) in query(
+            con,
+            "SELECT contribution_hash FROM contributions WHERE shared_run_id = $s",
+            {"s": genesis.shared_run_id},
+        )
+    }
     for signed in records:
         record = signed.round
         digest = _hex(record.hash())
@@ -160,6 +168,7 @@ def _read_rounds(batch: _Batch, con: Connection, store: SharedStore, genesis: Ge
                 batch.reject("round", source, f"the warehouse holds record {held[record.round]}")
             else:
                 batch.duplicates += 1
+                _read_contributions(batch, con, store, genesis, record, known, new_round=False)
             continue
         batch.rounds.append(
             {
@@ -179,7 +188,7 @@ def _read_rounds(batch: _Batch, con: Connection, store: SharedStore, genesis: Ge
                 "b": batch.batch_id,
             }
         )
-        _read_contributions(batch, con, store, genesis, record)
+        _read_contributions(batch, con, store, genesis, record, known, new_round=True)
 
 
 def _contribution(
@@ -214,8 +223,17 @@ def _contribution(
 
 
 def _read_contributions(
-    batch: _Batch, con: Connection, store: SharedStore, genesis: Genesis, record: RoundRecord
+    batch: _Batch,
+    con: Connection,
+    store: SharedStore,
+    genesis: Genesis,
+    record: RoundRecord,
+    known: set[str],
+    *,
+    new_round: bool,
 ) -> None:
+    """Stage the contributions ``record`` names that are not ``known`` (and, for a round not held
+    yet, its exclusions)."""
     r, run = record.round, record.shared_run_id
 
     def stage(found: tuple[SignedContribution, str], extra: Mapping[str, object]) -> None:
@@ -241,31 +259,20 @@ def _read_contributions(
         )
 
     for inc in record.included:
+        if _hex(inc.contribution) in known:
+            continue
         found = _contribution(batch, con, store, genesis, (inc.peer, r), inc.contribution)
         if found is not None:
             stage(found, {"norm": inc.norm, "probe": inc.probe_loss, "inc": True, "on": None})
     for exc in record.excluded:
-        key = None if exc.peer is None else genesis.peers.get(exc.peer)
-        batch.exclusions.append(
-            {
-                "s": run,
-                "r": r,
-                "file": exc.file,
-                "fh": _hex(exc.file_hash),
-                "name": exc.peer,
-                "p": None if key is None else _trainer_of(con, key),
-                "h": None if exc.contribution is None else _hex(exc.contribution),
-                "reason": exc.reason,
-                "detail": exc.detail,
-                "on": exc.built_on,
-                "norm": exc.norm,
-                "probe": exc.probe_loss,
-            }
-        )
+        if new_round:
+            batch.exclusions.append(_exclusion_row(con, genesis, record, exc))
         folder, _, name = exc.file.partition("/")
         match = _RECORD_NAME.fullmatch(name)
         if exc.peer is None or exc.contribution is None or folder != exc.peer or match is None:
             continue  # no signed record to hold: the exclusion row says why
+        if _hex(exc.contribution) in known:
+            continue
         where = (exc.peer, int(match.group(1)))
         found = _contribution(batch, con, store, genesis, where, exc.contribution)
         if found is not None:
@@ -273,122 +280,24 @@ def _read_contributions(
             stage(found, extra)
 
 
-# --- verdicts -------------------------------------------------------------------------------------
-
-
-def verdict_files(folder: str) -> list[Path]:
-    """Every ``*.json`` below ``folder`` (``DIR/rNNNNNN/<peer>.json``), sorted; IngestError when
-    the folder is missing."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise IngestError(f"verdict folder {folder} does not exist")
-    return sorted(p for p in root.rglob("*.json") if p.is_file())
-
-
-def _read_verdicts(batch: _Batch, con: Connection, folder: str) -> None:
-    staged = {str(c["h"]): c for c in batch.contributions}
-    for path in verdict_files(folder):
-        source = str(path)
-        try:
-            signed = load_contribution_verdict(path.read_bytes())
-        except (OSError, VeritrainError) as exc:
-            batch.reject("contribution-verdict", source, f"malformed: {exc}")
-            continue
-        reason = _verdict_problem(batch, con, signed, staged)
-        if reason is not None:
-            if reason != "duplicate":
-                batch.reject("contribution-verdict", source, reason)
-            continue
-        v = signed.verdict
-        batch.verdicts.append(
-            {
-                "id": _verdict_id(signed),
-                "s": v.shared_run_id,
-                "r": v.round,
-                "h": _hex(v.contribution),
-                "e": batch.epoch,
-                "o": v.outcome.value,
-                "m": v.mode.value,
-                "why": v.reason,
-                "passed": sorted({s.step for s in v.steps if s.outcome == "pass"}),
-                "n": len(v.steps),
-                "hsteps": v.inner_steps,
-                "lb": v.loss_before,
-                "la": v.loss_after,
-                "held": v.heldout,
-                "seed": _hex(v.sample_seed),
-                "dev": v.device,
-                "b": batch.batch_id,
-                "auditor": _hex(v.auditor),
-            }
-        )
-
-
-def _verdict_id(signed: SignedContributionVerdict) -> str:
-    return "0x" + hashlib.sha256(canonical_json(signed.to_json())).hexdigest()
-
-
-def _verdict_problem(
-    batch: _Batch,
-    con: Connection,
-    signed: SignedContributionVerdict,
-    staged: dict[str, dict[str, object]],
-) -> str | None:
-    """Why the verdict cannot be loaded ("duplicate" when it already is), or None."""
-    v = signed.verdict
-    verdict_id = _verdict_id(signed)
-    if query(con, "SELECT 1 FROM contribution_verdicts WHERE verdict_id = $v", {"v": verdict_id}):
-        batch.duplicates += 1
-        return "duplicate"
-    if any(x["id"] == verdict_id for x in batch.verdicts):
-        batch.duplicates += 1
-        return "duplicate"
-    auditor = query(
-        con,
-        "SELECT peer_id, role FROM peers WHERE bls_pubkey = $k",
-        {"k": _hex(v.auditor)},
-    )
-    if not auditor or auditor[0][1] != "auditor":
-        return f"auditor key {_hex(v.auditor)[:18]}... is not a registered auditor"
-    if not signed.verify():
-        return "contribution verdict signature does not verify under its auditor key"
-    held = query(
-        con,
-        "SELECT c.shared_run_id, c.round, p.bls_pubkey, r.genesis_hash FROM contributions AS c"
-        " JOIN peers AS p USING (peer_id) JOIN shared_runs AS r USING (shared_run_id)"
-        " WHERE c.contribution_hash = $h AND c.shared_run_id = $s",
-        {"h": _hex(v.contribution), "s": v.shared_run_id},
-    )
-    known = [tuple(x) for x in held]
-    if not known and _hex(v.contribution) in staged:
-        c = staged[_hex(v.contribution)]
-        genesis = batch.run_row["g"] if batch.run_row else _genesis_hash(con, str(c["s"]))
-        key = query(con, "SELECT bls_pubkey FROM peers WHERE peer_id = $p", {"p": c["p"]})
-        known = [(c["s"], c["r"], key[0][0], genesis)]
-    if not known:
-        return f"contribution {_hex(v.contribution)} of {v.shared_run_id!r} is not in the warehouse"
-    run, r, pubkey, genesis = known[0]
-    if (run, r, pubkey, genesis) != (v.shared_run_id, v.round, _hex(v.pubkey), _hex(v.genesis)):
-        return "verdict names another run, genesis, round or peer key than the contribution has"
-    earlier = query(
-        con,
-        "SELECT verdict_id FROM contribution_verdicts AS x JOIN peers AS p"
-        " ON p.peer_id = x.auditor_id WHERE x.contribution_hash = $h AND p.bls_pubkey = $k",
-        {"h": _hex(v.contribution), "k": _hex(v.auditor)},
-    )
-    staged_same = any(
-        x["h"] == _hex(v.contribution) and x["auditor"] == _hex(v.auditor) for x in batch.verdicts
-    )
-    if earlier or staged_same:
-        return "this auditor already filed another verdict on this contribution"
-    return None
-
-
-def _genesis_hash(con: Connection, shared_run_id: str) -> str | None:
-    rows = query(
-        con, "SELECT genesis_hash FROM shared_runs WHERE shared_run_id = $s", {"s": shared_run_id}
-    )
-    return None if not rows else str(rows[0][0])
+def _exclusion_row(
+    con: Connection, genesis: Genesis, record: RoundRecord, exc: Excluded
+) -> dict[str, object]:
+    key = None if exc.peer is None else genesis.peers.get(exc.peer)
+    return {
+        "s": record.shared_run_id,
+        "r": record.round,
+        "file": exc.file,
+        "fh": _hex(exc.file_hash),
+        "name": exc.peer,
+        "p": None if key is None else _trainer_of(con, key),
+        "h": None if exc.contribution is None else _hex(exc.contribution),
+        "reason": exc.reason,
+        "detail": exc.detail,
+        "on": exc.built_on,
+        "norm": exc.norm,
+        "probe": exc.probe_loss,
+    }
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -472,8 +381,17 @@ def ingest_shared(
         genesis = _read_genesis(batch, con, store, round_pool)
         run_id = genesis.shared_run_id
         _read_rounds(batch, con, store, genesis)
+    intake = VerdictIntake(
+        epoch=batch.epoch,
+        batch_id=batch.batch_id,
+        staged={str(c["h"]): c for c in batch.contributions},
+        new_genesis=None if batch.run_row is None else str(batch.run_row["g"]),
+        rows=batch.verdicts,
+        rejections=batch.rejections,
+    )
     for folder in verdict_dirs:
-        _read_verdicts(batch, con, folder)
+        read_verdicts(con, folder, intake)
+    batch.duplicates += intake.duplicates
     with transaction(con):
         _write(batch, con)
         _write_rejections(batch, con)

@@ -16,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 import shared_fixtures as sf
 import torch
@@ -42,6 +44,7 @@ from proofs.codec import canonical_json
 from proofs.hashing import Hash32, sha256
 from proofs.signatures import KeyPair
 from rewards import payouts, policy, warehouse
+from rewards.analyst import Analyst
 from rewards.cli import main
 from trainer.aggregator import close_round
 from trainer.peer import Behaviour, run_round
@@ -51,6 +54,7 @@ EPOCH_POOL = 10**6
 STAKE = 10_000
 AUDITORS = {"aud1": sf.key("auditor-1"), "aud2": sf.key("auditor-2")}
 STRANGER = sf.key("auditor-unregistered")
+CLOSED_AT = (2_000_000_000, 2_100_000_000, 2_200_000_000)  # the rounds' fixed clocks
 
 
 def address(peer: str) -> str:
@@ -59,26 +63,39 @@ def address(peer: str) -> str:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> sf.Run:
+    """Round 0: p0, p1, p2 included. Round 1: p0, p1 included; it closes (past its deadline)
+    before p2 publishes, so p2's round-1 record is late. Round 2: p0, p1 included; p2's late
+    round-1 record is excluded as stale and its round-2 one (delta x 1000) for its norm."""
     shared = sf.make_run(
-        tmp_path_factory.mktemp("shared"), peers=3, screening={"max_contributions": 3}, rounds=2
+        tmp_path_factory.mktemp("shared"), peers=3, screening={"max_contributions": 3}, rounds=3
     )
-    for r in range(2):
-        for name, keypair in shared.peers.items():
-            noisy = r == 1 and name == "p2"
-            behaviour = Behaviour(replace_delta=lambda d: d * 1000.0) if noisy else None
-            run_round(
-                shared.store,
-                shared.genesis,
-                keypair,
-                name,
-                r,
-                corpus=shared.corpus,
-                behaviour=behaviour,
-                threads=1,
-            )
-        assert close_round(shared.store, shared.aggregator, now=2_000_000_000 + r) is not None
-    excluded = shared.store.read_round(1).round.excluded
-    assert [(x.peer, x.reason) for x in excluded] == [("p2", "norm")]
+
+    def train(name: str, r: int, behaviour: Behaviour | None = None) -> None:
+        keypair = shared.peers[name]
+        run_round(
+            shared.store, shared.genesis, keypair, name, r, corpus=shared.corpus,
+            behaviour=behaviour, threads=1,
+        )  # fmt: skip
+
+    def close(r: int) -> None:
+        assert close_round(shared.store, shared.aggregator, now=CLOSED_AT[r]) is not None
+
+    for name in ("p0", "p1", "p2"):
+        train(name, 0)
+    close(0)
+    train("p0", 1)
+    train("p1", 1)
+    close(1)
+    train("p2", 1)  # late
+    train("p0", 2)
+    train("p1", 2)
+    train("p2", 2, Behaviour(replace_delta=lambda d: d * 1000.0))
+    close(2)
+    excluded = shared.store.read_round(2).round.excluded
+    assert sorted((x.peer, x.reason, x.built_on) for x in excluded) == [
+        ("p2", "norm", None),
+        ("p2", "stale", 1),
+    ]
     return shared
 
 
@@ -89,6 +106,7 @@ def contribution_hash(run: sf.Run, r: int, peer: str) -> Hash32:
 def new_warehouse(
     path: Path, run: sf.Run, *, trainers: tuple[str, ...] = ("p0", "p1", "p2")
 ) -> str:
+    path.mkdir(parents=True, exist_ok=True)
     db = str(path / "w.duckdb")
     con = warehouse.connect(db, create=True)
     for name in trainers:
@@ -180,11 +198,8 @@ def rows(db: str, sql: str) -> list[tuple[Any, ...]]:
 
 
 def compute(db: str) -> None:
-    con = warehouse.connect(db)
-    try:
+    with warehouse.opened(db) as con:  # publishes the analysts' snapshot, as `compute` does
         policy.compute(con)
-    finally:
-        con.close()
 
 
 # ---------------------------------------------------------------- oracle (docs/payout-policy.md)
@@ -223,24 +238,28 @@ def test_ingest_is_verified_and_idempotent(run: sf.Run, tmp_path: Path) -> None:
     assert code == 2 and "give --round-pool" in out  # a new run needs its round pool
     code, out = ingest(db, "--shared", str(run.store.url), "--epoch", "0", "--round-pool", "1000")
     assert code == 0, out
-    assert "2 rounds, 6 contributions" in out
+    assert "3 rounds, 9 contributions" in out
     tables = ("shared_runs", "shared_rounds", "contributions", "exclusions", "rejections")
     counts = {t: rows(db, f"SELECT count(*) FROM {t}")[0][0] for t in tables}
     assert counts == {
-        "shared_runs": 1, "shared_rounds": 2, "contributions": 6, "exclusions": 1, "rejections": 0
+        "shared_runs": 1, "shared_rounds": 3, "contributions": 9, "exclusions": 2, "rejections": 0
     }  # fmt: skip
     assert rows(
-        db, "SELECT round, peer_id, reason, contribution_hash IS NOT NULL FROM exclusions"
-    ) == [(1, "t-p2", "norm", True)]
+        db,
+        "SELECT round, peer_id, reason, built_on, contribution_hash IS NOT NULL FROM exclusions"
+        " ORDER BY reason",
+    ) == [(2, "t-p2", "norm", None, True), (2, "t-p2", "stale", 1, True)]
     assert rows(
-        db, "SELECT round, peer_id, included FROM contributions ORDER BY round, peer_id"
-    ) == [(0, "t-p0", True), (0, "t-p1", True), (0, "t-p2", True),
-          (1, "t-p0", True), (1, "t-p1", True), (1, "t-p2", False)]  # fmt: skip
+        db, "SELECT round, peer_id, record_round, included FROM contributions ORDER BY ALL"
+    ) == [(0, "t-p0", 0, True), (0, "t-p1", 0, True), (0, "t-p2", 0, True),
+          (1, "t-p0", 1, True), (1, "t-p1", 1, True),
+          (2, "t-p0", 2, True), (2, "t-p1", 2, True), (2, "t-p2", 1, False),
+          (2, "t-p2", 2, False)]  # fmt: skip
     # Snapshot published for analysts, as every writer does.
     assert warehouse.snapshot_path(db).exists()
     before = [rows(db, f"SELECT * FROM {t} ORDER BY ALL") for t in tables]
     code, out = ingest(db, "--shared", str(run.store.url), "--round-pool", "1000")
-    assert code == 0 and "0 rounds, 0 contributions" in out and "2 duplicates" in out, out
+    assert code == 0 and "0 rounds, 0 contributions" in out and "3 duplicates" in out, out
     assert [rows(db, f"SELECT * FROM {t} ORDER BY ALL") for t in tables] == before
     code, out = ingest(db, "--shared", str(run.store.url), "--round-pool", "999")
     assert code == 2 and "round pool 1000, not 999" in out
@@ -251,8 +270,8 @@ def test_unregistered_peer_and_tampered_round_are_rejections(run: sf.Run, tmp_pa
     shutil.copytree(Path(run.store.url), copy)
     record = copy / "rounds" / "r000001.json"
     text = record.read_bytes()
-    assert b'"closed_at":2000000001' in text
-    record.write_bytes(text.replace(b'"closed_at":2000000001', b'"closed_at":2000000002'))
+    assert b'"closed_at":2100000000' in text
+    record.write_bytes(text.replace(b'"closed_at":2100000000', b'"closed_at":2100000001'))
     db = new_warehouse(tmp_path, run, trainers=("p0", "p1"))  # p2's key is no trainer here
     code, out = ingest(db, "--shared", str(copy), "--round-pool", "1000")
     assert code == 3, out
@@ -265,6 +284,20 @@ def test_unregistered_peer_and_tampered_round_are_rejections(run: sf.Run, tmp_pa
     # The rest of the batch is in: round 0 and the contributions of p0 and p1 in it.
     assert rows(db, "SELECT round FROM shared_rounds") == [(0,)]
     assert rows(db, "SELECT peer_id FROM contributions ORDER BY 1") == [("t-p0",), ("t-p1",)]
+    # Once p2 is registered, the same ingest loads its contribution of the round already held.
+    con = warehouse.connect(db)
+    key = "0x" + bytes(run.peers["p2"].public).hex()
+    warehouse.register_peer(
+        con, peer_id="t-p2", pubkey=key, role="trainer", payout_address=address("p2")
+    )
+    con.close()
+    code, out = ingest(db, "--shared", str(copy))
+    assert code == 3 and "0 rounds, 1 contributions" in out, out  # round 1 is still tampered
+    assert rows(db, "SELECT peer_id FROM contributions ORDER BY 1") == [
+        ("t-p0",),
+        ("t-p1",),
+        ("t-p2",),
+    ]
 
 
 def test_bad_verdicts_are_rejected_with_reasons(run: sf.Run, tmp_path: Path) -> None:
@@ -316,28 +349,45 @@ class Paid:
 
 
 def scenario(run: sf.Run, tmp_path: Path, *, p2_full_in_epoch_1: bool) -> Paid:
-    """Round 0: p0 and p1 pass both steps (gains 0.3, 0.1); p2 passes step 0 only (pending) in
-    epoch 1, or both steps. Round 1: p0 passes (gain 0.2), p1 fails, p2 was excluded."""
+    """Epoch 1's verdicts. Round 0: p0 and p1 pass both steps (gains 0.3, 0.1); p2 passes step 0
+    only (pending), or both steps (gain 0.2). Round 1: p0 passes (gain 0.2), p1 fails."""
     db = new_warehouse(tmp_path, run)
-    assert (
-        ingest(db, "--shared", str(run.store.url), "--epoch", "0", "--round-pool", str(POOL))[0]
-        == 0
-    )
+    loaded = ingest(db, "--shared", str(run.store.url), "--epoch", "0", "--round-pool", str(POOL))
+    assert loaded[0] == 0, loaded[1]
     first = [
         signed(run, 0, "p0", after=1.7),
         signed(run, 0, "p1", after=1.9),
         signed(run, 0, "p2", after=1.8, steps=(0, 1) if p2_full_in_epoch_1 else (0,)),
-        signed(run, 1, "p0", after=1.8),
-        signed(run, 1, "p1", outcome="fail", steps=(1,)),
+        signed(run, 1, "p0", before=1.9, after=1.7),
+        signed(run, 1, "p1", before=1.9, outcome="fail", steps=(1,)),
     ]
     code, out = ingest(db, "--verdicts", write(tmp_path / "v1", *first), "--epoch", "1")
     assert code == 0, out
     hashes = {
         (r, p): "0x" + contribution_hash(run, r, p).hex()
-        for r in range(2)
-        for p in ("p0", "p1", "p2")
+        for r, p in [(0, "p0"), (0, "p1"), (0, "p2"), (1, "p0"), (1, "p1"), (2, "p0"), (2, "p1")]
     }
     return Paid(db=db, hashes=hashes)
+
+
+def second_epoch(run: sf.Run, paid: Paid, tmp_path: Path) -> None:
+    """Epoch 2's verdicts: a second auditor passes p2's round-0 step 1 (gain 0.5); round 2's
+    p0 and p1 pass (gains 0.05, 0.15). Then the policy runs."""
+    late = [
+        signed(run, 0, "p2", "aud2", after=1.5, steps=(1,)),
+        signed(run, 2, "p0", before=1.8, after=1.75),
+        signed(run, 2, "p1", before=1.8, after=1.65),
+    ]
+    code, out = ingest(paid.db, "--verdicts", write(tmp_path / "v2", *late), "--epoch", "2")
+    assert code == 0, out
+    compute(paid.db)
+
+
+def paid_world(run: sf.Run, tmp_path: Path) -> Paid:
+    """The warehouse of docs/queries.md's shared-run queries: both epochs, computed."""
+    paid = scenario(run, tmp_path, p2_full_in_epoch_1=False)
+    second_epoch(run, paid, tmp_path)
+    return paid
 
 
 def test_rounds_pay_verified_contributions_by_usefulness(run: sf.Run, tmp_path: Path) -> None:
@@ -346,18 +396,20 @@ def test_rounds_pay_verified_contributions_by_usefulness(run: sf.Run, tmp_path: 
     states = rows(
         paid.db,
         "SELECT round, peer_id, state, decided_epoch, passed_steps, usefulness_micro"
-        " FROM contribution_outcomes ORDER BY round, peer_id",
+        " FROM contribution_outcomes ORDER BY ALL",
     )
     assert states == [
         (0, "t-p0", "verified", 1, 2, 300000),
         (0, "t-p1", "verified", 1, 2, micro([2.0 - 1.9])),
         (0, "t-p2", "pending", None, 1, 0),  # one passed step of H=2: confidence 0.5 < 0.9
-        (1, "t-p0", "verified", 1, 2, micro([2.0 - 1.8])),
+        (1, "t-p0", "verified", 1, 2, micro([1.9 - 1.7])),
         (1, "t-p1", "failed", 1, 0, 0),
-        (1, "t-p2", "excluded", None, 0, 0),
+        (2, "t-p0", "pending", None, 0, 0),  # not audited yet
+        (2, "t-p1", "pending", None, 0, 0),
+        (2, "t-p2", "excluded", None, 0, 0),  # stale (its late round-1 record)
+        (2, "t-p2", "excluded", None, 0, 0),  # norm
     ]
-    # Round 1 is decided: p1 failed, so p0 takes the whole pool; p2 (excluded) earns nothing.
-    # Round 0 waits for p2.
+    # Round 1 is decided: p1 failed, so p0 takes the whole pool. Round 0 waits for p2.
     assert rows(paid.db, "SELECT epoch, round, peer_id, amount FROM round_rewards") == [
         (1, 1, "t-p0", POOL)
     ]
@@ -369,34 +421,39 @@ def test_rounds_pay_verified_contributions_by_usefulness(run: sf.Run, tmp_path: 
     assert rows(paid.db, "SELECT epoch, account, score, amount FROM rewards") == [
         (1, address("p0"), 0, POOL)
     ]
-    entries = payouts.epoch_payout(paid.db, 1).entries
-    assert entries == ((address("p0"), POOL),)
+    assert payouts.epoch_payout(paid.db, 1).entries == ((address("p0"), POOL),)
 
-    # Epoch 2: a second auditor passes p2's step 1; round 0 is decided in epoch 2 and split by
-    # usefulness among p0, p1, p2 (p2's usefulness is the mean over both passing verdicts).
-    late = signed(run, 0, "p2", "aud2", after=1.6, steps=(1,))
-    code, out = ingest(paid.db, "--verdicts", write(tmp_path / "v2", late), "--epoch", "2")
-    assert code == 0, out
-    compute(paid.db)
-    weights = {
-        paid.hashes[(0, "p0")]: micro([2.0 - 1.7]),
-        paid.hashes[(0, "p1")]: micro([2.0 - 1.9]),
-        paid.hashes[(0, "p2")]: micro([2.0 - 1.8, 2.0 - 1.6]),
-    }
-    expected = oracle_split(POOL, weights, run.genesis.shared_run_id, 0)
-    got = rows(
-        paid.db,
-        "SELECT contribution_hash, amount, epoch, usefulness_micro FROM round_rewards"
-        " WHERE round = 0",
-    )
-    assert {h: int(a) for h, a, _, _ in got} == expected
-    assert {e for _, _, e, _ in got} == {2}
-    assert {h: u for h, _, _, u in got} == weights
-    assert sum(expected.values()) == POOL
+    # Epoch 2: round 0 is decided (p2 verified) and split by usefulness among p0, p1, p2 (p2's
+    # usefulness is the mean over both passing verdicts); round 2 between p0 and p1.
+    second_epoch(run, paid, tmp_path)
+    expected: dict[str, int] = {}
+    for r, weights in {
+        0: {
+            paid.hashes[(0, "p0")]: micro([2.0 - 1.7]),
+            paid.hashes[(0, "p1")]: micro([2.0 - 1.9]),
+            paid.hashes[(0, "p2")]: micro([2.0 - 1.8, 2.0 - 1.5]),
+        },
+        2: {
+            paid.hashes[(2, "p0")]: micro([1.8 - 1.75]),
+            paid.hashes[(2, "p1")]: micro([1.8 - 1.65]),
+        },
+    }.items():
+        split = oracle_split(POOL, weights, run.genesis.shared_run_id, r)
+        assert sum(split.values()) == POOL
+        expected |= split
+        got = rows(
+            paid.db,
+            f"SELECT contribution_hash, amount, epoch, usefulness_micro FROM round_rewards"
+            f" WHERE round = {r}",
+        )
+        assert {h: int(a) for h, a, _, _ in got} == split
+        assert {e for _, _, e, _ in got} == {2}
+        assert {h: u for h, _, _, u in got} == weights
+    assert [expected[paid.hashes[k]] for k in [(0, "p0"), (0, "p1"), (0, "p2")]] == [400, 133, 467]
     cumulative = dict(payouts.epoch_payout(paid.db, 2).entries)
     assert cumulative == {
-        address("p0"): POOL + expected[paid.hashes[(0, "p0")]],
-        address("p1"): expected[paid.hashes[(0, "p1")]],
+        address("p0"): POOL + expected[paid.hashes[(0, "p0")]] + expected[paid.hashes[(2, "p0")]],
+        address("p1"): expected[paid.hashes[(0, "p1")]] + expected[paid.hashes[(2, "p1")]],
         address("p2"): expected[paid.hashes[(0, "p2")]],
     }
     # The epoch's total grows by the round pools paid; its own pool still accounts exactly.
@@ -421,7 +478,7 @@ def test_failed_contribution_forfeits_round_rewards_decided_in_its_epoch(
         "t-p0": expected[paid.hashes[(0, "p0")]],
         "t-p2": expected[paid.hashes[(0, "p2")]],
     }
-    assert sum(got.values()) == POOL
+    assert got == {"t-p0": 600, "t-p2": 400}  # the worked example of docs/payout-policy.md
 
 
 def test_round_split_matches_the_oracle_on_random_rounds(tmp_path: Path) -> None:
@@ -512,3 +569,45 @@ def test_root_and_post_work_on_round_rewards(run: sf.Run, tmp_path: Path) -> Non
             admin, ClaimRequest(account=acct, cumulative_amount=amount, proof=tree.proof_for(acct))
         )
         assert s.token_balance(acct) == amount
+
+
+# ---------------------------------------------------------------- docs/queries.md
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "queries.md"
+SECTION = re.compile(r"^## (\d+)\. (.+?)\n(.*?)(?=^## |^# |\Z)", re.S | re.M)
+SQL = re.compile(r"```sql\n(.*?)```", re.S)
+FIRST_SHARED_QUERY = 13
+AFTER_EPOCH_1 = {19}  # shown as the warehouse stood after epoch 1's verdicts
+
+
+def _markdown(frame: pl.DataFrame) -> str:
+    lines = [
+        "| " + " | ".join(frame.columns) + " |",
+        "|" + "|".join("---" for _ in frame.columns) + "|",
+    ]
+    for row in frame.iter_rows():
+        lines.append("| " + " | ".join("" if v is None else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def test_shared_run_queries_of_the_doc(run: sf.Run, tmp_path: Path) -> None:
+    sections = {
+        int(n): (title, body)
+        for n, title, body in SECTION.findall(DOC.read_text(encoding="utf-8"))
+        if int(n) >= FIRST_SHARED_QUERY
+    }
+    assert len(sections) >= 6
+    first = scenario(run, tmp_path / "first", p2_full_in_epoch_1=False)
+    compute(first.db)
+    paid = paid_world(run, tmp_path / "paid")
+    results = {}
+    for n, (_, body) in sorted(sections.items()):
+        sql = SQL.search(body)
+        assert sql is not None, f"query {n} has no sql block"
+        with Analyst(first.db if n in AFTER_EPOCH_1 else paid.db) as analyst:
+            results[n] = analyst.sql(sql.group(1))
+    for n, frame in results.items():
+        assert _markdown(frame) in sections[n][1], (
+            f"query {n}: doc table is stale:\n{_markdown(frame)}"
+        )
