@@ -1,7 +1,9 @@
-"""The demo's dishonest peers (trainer/adversaries.py) through the real peer and aggregator: what
-the aggregator's screening does with each today (issue #16). A stale peer is screened ``stale``
-(built on round r-1); a copier and its victim are both screened ``duplicate``; a fabricator of
-plausible norm is included (only the contribution audit's error-feedback check can see it)."""
+"""The demo's dishonest peers (trainer/adversaries.py) through the real peer, aggregator and
+contribution audit: what catches each today (issue #16). A stale peer is screened ``stale``
+(built on round r-1); a copier is included beside its victim (identical payloads both stay and
+are summed once) and the audit fails it on ``final-state`` while the victim passes; a fabricator
+of plausible norm gets past screening without the probe and the audit fails it on
+``error-feedback`` (with the probe on, the demo shows it excluded as ``probe``)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ import pytest
 from click.testing import CliRunner
 from shared_fixtures import Run, make_run
 
+from audit.contribution import audit_contribution
+from audit.contribution_verdict import SignedContributionVerdict
+from audit.verdict import Outcome
+from proofs.hashing import sha256
 from proofs.signatures import save_keypair
 from trainer.adversaries import copier, fabricator, parse_behaviour, stale
 from trainer.aggregator import close_round
@@ -51,6 +57,13 @@ def rounds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, RoundRecord, 
     return run, r0, close(run)
 
 
+def audit(run: Run, r: int, peer: str) -> SignedContributionVerdict:
+    return audit_contribution(
+        run.store, run.genesis, r, peer, keypair=run.coordinator, sample_seed=sha256(b"beacon"),
+        steps=2, mode="exact", corpus=run.corpus,
+    )  # fmt: skip
+
+
 def excluded(record: RoundRecord) -> dict[str, tuple[str, int | None, str]]:
     return {e.peer or "?": (e.reason, e.built_on, e.detail) for e in record.excluded}
 
@@ -65,7 +78,7 @@ def test_stale_peer_is_screened_stale_built_on_the_previous_round(
     assert (reason, built_on) == ("stale", 0)
 
 
-def test_copier_and_its_victim_are_both_excluded_as_duplicates(
+def test_copier_is_included_beside_its_victim_and_fails_the_audit(
     rounds: tuple[Run, RoundRecord, RoundRecord],
 ) -> None:
     run, _, r1 = rounds
@@ -77,21 +90,25 @@ def test_copier_and_its_victim_are_both_excluded_as_duplicates(
     )  # fmt: skip
     assert copy.peer == "p3" and copy.pubkey == bytes(run.peers["p3"].public)
     assert copy.inner_header != victim.inner_header
-    out = excluded(r1)
-    assert out["p3"][0] == "duplicate" and "p1" in out["p3"][2]
-    # The aggregator cannot tell the original from the copy: the victim is excluded too.
-    assert out["p1"][0] == "duplicate" and "p3" in out["p1"][2]
+    # The aggregator cannot tell the original from the copy: both stay (summed once).
+    assert {"p1", "p3"} <= {i.peer for i in r1.included}
+    # The copier's own inner run does not reach the copied final state: caught when sampled.
+    caught = audit(run, 1, "p3").verdict
+    assert caught.outcome is Outcome.FAIL and caught.reason.startswith("final-state"), caught
+    assert audit(run, 1, "p1").verdict.outcome is Outcome.PASS
 
 
-def test_fabricator_of_plausible_norm_passes_screening(
+def test_fabricator_of_plausible_norm_passes_screening_and_fails_the_audit(
     rounds: tuple[Run, RoundRecord, RoundRecord],
 ) -> None:
-    _, r0, r1 = rounds
+    run, r0, r1 = rounds
     included = {i.peer: i for i in r1.included}
-    assert sorted(included) == ["p0", "p4"]  # the fabricator gets in; the audit must catch it
+    assert sorted(included) == ["p0", "p1", "p3", "p4"]  # the fabricator gets in (no probe)
     honest = {i.peer: i.norm for i in r0.included}
     assert included["p4"].norm is not None
     assert 0.2 * min(honest.values()) < included["p4"].norm < 3 * max(honest.values())
+    caught = audit(run, 1, "p4").verdict
+    assert caught.outcome is Outcome.FAIL and caught.reason.startswith("error-feedback"), caught
 
 
 def test_copier_without_a_victim_contribution_sends_its_own(tmp_path: Path) -> None:

@@ -4,14 +4,15 @@ Each is a :class:`~trainer.peer.Behaviour` that :func:`trainer.peer.run_round` f
 the honest protocol (docs/threat-model.md says what catches each):
 
 - ``fabricate``: sends random noise with the norm of its real delta (a made-up contribution of
-  plausible size); its inner run is honest, so only the audit's error-feedback check sees it.
+  plausible size); its inner run is honest. The probe's gain rule usually excludes it; when it
+  gets in, the audit's error-feedback check fails it.
 - ``stale``: builds round r on theta_{r-1} and says so in ``base_root``; the aggregator screens it
   ``stale`` (built on round r-1).
 - ``copy:NAME``: trains its own inner run, then waits for NAME's contribution of the same round
   and re-signs NAME's payload and payload-derived fields (delta, size, entries, final state,
   local state, losses) as its own, keeping its own inner run's header and manifest so that the
-  aggregator's inner-run check passes. The aggregator screens every copy of a payload
-  ``duplicate`` (it cannot tell which is the original), the victim's included.
+  aggregator's inner-run check passes. The aggregator keeps both (it cannot tell the original;
+  an identical payload is summed once); the audit's final-state check fails the copy.
 
 ``trainer join --behaviour`` (hidden from --help) takes these names.
 """
