@@ -346,15 +346,15 @@ class Demo:
         console.rule("[bold]8. rewards: ingest, payouts in DuckDB, root on chain, claims")
         r, op = ["-m", "rewards"], self.eth_key("operator")
         runs, verdicts = str(self.out / "runs"), str(self.out / "verdicts")
+        ingested = self.shared.ingest(ROUND_POOL)
         out = run_steps(self.sh, "ingest, compute, post", [
             ("ingest", [*r, "ingest", "--store", runs, "--verdicts", verdicts], None),
-            *self.shared.ingest_steps(ROUND_POOL),
             ("compute", [*r, "compute"], None),
             ("root", [*r, "root", "0", "--out", str(self.out / "epoch-0")], None),
             ("post", [*r, "post", "0"], op),
         ])  # fmt: skip
-        for name in ("ingest", *(n for n, _, _ in self.shared.ingest_steps(0)), "root"):
-            console.print("  " + " ".join(out[name].split())[:150], markup=False)
+        for line in (out["ingest"], *ingested, out["root"]):
+            console.print("  " + " ".join(line.split())[:150], markup=False)
         wait_with_bar("root activation delay", ACTIVATION_DELAY + 1)
         paid = [row["peer_id"] for row in self.sql(PAID_SQL)]
         run_steps(self.sh, "claims, verify-root", [

@@ -11,6 +11,7 @@ The same run without carol, dave and erin trains next, as the report's compariso
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,11 +145,20 @@ class SharedRun:
             "--mode", "exact", *held, *extra,
         ], ok_codes=(0, 1))  # fmt: skip
 
-    def ingest(self, round_pool: int) -> tuple[str, list[str], None]:
-        return (f"ingest-shared {self.run_id}", [
+    def ingest(self, round_pool: int) -> str:
+        """`rewards ingest-shared` of the store and the verdicts (round pool in base units).
+
+        `audit shared` also writes its sample plan as ``rNNNNNN/plan.json`` beside the verdicts,
+        which ingest-shared reads as a malformed verdict (exit 3): accepted here only when every
+        rejection is such a plan file (an integration issue between the two, reported)."""
+        out = self.sh.run(f"ingest-shared {self.run_id}", [
             "-m", "rewards", "ingest-shared", "--shared", str(self.store), "--verdicts",
             str(self.verdicts), "--epoch", "0", "--round-pool", str(round_pool),
-        ], None)  # fmt: skip
+        ], ok_codes=(0, 3))  # fmt: skip
+        counted = re.search(r"(\d+) rejected", out)
+        if counted is None or int(counted.group(1)) != out.count("/plan.json "):
+            raise DemoError(f"ingest-shared {self.run_id} rejected records:\n{out[-2500:]}")
+        return out.strip().splitlines()[0]
 
 
 # The policy's confidence (99 % of catching a peer that fakes 25 % of its steps) over H = 8 inner
@@ -229,7 +239,7 @@ class SharedSection:
             "loss per round is the report's comparison curve; its round pool is 0)"
         )
 
-    def ingest_steps(self, round_pool: int) -> list[tuple[str, list[str], None]]:
+    def ingest(self, round_pool: int) -> list[str]:
         return [self.run.ingest(round_pool), self.base.ingest(0)]
 
     def summary(
