@@ -77,7 +77,8 @@ class SharedRun:
             "--key", self.key("coordinator"), "--aggregator-key", self.key("aggregator"),
             *roster, *held, *GENESIS_ARGS,
         ])  # fmt: skip
-        return out.strip().splitlines()[0]
+        line = out.strip().splitlines()[0]
+        return line.replace(" rejected", " rejected (the audit's plan.json files, not verdicts)")
 
     def _join(self, p: SharedPeer, *extra: str) -> Job:
         args = ["-m", "trainer", "join", "--shared", str(self.store), "--key", self.key(p.name),
@@ -158,7 +159,8 @@ class SharedRun:
         counted = re.search(r"(\d+) rejected", out)
         if counted is None or int(counted.group(1)) != out.count("/plan.json "):
             raise DemoError(f"ingest-shared {self.run_id} rejected records:\n{out[-2500:]}")
-        return out.strip().splitlines()[0]
+        line = out.strip().splitlines()[0]
+        return line.replace(" rejected", " rejected (the audit's plan.json files, not verdicts)")
 
 
 # The policy's confidence (99 % of catching a peer that fakes 25 % of its steps) over H = 8 inner
@@ -166,25 +168,29 @@ class SharedRun:
 AUDIT_STEPS = 7
 
 SHARED_SUMMARY_SQL = """
-WITH v AS (
-    SELECT contribution_hash, min(reason) FILTER (WHERE outcome <> 'pass') AS caught_for
-    FROM contribution_verdicts GROUP BY ALL
+WITH excl AS (
+    SELECT c.roster_name, x.reason, count(*) AS n
+    FROM contributions c JOIN exclusions x ON x.shared_run_id = c.shared_run_id
+                                          AND x.contribution_hash = c.contribution_hash
+    WHERE c.shared_run_id = '{run}' GROUP BY ALL
+), caught AS (
+    SELECT contribution_hash, split_part(min(reason), ':', 1) AS why
+    FROM contribution_verdicts WHERE outcome <> 'pass' GROUP BY ALL
 )
 SELECT c.roster_name AS peer,
        count(DISTINCT c.record_round) AS rounds_sent,
-       count(DISTINCT c.contribution_hash) FILTER (WHERE c.included) AS included,
-       coalesce(string_agg(DISTINCT x.reason || coalesce(' (built on r' || x.built_on || ')', ''),
-                           ', '), '') AS excluded_for,
-       count(DISTINCT c.contribution_hash) FILTER (WHERE o.state = 'failed') AS caught,
-       coalesce(min(v.caught_for), '') AS caught_for,
+       count(*) FILTER (WHERE c.included) AS included,
+       coalesce((SELECT string_agg(e.reason || ' x' || e.n, ', ' ORDER BY e.reason) FROM excl e
+                 WHERE e.roster_name = c.roster_name), '') AS excluded_for,
+       count(*) FILTER (WHERE o.state = 'failed') AS caught,
+       coalesce(string_agg(DISTINCT k.why, ', '), '') AS caught_for,
        coalesce((SELECT sum(w.amount) FROM round_rewards w
-                 WHERE w.shared_run_id = c.shared_run_id AND w.peer_id = c.peer_id), 0) AS paid
+                 WHERE w.shared_run_id = c.shared_run_id AND w.peer_id = c.peer_id), 0) AS paid,
+       coalesce((SELECT sum(s.amount) FROM slashes s WHERE s.peer_id = c.peer_id), 0) AS slashed
 FROM contributions c
-LEFT JOIN exclusions x ON x.shared_run_id = c.shared_run_id
-                      AND x.contribution_hash = c.contribution_hash
 LEFT JOIN contribution_outcomes o ON o.shared_run_id = c.shared_run_id
                                  AND o.contribution_hash = c.contribution_hash
-LEFT JOIN v ON v.contribution_hash = c.contribution_hash
+LEFT JOIN caught k ON k.contribution_hash = c.contribution_hash
 WHERE c.shared_run_id = '{run}'
 GROUP BY c.shared_run_id, c.roster_name, c.peer_id ORDER BY c.roster_name
 """
@@ -248,13 +254,13 @@ class SharedSection:
         roles = {p.name: p.role for p in SHARED_PEERS}
         table = Table(title=f"shared run {self.run.run_id}: {ROUNDS} rounds")
         for col in ("peer", "role", "rounds sent", "included", "excluded (why)", "caught (why)",
-                    "paid from rounds"):  # fmt: skip
+                    "paid from rounds", "slashed (epoch)"):  # fmt: skip
             table.add_column(col, justify="right" if col in ("rounds sent", "included") else "left")
         for row in sql(SHARED_SUMMARY_SQL.format(run=self.run.run_id)):
-            caught = str(row["caught"]) + (f" ({row['caught_for'][:48]})" if row["caught"] else "")
+            caught = str(row["caught"]) + (f" ({row['caught_for']})" if row["caught"] else "")
             table.add_row(row["peer"], roles.get(row["peer"], "?"), str(row["rounds_sent"]),
                           str(row["included"]), row["excluded_for"] or "-", caught,
-                          tokens(row["paid"]))  # fmt: skip
+                          tokens(row["paid"]), tokens(row["slashed"]))  # fmt: skip
         console.print(table)
         losses: dict[int, dict[str, float]] = {}
         for row in sql(HELDOUT_SQL):
