@@ -235,25 +235,35 @@ def plot_heldout(data: SharedData) -> str:
 
 
 def plot_contribution_usefulness(data: SharedData) -> str:
-    """Held-out gain of each audited contribution (theta_r vs theta_r - alpha d) per round."""
+    """Held-out gain of each audited contribution (theta_r vs theta_r - alpha d) per round: one
+    colour per peer, one marker per shared run, a black x on a failed or invalid audit."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
     audited = data.contributions.filter(pl.col("gain").is_not_null())
     peers = sorted(set(audited["peer"].to_list()))
-    for i, peer in enumerate(peers):
-        rows = audited.filter(pl.col("peer") == peer)
-        failed = rows.filter(pl.col("audit").str.contains("fail|invalid"))
-        ax.scatter(rows["round"], rows["gain"], color=f"C{i % 10}", label=_label(peer), s=30)
+    runs = data.runs["shared_run_id"].to_list()
+    for j, run_id in enumerate(runs):
+        mine = audited.filter(pl.col("shared_run_id") == run_id)
+        for i, peer in enumerate(peers):
+            rows = mine.filter(pl.col("peer") == peer)
+            label = f"{peer} ({run_id})" if len(runs) > 1 else peer
+            if rows.height:
+                ax.scatter(rows["round"], rows["gain"], color=f"C{i % 10}", s=30,
+                           marker=_MARKERS[j % len(_MARKERS)], label=_label(label))  # fmt: skip
+        failed = mine.filter(pl.col("audit").str.contains("fail|invalid"))
         if failed.height:
-            ax.scatter(failed["round"], failed["gain"], marker="x", color="#c62828", s=80)
+            ax.scatter(failed["round"], failed["gain"], marker="x", color="black", s=80)
     ax.axhline(0, color="#888", lw=0.8)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round")
     ax.set_ylabel("loss_before - loss_after")
     ax.grid(alpha=0.3)
-    if peers:
-        ax.legend(fontsize=8, ncol=2)
+    if audited.height:
+        ax.legend(fontsize=7, ncol=2)
     return _png(fig)
+
+
+_MARKERS = ("o", "^", "s", "D")
 
 
 def _img(b64: str, alt: str) -> str:
@@ -278,7 +288,7 @@ def render_shared(data: SharedData | None, *, decimals: int = 18) -> str:
         "<code>loss_before</code> of round r's contribution verdicts). Each run draws its batch "
         "from its own genesis hash, so two runs' curves compare in trend, not point by point. "
         "Usefulness: <code>loss_before - loss_after</code> of theta_r - alpha d alone; the "
-        "policy pays max(0, round(1e6 x mean)) over passing verdicts. A red x marks a failed "
+        "policy pays max(0, round(1e6 x mean)) over passing verdicts. A black x marks a failed "
         "or invalid audit.</p>"
     )
     body = "".join([
