@@ -144,6 +144,9 @@ def audit_contribution(
     record_hash = included.get(peer, ZERO32)
     try:
         signed = store.read_contribution(peer, r)
+        if (signed.contribution.peer, signed.contribution.round) != (peer, r):
+            c = signed.contribution
+            raise StoreError(f"the file of {peer}'s round {r} holds {c.peer!r}'s round {c.round}")
     except StoreError as exc:
         findings = {"record": fail("record", f"unreadable: {exc}"[:400], invalid=True)}
         judged = _Judged(findings=findings, steps=(), mode=_fixed(mode), device="cpu")
@@ -152,7 +155,7 @@ def audit_contribution(
                      (math.nan, math.nan), description)  # fmt: skip
     record = signed.contribution
     record_hash = record.hash()
-    judged = _judge(store, genesis, r, record, signed.verify_roster(genesis), round_record,
+    judged = _judge(store, genesis, r, peer, record, signed.verify_roster(genesis), round_record,
                     theta_r, flat_r, model, corpus, sample_seed, steps, mode, device)  # fmt: skip
     d = _committed_d(store, genesis, record, flat_r.numel())
     losses = usefulness(model, genesis, r, eval_corpus, flat_r, d)
@@ -214,7 +217,7 @@ def local_state_at(
 
 
 def _judge(
-    store: SharedStore, genesis: Genesis, r: int, record: Contribution, signed_ok: bool,
+    store: SharedStore, genesis: Genesis, r: int, peer: str, record: Contribution, signed_ok: bool,
     round_record: RoundRecord, theta_r: dict[str, torch.Tensor], flat_r: torch.Tensor,
     model: nn.Module, corpus: Corpus, sample_seed: bytes, count: int, mode: str,
     device: str | None,
@@ -222,9 +225,7 @@ def _judge(
     size = flat_r.numel()
     param_bytes = 4 * size
     findings = {
-        "record": check_record(
-            signed_ok, record, genesis, r, record.peer, round_record, record.hash()
-        )
+        "record": check_record(signed_ok, record, genesis, r, peer, round_record, record.hash())
     }
     findings["local-chain"] = check_local_chain(store, genesis, record, model, size).finding
     try:
@@ -234,7 +235,7 @@ def _judge(
         findings["start-state"] = fail(
             "start-state", f"prev_local_state unusable: {exc}"[:400], invalid=True
         )
-    inner = store.inner_store(record.peer, r)
+    inner = store.inner_store(peer, r)  # the slot judged, whatever peer the record names
     try:
         run: VerifiedRun | None = load_run(inner, expected_peer=record.pubkey)
     except ArtifactInvalid as exc:

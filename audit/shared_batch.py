@@ -31,12 +31,11 @@ from pathlib import Path
 
 import torch
 
-from audit.beacon import Beacon, RunCommitment
+from audit.beacon import Beacon, BeaconForRun, RunCommitment
 from audit.contribution import DEFAULT_STEPS, MODES, audit_contribution
 from audit.contribution_verdict import ContributionVerdictError, load_contribution_verdict
 from audit.onchain import round_registry_id
 from audit.outfolder import VerdictSlotTaken, output_lock, sweep_temporaries, write_atomic
-from audit.registry import RegistryBeaconFor
 from audit.verdict import Outcome
 from audit.workers import Send, WorkerDied, run_each
 from proofs.errors import VeritrainError
@@ -77,7 +76,9 @@ class SharedJob:
     keypair: KeyPair
     rounds: tuple[int, ...] | None = None
     """None: every closed round."""
-    beacon: bytes | RegistryBeaconFor
+    beacon: bytes | BeaconForRun
+    """A value for every round, or a registry beacon (``audit.registry.RegistryBeaconFor``) asked
+    with each round record's commitment."""
     contributions: int | None = None
     steps: int = DEFAULT_STEPS
     mode: str = "auto"
@@ -271,8 +272,10 @@ def audit_shared(
     on_result: Callable[[Judgement], None] | None = None,
 ) -> list[Judgement]:
     """Run ``job`` under OUT's lock: plan every round, then judge every drawn contribution
-    (``workers`` > 1: one forked process each). ``on_plan(total)`` is called once with the
-    number of contributions drawn, ``on_result`` after each. Raises SharedAuditInputError
+    (``workers`` > 1: one forked process each; fork from a process that has not run a parallel
+    torch kernel yet, as the CLI does: GNU OpenMP's thread pool does not survive a fork).
+    ``on_plan(total)`` is called once with the number of contributions drawn, ``on_result``
+    after each. Raises SharedAuditInputError
     before anything is written when the job cannot start, OutputLocked when OUT is in use."""
     store, genesis = check_inputs(job)
     with output_lock(job.out):

@@ -1,11 +1,11 @@
 """Reading signed contribution verdicts for ``ingest-shared`` (rewards/shared_ingest.py).
 
 A verdict (audit/contribution_verdict.py, as ``python -m audit shared --out DIR`` writes them:
-``DIR/rNNNNNN/<peer>.json``) is loaded when it is signed by its auditor key, that key is a
-registered auditor of the warehouse, it judges a contribution the warehouse holds (or the same
-batch stages) with the same run, genesis, round and peer key, and that auditor has no other
-verdict on the contribution. Anything else is a rejection with its reason; a verdict already
-loaded is a duplicate.
+``DIR/rNNNNNN/<peer>.json``, beside each round's ``plan.json``, which is skipped) is loaded when
+it is signed by its auditor key, that key is a registered auditor of the warehouse, it judges a
+contribution the warehouse holds (or the same batch stages) with the same run, genesis, round and
+peer key, and that auditor has no other verdict on the contribution. Anything else is a rejection
+with its reason; a verdict already loaded is a duplicate.
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from audit.contribution_verdict import SignedContributionVerdict, load_contribution_verdict
+from audit.contribution_verdict import (
+    MAX_CONTRIBUTION_VERDICT_JSON,
+    SignedContributionVerdict,
+    load_contribution_verdict,
+)
+from audit.verdict import read_verdict_json
 from proofs.codec import canonical_json
 from proofs.errors import VeritrainError
 from rewards.ingest import IngestError, Rejection
@@ -39,6 +44,18 @@ class VerdictIntake:
         self.rejections.append(Rejection(kind="contribution-verdict", source=source, reason=reason))
 
 
+SHARED_PLAN_KIND = "veritrain-shared-audit-plan"  # audit/shared_batch.py's rNNNNNN/plan.json
+
+
+def _is_plan(data: bytes) -> bool:
+    """True for the sampling plan `audit shared` writes beside its verdicts (not a verdict)."""
+    try:
+        obj = read_verdict_json(data, max_bytes=MAX_CONTRIBUTION_VERDICT_JSON)
+    except VeritrainError:
+        return False
+    return isinstance(obj, dict) and obj.get("kind") == SHARED_PLAN_KIND
+
+
 def _hex(value: bytes) -> str:
     return "0x" + bytes(value).hex()
 
@@ -59,7 +76,10 @@ def read_verdicts(con: Connection, folder: str, batch: VerdictIntake) -> None:
     for path in verdict_files(folder):
         source = str(path)
         try:
-            signed = load_contribution_verdict(path.read_bytes())
+            data = path.read_bytes()
+            if _is_plan(data):
+                continue
+            signed = load_contribution_verdict(data)
         except (OSError, VeritrainError) as exc:
             batch.reject(source, f"malformed: {exc}")
             continue

@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import conftest_chain
 import pytest
 import torch
 from shared_fixtures import build_genesis, key, write_corpus
 
+from audit.beacon import Beacon, RunCommitment
 from audit.contribution import audit_contribution
 from audit.contribution_checks import tolerant_problem
 from audit.contribution_verdict import (
@@ -28,11 +30,14 @@ from audit.contribution_verdict import (
     load_contribution_verdict,
     sign_contribution_verdict,
 )
+from audit.registry import RegistryBeacon
 from audit.shared_batch import SharedJob, audit_shared
 from audit.verdict import Outcome
 from proofs.codec import canonical_json
 from proofs.hashing import sha256
 from proofs.signatures import KeyPair, keypair_from_seed, save_keypair
+from rewards.round_commits import commit_rounds
+from rewards.settlement import Settlement
 from trainer.aggregator import close_round
 from trainer.compression import SparseDelta, compress, decode_payload, encode_payload, quantize
 from trainer.data import Corpus, batch_offsets
@@ -507,7 +512,8 @@ def test_cli_end_to_end(shared: Shared, tmp_path: Path) -> None:
 
 
 def test_cli_tolerant_under_another_cpu_capability(shared: Shared, tmp_path: Path) -> None:
-    """Honest contributions pass in tolerant mode when the auditor's CPU kernels differ."""
+    """Honest contributions pass in tolerant mode when the auditor's CPU kernels differ (judged
+    in two worker processes, one contribution each)."""
     done = _cli(
         "--shared",
         str(shared.path / "store"),
@@ -525,6 +531,8 @@ def test_cli_tolerant_under_another_cpu_capability(shared: Shared, tmp_path: Pat
         "2",
         "--mode",
         "tolerant",
+        "--workers",
+        "2",
         "--corpus",
         str(shared.path / "corpus.py"),
         env={"ATEN_CPU_CAPABILITY": "default"},
@@ -648,3 +656,68 @@ def test_tolerant_rule_accepts_one_ulp_paths_and_rejects_cheats() -> None:
         d, values=d.values * 2, codes=None, steps=None, quantization="float32"
     )
     assert "value" in tolerant_problem(e_prime, d, scaled, ef, 512)
+
+
+# ---- the beacon from the round record's on-chain commitment ------------------------------------
+
+chain = conftest_chain.chain  # fixtures, registered by name in this module
+deployed = conftest_chain.deployed
+
+
+@dataclasses.dataclass(frozen=True)
+class _RegistryHere:
+    """RegistryBeaconFor's rule on an in-process settlement (no JSON-RPC URL to give)."""
+
+    settlement: Settlement
+
+    def for_run(self, run: RunCommitment) -> Beacon:
+        return RegistryBeacon(self.settlement, run=run).fetch()
+
+
+def test_beacon_is_the_block_after_the_round_commitment(
+    shared: Shared, tmp_path: Path, deployed: conftest_chain.Deployed
+) -> None:
+    job = SharedJob(
+        store_url=str(shared.store.url),
+        out=tmp_path / "out",
+        keypair=AUDITOR,
+        beacon=_RegistryHere(deployed.settlement),
+        contributions=1,
+        steps=1,
+        mode="tolerant",
+        corpus_paths=(str(shared.path / "corpus.py"),),
+    )
+    # No round committed yet: each round is an error line (no beacon), nothing is judged.
+    before = audit_shared(job)
+    assert [(j.round, j.peer) for j in before] == [(0, "*"), (1, "*")]
+    assert all(j.error is not None and j.error.startswith("beacon:") for j in before)
+    commits = commit_rounds(shared.store, deployed.settlement, deployed.chain.admin)
+    w3 = deployed.chain.w3
+    # Round 0's beacon is the block after its commitment (round 1's commitment is in it); round
+    # 1's block is not mined yet.
+    after = audit_shared(job)
+    assert [(j.round, j.outcome) for j in after if j.error is None] == [(0, Outcome.PASS)]
+    assert [j.round for j in after if j.error is not None] == [1]
+    block = w3.eth.get_block(commits[0].block_number + 1)
+    record = shared.store.read_round(0).round
+    plan = json.loads((tmp_path / "out/r000000/plan.json").read_text())
+    assert plan["beacon"] == "0x" + bytes(block["hash"]).hex()
+    seed = hashlib.sha256(b"veritrain/shared-sample/v1" + bytes(block["hash"]) + record.hash())
+    assert plan["sample_seed"] == "0x" + seed.hexdigest()
+
+
+def test_misplaced_record_and_missing_payload_are_invalid(shared: Shared, tmp_path: Path) -> None:
+    twin = shared.copy(tmp_path / "twin")
+    folder = twin.path / "store/contributions"
+    shutil.copyfile(folder / "p0/r000001.json", folder / "p2/r000001.json")
+    (folder / "p1/r000001.delta").unlink()
+    moved = twin.audit(1, "p2", steps=1).verdict
+    assert moved.outcome is Outcome.INVALID and "holds 'p0'" in moved.reason
+    assert (
+        moved.contribution
+        == twin.store.read_round(1)
+        .round.included[[i.peer for i in twin.store.read_round(1).round.included].index("p2")]
+        .contribution
+    )  # the verdict names the contribution the round record included
+    missing = twin.audit(1, "p1", steps=1).verdict
+    assert missing.outcome is Outcome.INVALID and _failed(missing) == {"error-feedback"}

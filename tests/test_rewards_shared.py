@@ -36,6 +36,7 @@ from audit.contribution_verdict import (
     ContributionVerdict,
     SignedContributionVerdict,
     StepCheck,
+    load_contribution_verdict,
     sign_contribution_verdict,
 )
 from audit.tolerance import Mode
@@ -611,3 +612,83 @@ def test_shared_run_queries_of_the_doc(run: sf.Run, tmp_path: Path) -> None:
         assert _markdown(frame) in sections[n][1], (
             f"query {n}: doc table is stale:\n{_markdown(frame)}"
         )
+
+
+# ---------------------------------------------------------------- with the real auditor
+
+
+def test_verdicts_of_audit_shared_are_ingested_and_paid(run: sf.Run, tmp_path: Path) -> None:
+    """`python -m audit shared` judges every included contribution of the run (real re-execution
+    of sampled inner steps, real usefulness); ingest-shared loads its folder as written."""
+    from audit.cli import main as audit_main
+    from proofs.signatures import save_keypair
+
+    key = tmp_path / "aud1.key"
+    save_keypair(key, AUDITORS["aud1"])
+    out = tmp_path / "verdicts"
+    args = ["shared", "--shared", str(run.store.url), "--key", str(key), "--out", str(out),
+            "--beacon", "0x" + "11" * 16, "--steps", "2", "--corpus", str(run.path / "corpus.py"),
+            "--device", "cpu"]  # fmt: skip
+    audited = CliRunner().invoke(audit_main, args)
+    assert audited.exit_code == 0, audited.output
+    files = sorted(f for f in out.rglob("*.json") if f.name != "plan.json")
+    assert len(files) == 7  # the included contributions: 3 + 2 + 2
+    db = new_warehouse(tmp_path, run)
+    code, output = ingest(
+        db, "--shared", str(run.store.url), "--round-pool", str(POOL), "--verdicts", str(out)
+    )
+    assert code == 0 and "7 contribution verdicts loaded" in output, output
+    compute(db)
+    gains: dict[str, list[float]] = {}
+    for path in files:
+        v = load_contribution_verdict(path.read_bytes()).verdict
+        gains["0x" + v.contribution.hex()] = [v.loss_before - v.loss_after]
+    outcomes = rows(
+        db,
+        "SELECT contribution_hash, state, passed_steps, usefulness_micro"
+        " FROM contribution_outcomes WHERE included",
+    )
+    assert {h: (s, n, u) for h, s, n, u in outcomes} == {
+        h: ("verified", 2, micro(g)) for h, g in gains.items()
+    }
+    for r in range(3):
+        paid = rows(db, f"SELECT sum(amount) FROM round_rewards WHERE round = {r}")[0][0]
+        useful = any(
+            micro(gains["0x" + contribution_hash(run, r, p).hex()]) > 0
+            for p in ("p0", "p1", "p2")
+            if (r, p) not in {(1, "p2"), (2, "p2")}
+        )
+        assert (paid == POOL) if useful else (paid is None), (r, paid)
+
+
+def test_a_version_3_warehouse_migrates_and_keeps_its_rejections(tmp_path: Path) -> None:
+    import duckdb
+
+    from rewards import schema
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name VARCHAR NOT NULL,"
+        " checksum VARCHAR NOT NULL, applied_at TIMESTAMP NOT NULL)"
+    )
+    for m in schema.migrations()[:3]:  # the schema of the code before shared runs
+        con.execute(m.sql)
+        con.execute(
+            "INSERT INTO schema_migrations VALUES (?, ?, ?, now())", [m.version, m.name, m.checksum]
+        )
+    con.execute("INSERT INTO rejections VALUES ('runs/x', 'run', 'bad signature', 'b-1', now())")
+    con.close()
+    migrated = warehouse.connect(path)
+    try:
+        assert schema.current_version(migrated) == 4
+        assert migrated.execute("SELECT source, kind, reason FROM rejections").fetchall() == [
+            ("runs/x", "run", "bad signature")
+        ]
+        migrated.execute(
+            "INSERT INTO rejections VALUES ('s/r', 'contribution-verdict', 'why', 'b-2', now())"
+        )
+        with pytest.raises(duckdb.ConstraintException):
+            migrated.execute("INSERT INTO rejections VALUES ('s/r', 'nonsense', 'w', 'b', now())")
+    finally:
+        migrated.close()
