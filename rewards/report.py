@@ -31,6 +31,7 @@ import polars as pl
 from proofs.errors import VeritrainError
 from rewards.analyst import Analyst
 from rewards.report_plots import plot_distances, plot_losses, plot_money, plot_usefulness
+from rewards.report_shared import SharedData, load_shared, render_shared
 from trainer.cli_errors import BadInput, Command
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class EpochData:
     verdicts: pl.DataFrame  # one row per verdict, with its worst distance/threshold ratios
     claims: pl.DataFrame
     posts: pl.DataFrame
+    shared: SharedData | None = None  # the epoch's shared runs (rewards/report_shared.py)
 
 
 _RUNS_SQL = """
@@ -136,6 +138,7 @@ def load_epoch(db: str | os.PathLike[str], epoch: int) -> EpochData:
                 posts=con.sql(
                     "SELECT * FROM settlement_posts WHERE epoch = $e", params={"e": epoch}
                 ).pl(),
+                shared=load_shared(con, epoch),
             )
     except ReportError:
         raise
@@ -361,6 +364,7 @@ def render_html(data: EpochData, *, decimals: int = 18) -> str:
         ),
         _section("peers", "Peers and runs", _table(_peer_rows(data), PEER_COLUMNS)),
         *(_plots(data, decimals) if data.runs.height else []),
+        render_shared(data.shared, decimals=decimals),
         _section(
             "settlement",
             "Settlement",

@@ -7,7 +7,11 @@ gradients, dave re-commits a stale gradient every other step. carol and dave are
 the public audit hook (examples/cheating_peer.py, examples/lazy_peer.py). An auditor samples steps
 with the block hash after each commitment as beacon, re-executes them and signs verdicts; the
 reward engine ingests, computes the epoch in DuckDB, posts the payout root, and the honest peers
-claim. Everything lands under demo-out/ (wiped at the start, so a rerun starts afresh).
+claim. Then six peers train one shared GPT in rounds (scripts/demo_shared.py): honest peers, a
+fabricator, a stale peer, a copier and a peer that drops out for two rounds; the aggregator prints
+each round's table, the round records are committed on chain, the auditor audits the included
+contributions with the block after each round's commitment as beacon, and the round pools are paid
+in the same epoch. Everything lands under demo-out/ (wiped at the start, so a rerun starts afresh).
 
     python scripts/demo.py [--steps 48] [--out demo-out]
 """
@@ -24,11 +28,13 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from eth_account import Account
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_shared import ROUNDS, SHARED_PEERS, SharedSection
 from demo_shell import (
     ROOT,
     DemoError,
@@ -42,6 +48,7 @@ from demo_shell import (
 
 TOKEN = 10**18  # the test token's base units per token
 POOL = 1_000 * TOKEN  # epoch 0's reward pool
+ROUND_POOL = 50 * TOKEN  # what each round of the shared run shares among its useful contributions
 STAKE = 100 * TOKEN
 CHEAT_FRACTION, CONFIDENCE = 0.25, 0.99  # audit target: catch a 25 % cheat with 99 %
 ACTIVATION_DELAY = 6  # seconds a posted root waits (the guardian's window to revoke it)
@@ -80,6 +87,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+NAMES = tuple(dict.fromkeys([*(p.name for p in PEERS), *(p.name for p in SHARED_PEERS)]))
+"""Every trainer of the demo: the solo peers and the shared run's (alice..dave are in both)."""
+
+
 def count_files(folder: Path, pattern: str) -> int:
     return len(list(folder.glob(pattern))) if folder.exists() else 0
 
@@ -102,6 +113,7 @@ class Demo:
         self.pubkeys: dict[str, str] = {}
         self.roots: dict[str, str] = {}
         self.chain: Job | None = None
+        self.shared = SharedSection(self.sh, out, self.keys)
 
     def eth_key(self, name: str) -> Path:
         return self.keys / f"{name}.eth-key"
@@ -111,17 +123,17 @@ class Demo:
     def make_keys(self) -> None:
         console.rule("[bold]1. keys, chain, contract, warehouse")
         self.keys.mkdir(parents=True, exist_ok=True)
-        for name in ("operator", *(p.name for p in PEERS)):
+        for name in ("operator", *NAMES):
             account = Account.create()
             path = self.eth_key(name)
             path.touch(mode=0o600)
             path.write_text(account.key.hex() + "\n")
             self.addresses[name] = account.address
         jobs = {
-            p.name: self.sh.start(
-                f"keygen {p.name}", ["-m", "trainer", "keygen", str(self.keys / f"{p.name}.bls")]
+            name: self.sh.start(
+                f"keygen {name}", ["-m", "trainer", "keygen", str(self.keys / f"{name}.bls")]
             )
-            for p in PEERS
+            for name in (*NAMES, "coordinator", "aggregator")
         }
         jobs["auditor"] = self.sh.start(
             "keygen auditor", ["-m", "audit", "keygen", str(self.keys / "auditor.bls")]
@@ -129,7 +141,8 @@ class Demo:
         for name, job in jobs.items():
             job.result()
             self.pubkeys[name] = re.findall(r"0x[0-9a-f]{96}", job.output().replace("\n", ""))[0]
-        console.print(f"  BLS keys and payout addresses for {', '.join(p.name for p in PEERS)}")
+        console.print(f"  BLS keys and payout addresses for {', '.join(NAMES)}; BLS keys for the "
+                      "shared run's coordinator and aggregator")  # fmt: skip
 
     def start_chain(self) -> None:
         port = self.rpc.rsplit(":", 1)[1]
@@ -157,8 +170,10 @@ class Demo:
             ],
             key_file=op,
         )
-        self.sh.run("fund", ["-m", "rewards", "fund", str(POOL)], key_file=op)
-        console.print(f"  Anvil at {self.rpc}; settlement deployed and funded with 1000 tokens")
+        funds = POOL + ROUNDS * ROUND_POOL  # the epoch pool and every round pool of the shared run
+        self.sh.run("fund", ["-m", "rewards", "fund", str(funds)], key_file=op)
+        console.print(f"  Anvil at {self.rpc}; settlement deployed and funded with "
+                      f"{tokens(funds)} tokens")  # fmt: skip
 
     def setup_warehouse(self) -> None:
         def rewards(name: str, line: str) -> tuple[str, list[str], None]:
@@ -174,11 +189,11 @@ class Demo:
             rewards("register auditor", f"register-peer auditor --role auditor "
                     f"--pubkey {self.pubkeys['auditor']}"),
         ]  # fmt: skip
-        for p in PEERS:
-            key, address = self.pubkeys[p.name], self.addresses[p.name]
-            line = f"register-peer {p.name} --pubkey {key} --address {address}"
-            steps.append(rewards(f"register {p.name}", line))
-            steps.append(rewards(f"stake {p.name}", f"stake {p.name} --epoch 0 --amount {STAKE}"))
+        for name in NAMES:
+            key, address = self.pubkeys[name], self.addresses[name]
+            line = f"register-peer {name} --pubkey {key} --address {address}"
+            steps.append(rewards(f"register {name}", line))
+            steps.append(rewards(f"stake {name}", f"stake {name} --epoch 0 --amount {STAKE}"))
         run_steps(self.sh, "warehouse", steps)
         console.print(
             f"  warehouse {self.db}: epoch 0 pool 1000 tokens for the reference GPT recipe "
@@ -258,14 +273,17 @@ class Demo:
                 f"  {name}: final manifest hash {roots[name][:18]}… recorded in block "
                 f"{blocks[name]} from {self.addresses[name][:10]}…"
             )
-        # A dev chain mines only on transactions; on a live chain these blocks come by themselves.
+        self.mine()
+        return blocks
+
+    def mine(self) -> None:
+        """Mine BEACON_DELAY blocks: a dev chain mines only on transactions."""
         from web3 import Web3
 
         w3 = Web3(Web3.HTTPProvider(self.rpc))
         self.sh.note(f"mine {BEACON_DELAY} blocks (evm_mine): a live chain makes them by itself")
         for _ in range(BEACON_DELAY):
             w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
-        return blocks
 
     # ---- 3. audit -----------------------------------------------------------------------------
 
@@ -325,28 +343,36 @@ class Demo:
     # ---- 4. rewards and settlement ------------------------------------------------------------
 
     def settle(self) -> None:
-        console.rule("[bold]5. rewards: ingest, payouts in DuckDB, root on chain, claims")
+        console.rule("[bold]8. rewards: ingest, payouts in DuckDB, root on chain, claims")
         r, op = ["-m", "rewards"], self.eth_key("operator")
         runs, verdicts = str(self.out / "runs"), str(self.out / "verdicts")
+        ingested = self.shared.ingest(ROUND_POOL)
         out = run_steps(self.sh, "ingest, compute, post", [
             ("ingest", [*r, "ingest", "--store", runs, "--verdicts", verdicts], None),
             ("compute", [*r, "compute"], None),
             ("root", [*r, "root", "0", "--out", str(self.out / "epoch-0")], None),
             ("post", [*r, "post", "0"], op),
         ])  # fmt: skip
-        console.print("  " + " ".join(out["ingest"].split())[:150])
-        console.print("  " + " ".join(out["root"].split())[:150])
+        for line in (out["ingest"], *ingested, out["root"]):
+            console.print("  " + " ".join(line.split())[:150], markup=False)
         wait_with_bar("root activation delay", ACTIVATION_DELAY + 1)
-        honest = [p.name for p in PEERS if p.kind == "honest"]
+        paid = [row["peer_id"] for row in self.sql(PAID_SQL)]
         run_steps(self.sh, "claims, verify-root", [
-            *((f"claim {n}", [*r, "claim", self.addresses[n]], self.eth_key(n)) for n in honest),
+            *((f"claim {n}", [*r, "claim", self.addresses[n]], self.eth_key(n)) for n in paid),
             ("verify-root", [*r, "verify-root", "0"], None),
         ])  # fmt: skip
-        console.print(f"  {' and '.join(honest)} claimed; verify-root 0: the posted root matches a "
+        console.print(f"  {', '.join(paid)} claimed; verify-root 0: the posted root matches a "
                       "recomputation from the warehouse inputs")  # fmt: skip
-        refused = self.sh.run("claim carol", [*r, "claim", self.addresses["carol"]],
-                              key_file=self.eth_key("carol"), ok_codes=(2,))  # fmt: skip
-        console.print("  carol tries to claim: " + " ".join(refused.split())[-90:])
+        if "carol" not in paid:
+            refused = self.sh.run("claim carol", [*r, "claim", self.addresses["carol"]],
+                                  key_file=self.eth_key("carol"), ok_codes=(2,))  # fmt: skip
+            console.print("  carol tries to claim: " + " ".join(refused.split())[-90:])
+
+    def sql(self, query: str) -> list[dict[str, Any]]:
+        """Rows of a read-only warehouse query (`rewards sql`), as JSON objects."""
+        out = self.sh.run("sql", ["-m", "rewards", "sql", "--format", "json", query])
+        rows: list[dict[str, Any]] = json.loads(out)
+        return rows
 
     def report(self) -> Path:
         out = self.out / "report"
@@ -356,9 +382,7 @@ class Demo:
     # ---- 5. summary ---------------------------------------------------------------------------
 
     def summary(self, report: Path, started: float) -> None:
-        rows = json.loads(
-            self.sh.run("summary", ["-m", "rewards", "sql", "--format", "json", SUMMARY_SQL])
-        )
+        rows = self.sql(SUMMARY_SQL)
         kinds = {p.name: p.kind for p in PEERS}
         table = Table(title="epoch 0")
         for col in (
@@ -368,7 +392,7 @@ class Demo:
             "audited",
             "outcome",
             "usefulness",
-            "payout",
+            "epoch payout",
             "slashed",
             "claim tx",
         ):
@@ -386,8 +410,9 @@ class Demo:
                 tokens(row["slashed"]),
                 (row["claim_tx"] or "-")[:18] + ("…" if row["claim_tx"] else ""),
             )
-        console.rule("[bold]6. summary")
+        console.rule("[bold]9. summary")
         console.print(table)
+        self.shared.summary(self.sql, tokens)
         console.print(f"report:   {report}")
         console.print(f"commands: {self.sh.script} (every command above, as a user types it)")
         console.print("next, paste an analyst query (read-only):")
@@ -421,6 +446,11 @@ LEFT JOIN claims AS c ON c.account = p.payout_address
 GROUP BY p.peer_id, r.step_count ORDER BY p.peer_id
 """
 
+PAID_SQL = """
+SELECT p.peer_id FROM rewards w JOIN peers p ON p.payout_address = w.account
+WHERE w.epoch = 0 AND w.amount > 0 ORDER BY p.peer_id
+"""
+
 NEXT_QUERY = (
     "SELECT r.peer_id, v.step, v.outcome, v.max_rel_l2, "
     "v.loss_before - v.loss_after AS gain FROM verdicts v JOIN runs r USING (run_id) "
@@ -444,6 +474,9 @@ def main() -> int:
         demo.setup_warehouse()
         demo.train()
         demo.audit(demo.commit())
+        demo.shared.train()
+        demo.shared.commit_and_audit(demo.eth_key("operator"), demo.rpc,
+                                     demo.out / "deployment.json", demo.mine)  # fmt: skip
         demo.settle()
         report = demo.report()
         demo.summary(report, started)

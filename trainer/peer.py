@@ -91,6 +91,10 @@ class Behaviour:
     """Train on the batches of this public key (a copier) while committing under one's own."""
     replace_delta: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Replace delta before error feedback (e.g. random noise of plausible norm)."""
+    stale_by: int = 0
+    """Build round r on theta_{r - stale_by} (at least theta_0) and say so in base_root."""
+    rewrite: Callable[[Contribution, bytes], tuple[Contribution, bytes]] | None = None
+    """Replace the finished record and payload before signing (a copier); trainer/adversaries.py."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -231,10 +235,11 @@ class _Start:
 
 def _start(
     store: SharedStore, genesis: Genesis, keypair: KeyPair, peer_name: str, r: int,
-    where: torch.device,
+    where: torch.device, stale_by: int = 0,
 ) -> _Start:  # fmt: skip
-    """theta_r (checked against its root) in a fresh model, the local state, the inner hook."""
-    root = base_root(store, genesis, r)
+    """theta_r (checked against its root) in a fresh model, the local state, the inner hook;
+    theta_{r - stale_by} for a stale peer (a test behaviour)."""
+    root = base_root(store, genesis, max(0, r - stale_by))
     model = build_model(genesis.model, genesis.model_config)
     theta = store.read_theta(root, model)
     load_flat(model, theta)
@@ -318,7 +323,7 @@ def run_round(
     behaviour = behaviour or Behaviour()
     configure_determinism(threads)  # as the reference trainer does
     where = pick_device(device)
-    start = _start(store, genesis, keypair, peer_name, r, where)
+    start = _start(store, genesis, keypair, peer_name, r, where, behaviour.stale_by)
     batch_seed = start.hook.run_seed
     if behaviour.train_on is not None:  # a copier: another key's batches under its own run
         batch_seed = run_seed_for(behaviour.train_on, genesis.hash(), start.hook.config.run_id)
@@ -381,6 +386,8 @@ def _publish(
         local_state=Hash32(local.root),
         losses=tuple(float(rec.loss) for m in manifests for rec in m.manifest.records),
     )  # fmt: skip
+    if behaviour.rewrite is not None:
+        record, payload = behaviour.rewrite(record, payload)
     signed = SignedContribution.sign(keypair, record)
     store.put_contribution(signed, payload)  # payload first, the record last
     return signed

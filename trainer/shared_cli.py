@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from proofs.hashing import Hash32
 from proofs.signatures import PUBKEY_SIZE, KeyPair, load_keypair
+from trainer.adversaries import parse_behaviour
 from trainer.cli_errors import BadInput, Command, one_line
 from trainer.data import Corpus
 from trainer.globalstate import initial_model, theta_artifact
@@ -289,9 +290,16 @@ class _Signals:
 @click.option("--skip-late", is_flag=True, help="Do not publish a round that closed meanwhile.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: cores - 1).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option(
+    "--behaviour",
+    default="honest",
+    hidden=True,  # a testing aid for the demo's dishonest peers (trainer/adversaries.py)
+    help="honest, fabricate, stale or copy:NAME.",
+)
 def join_cmd(
     shared_url: str, key_file: Path, peer_name: str, rounds: int | None, corpus: tuple[str, ...],
     poll: float, stop_file: Path | None, skip_late: bool, threads: int | None, device: str,
+    behaviour: str,
 ) -> None:  # fmt: skip
     """Train rounds of the shared run in STORE as NAME until the run, --rounds or a stop ends.
 
@@ -302,6 +310,7 @@ def join_cmd(
     data = corpus_of(corpus)
     check_peer(g, keypair, peer_name)  # before any output: a wrong key or corpus is one line
     check_corpus(data, g)
+    acting = parse_behaviour(behaviour, store, frozenset(g.peers))
     flags = _Signals()
     hello = f"peer {one_line(peer_name)} joins {g.shared_run_id} (genesis 0x{g.hash().hex()})"
     console.print(hello, soft_wrap=True, markup=False)
@@ -327,7 +336,7 @@ def join_cmd(
             store, g, keypair, peer_name, corpus=data, rounds=rounds, poll_s=poll,
             leave=lambda: stop_file is not None and stop_file.exists(),
             abandon=lambda: flags.stopped, progress=on_event, skip_late=skip_late,
-            device=device, threads=threads,
+            device=device, threads=threads, behaviour=acting,
             on_round=lambda result: click.echo(_result_line(result)),  # stdout, as it happens
         )  # fmt: skip
     if flags.stopped:
