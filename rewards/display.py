@@ -51,6 +51,18 @@ def tokens(amount: int | decimal.Decimal, decimals: int = TOKEN_DECIMALS) -> str
     return f"{sign}{whole}" + (f".{digits}" if digits else "")
 
 
+SHOWN_DECIMALS = 6
+"""Decimals a report prints a token amount with (the warehouse keeps the exact base units)."""
+
+
+def tokens_shown(amount: Any, decimals: int = TOKEN_DECIMALS) -> str:
+    """Base units as tokens for a page, rounded half-even to SHOWN_DECIMALS, with thousands
+    separators: ``1234500000000000000`` -> ``1.234500``."""
+    value = decimal.Decimal(int(amount)).scaleb(-decimals)
+    shown = value.quantize(decimal.Decimal(1).scaleb(-SHOWN_DECIMALS), decimal.ROUND_HALF_EVEN)
+    return f"{shown:,}"
+
+
 def is_money(name: str, dtype: pl.DataType) -> bool:
     """The warehouse keeps money, and only money and scores, as DECIMAL(38,0) (docs/warehouse.md);
     sums of money stay DECIMAL(38,0) in DuckDB."""

@@ -30,6 +30,7 @@ import polars as pl
 
 from proofs.errors import VeritrainError
 from rewards.analyst import Analyst
+from rewards.display import tokens_shown
 from rewards.report_plots import plot_distances, plot_losses, plot_money, plot_usefulness
 from rewards.report_shared import SharedData, load_shared, render_shared
 from trainer.cli_errors import BadInput, Command
@@ -195,7 +196,7 @@ def _img(b64: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
-def _peer_rows(data: EpochData) -> list[list[Any]]:
+def _peer_rows(data: EpochData, decimals: int) -> list[list[Any]]:
     rows = []
     for r in data.runs.iter_rows(named=True):
         v = data.verdicts.filter(pl.col("run_id") == r["run_id"])
@@ -210,8 +211,8 @@ def _peer_rows(data: EpochData) -> list[list[Any]]:
                 r["state"],
                 None if r["confidence"] is None else float(r["confidence"]),
                 None if use is None else int(use) / 1e6,
-                int(r["payout"]),
-                int(r["slashed"]),
+                tokens_shown(r["payout"], decimals),
+                tokens_shown(r["slashed"], decimals),
                 r["payout_address"],
             ]
         )
@@ -226,8 +227,8 @@ PEER_COLUMNS = (
     "outcome",
     "confidence",
     "usefulness",
-    "payout",
-    "slashed",
+    "payout (tokens)",
+    "slashed (tokens)",
     "payout address",
 )
 VERDICT_COLUMNS = {
@@ -245,31 +246,32 @@ VERDICT_COLUMNS = {
 }
 POST_COLUMNS = {
     "root": "root",
-    "cumulative_total": "cumulative total",
+    "cumulative_total": "cumulative total (tokens)",
     "tx_hash": "tx",
     "block_number": "block",
 }
 CLAIM_COLUMNS = {
     "account": "account",
-    "paid": "paid",
-    "cumulative_amount": "cumulative",
+    "paid": "paid (tokens)",
+    "cumulative_amount": "cumulative (tokens)",
     "tx_hash": "tx",
 }
 
 
-def _frame_table(frame: pl.DataFrame, columns: dict[str, str]) -> str:
-    """A table of ``columns`` (warehouse name -> heading); money columns stay exact integers."""
+def _frame_table(frame: pl.DataFrame, columns: dict[str, str], decimals: int) -> str:
+    """A table of ``columns`` (warehouse name -> heading); money columns (DECIMAL(38,0) base
+    units) are shown in tokens."""
     rows = [
-        [int(v) if isinstance(v, Decimal) else v for v in row]
+        [tokens_shown(v, decimals) if isinstance(v, Decimal) else v for v in row]
         for row in frame.select(list(columns)).iter_rows()
     ]
     return _table(rows, list(columns.values()))
 
 
-def _facts(data: EpochData) -> list[list[Any]]:
+def _facts(data: EpochData, decimals: int) -> list[list[Any]]:
     s, p = data.summary, data.params
     money = [
-        (k, int(s[c]))
+        (f"{k} (tokens)", tokens_shown(s[c], decimals))
         for k, c in (
             ("pool", "pool"),
             ("carried in", "carry_in"),
@@ -356,22 +358,22 @@ def render_html(data: EpochData, *, decimals: int = 18) -> str:
     """The epoch's page: HTML with every plot embedded (no external resource)."""
     parts = [
         f"<h1>veritrain audit report: epoch {data.epoch}</h1>",
-        _section("summary", "Epoch summary", _table(_facts(data), ["", "value (base units)"])),
+        _section("summary", "Epoch summary", _table(_facts(data, decimals), ["", "value"])),
         _section(
             "assignment",
             "Assigned work (runs outside it are refused at ingest)",
             _table(_assignment_rows(data), ["", "value"]),
         ),
-        _section("peers", "Peers and runs", _table(_peer_rows(data), PEER_COLUMNS)),
+        _section("peers", "Peers and runs", _table(_peer_rows(data, decimals), PEER_COLUMNS)),
         *(_plots(data, decimals) if data.runs.height else []),
         render_shared(data.shared, decimals=decimals),
         _section(
             "settlement",
             "Settlement",
-            _frame_table(data.posts, POST_COLUMNS),
-            _frame_table(data.claims, CLAIM_COLUMNS),
+            _frame_table(data.posts, POST_COLUMNS, decimals),
+            _frame_table(data.claims, CLAIM_COLUMNS, decimals),
         ),
-        _section("verdicts", "Verdicts", _frame_table(data.verdicts, VERDICT_COLUMNS)),
+        _section("verdicts", "Verdicts", _frame_table(data.verdicts, VERDICT_COLUMNS, decimals)),
     ]
     title = f"veritrain epoch {data.epoch}"
     return (

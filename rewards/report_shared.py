@@ -23,16 +23,13 @@ import html
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 import duckdb
 import polars as pl
 
+from rewards.display import tokens_shown as tokens
 from rewards.report_plots import _png, _pyplot
-
-SHOWN_DECIMALS = 6
-"""Token amounts are printed with this many decimals (the base units are exact beside them)."""
 
 _RUNS_SQL = """
 SELECT s.shared_run_id, s.epoch, s.round_pool, s.inner_steps, s.rounds
@@ -124,13 +121,6 @@ def load_shared(con: duckdb.DuckDBPyConnection, epoch: int) -> SharedData | None
         contributions=con.sql(_CONTRIBUTIONS_SQL, params=params).pl(),
         payouts=con.sql(_PAYOUTS_SQL, params={"e": epoch}).pl(),
     )
-
-
-def tokens(amount: Any, decimals: int) -> str:
-    """Base units as tokens: ``1234500000000000000`` -> ``1.234500`` (18 decimals)."""
-    value = Decimal(int(amount)).scaleb(-decimals)
-    shown = value.quantize(Decimal(1).scaleb(-SHOWN_DECIMALS), rounding=ROUND_HALF_EVEN)
-    return f"{shown:,}"
 
 
 # ---- HTML ---------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from test_rewards_ingest import RealWorld, real_world_once
 
 from rewards.analyst import Analyst
 from rewards.cli import main as rewards_cli
+from rewards.display import tokens_shown
 from rewards.report import (
     CLAIM_COLUMNS,
     POST_COLUMNS,
@@ -143,8 +144,9 @@ def test_page_states_the_warehouse_outcomes_and_amounts(
     assert outcomes.height >= 2 and set(outcomes["state"]) == {"verified", "failed"}
     for run_id, state in outcomes.iter_rows():
         assert re.search(rf"<td>{re.escape(run_id)}</td>.*?<span class=\"{state}\">", html), run_id
-    for amount in [*amounts, *slashes]:
-        assert f"<td>{int(amount)}</td>" in html
+    for amount in [*amounts, *slashes]:  # in tokens with decimals, not base units
+        assert f"<td>{tokens_shown(amount, 18)}</td>" in html
+        assert f"<td>{int(amount)}</td>" not in html or int(amount) == 0
     verdict_section = html.split('<section id="verdicts">')[1]
     assert verdict_section.count("<tr>") - 1 >= verdicts
 

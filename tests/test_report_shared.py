@@ -32,7 +32,7 @@ from proofs.signatures import keypair_from_seed
 from rewards import policy, shared_ingest, warehouse
 from rewards.analyst import Analyst
 from rewards.cli import main as rewards_cli
-from rewards.report_shared import tokens
+from rewards.display import tokens_shown as tokens
 from trainer.adversaries import fabricator, stale
 from trainer.aggregator import close_round
 from trainer.globalstate import initial_model, theta_artifact
