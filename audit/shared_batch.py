@@ -11,7 +11,7 @@ contributions of round r are ordered by ``sha256(sample_seed || contribution has
 
 Output folder (resumable, one job at a time: ``audit.outfolder``'s lock and atomic writes)::
 
-    OUT/rNNNNNN/plan.json     the beacon, its source, the sample seed and the contributions drawn
+    OUT/rNNNNNN/_plan.json    the beacon, its source, the sample seed and the contributions drawn
     OUT/rNNNNNN/<peer>.json   this auditor's signed contribution verdict
 
 A verdict file already there, valid, signed by this auditor and on the same contribution is kept
@@ -50,6 +50,8 @@ from trainer.store import StoreError
 log = logging.getLogger(__name__)
 
 SAMPLE_MAGIC = b"veritrain/shared-sample/v1"
+PLAN_NAME = "_plan.json"
+"""Each round folder's sampling plan (peer names cannot start with "_": no verdict is named so)."""
 
 
 class SharedAuditInputError(VeritrainError, ValueError):
@@ -174,7 +176,7 @@ def round_beacon(job: SharedJob, genesis: Genesis, r: int, round_hash: Hash32) -
 def plan(
     job: SharedJob, store: SharedStore, genesis: Genesis
 ) -> tuple[list[Task], list[Judgement]]:
-    """The contributions to judge, round by round (each round's plan.json written), and an error
+    """The contributions to judge, round by round (each round's _plan.json written), and an error
     judgement for each round whose beacon is not available."""
     rounds = job.rounds if job.rounds is not None else tuple(store.rounds())
     tasks, errors = [], []
@@ -206,7 +208,7 @@ def plan(
             ],
             "steps": job.steps,
         }
-        path = job.out / f"r{r:06d}" / "plan.json"
+        path = job.out / f"r{r:06d}" / PLAN_NAME
         if not path.exists():
             write_atomic(path, json.dumps(doc, indent=1).encode())
     return tasks, errors

@@ -1,7 +1,7 @@
 """Reading signed contribution verdicts for ``ingest-shared`` (rewards/shared_ingest.py).
 
 A verdict (audit/contribution_verdict.py, as ``python -m audit shared --out DIR`` writes them:
-``DIR/rNNNNNN/<peer>.json``, beside each round's ``plan.json``, which is skipped) is loaded when
+``DIR/rNNNNNN/<peer>.json``, beside each round's ``_plan.json``, which is skipped) is loaded when
 it is signed by its auditor key, that key is a registered auditor of the warehouse, it judges a
 contribution the warehouse holds (or the same batch stages) with the same run, genesis, round and
 peer key, and that auditor has no other verdict on the contribution. Anything else is a rejection
@@ -44,7 +44,7 @@ class VerdictIntake:
         self.rejections.append(Rejection(kind="contribution-verdict", source=source, reason=reason))
 
 
-SHARED_PLAN_KIND = "veritrain-shared-audit-plan"  # audit/shared_batch.py's rNNNNNN/plan.json
+SHARED_PLAN_KIND = "veritrain-shared-audit-plan"  # audit/shared_batch.py's rNNNNNN/_plan.json
 
 
 def _is_plan(data: bytes) -> bool:

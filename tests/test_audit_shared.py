@@ -462,7 +462,7 @@ def test_batch_samples_from_the_beacon_and_resumes(shared: Shared, tmp_path: Pat
             record.included, key=lambda i: hashlib.sha256(seed + i.contribution).digest()
         )
         assert {j.peer for j in first if j.round == r} == {i.peer for i in order[:2]}
-        plan = json.loads((tmp_path / f"out/r{r:06d}/plan.json").read_text())
+        plan = json.loads((tmp_path / f"out/r{r:06d}/_plan.json").read_text())
         assert plan["sample_seed"] == "0x" + seed.hex()
     second = audit_shared(job)
     assert all(j.skipped for j in second) and [j.outcome for j in second] == [Outcome.PASS] * 4
@@ -495,7 +495,7 @@ def test_cli_end_to_end(shared: Shared, tmp_path: Path) -> None:
     done = _cli(*args)
     assert done.returncode == 1, done.stderr
     files = sorted(p.name for p in (out / "r000001").iterdir())
-    assert files == ["p0.json", "p1.json", "p2.json", "plan.json", "x.json"]
+    assert files == ["_plan.json", "p0.json", "p1.json", "p2.json", "x.json"]
     verdicts = {
         p: load_contribution_verdict((out / f"r000001/{p}.json").read_bytes()) for p in PEERS
     }
@@ -700,7 +700,7 @@ def test_beacon_is_the_block_after_the_round_commitment(
     assert [j.round for j in after if j.error is not None] == [1]
     block = w3.eth.get_block(commits[0].block_number + 1)
     record = shared.store.read_round(0).round
-    plan = json.loads((tmp_path / "out/r000000/plan.json").read_text())
+    plan = json.loads((tmp_path / "out/r000000/_plan.json").read_text())
     assert plan["beacon"] == "0x" + bytes(block["hash"]).hex()
     seed = hashlib.sha256(b"veritrain/shared-sample/v1" + bytes(block["hash"]) + record.hash())
     assert plan["sample_seed"] == "0x" + seed.hexdigest()

@@ -631,7 +631,7 @@ def test_verdicts_of_audit_shared_are_ingested_and_paid(run: sf.Run, tmp_path: P
             "--device", "cpu"]  # fmt: skip
     audited = CliRunner().invoke(audit_main, args)
     assert audited.exit_code == 0, audited.output
-    files = sorted(f for f in out.rglob("*.json") if f.name != "plan.json")
+    files = sorted(f for f in out.rglob("*.json") if f.name != "_plan.json")
     assert len(files) == 7  # the included contributions: 3 + 2 + 2
     db = new_warehouse(tmp_path, run)
     code, output = ingest(
