@@ -59,18 +59,14 @@ from trainer.checkpoint import (
     param_layout,
 )
 from trainer.compression import PayloadError, SparseDelta
+from trainer.contribution import Contribution
 from trainer.data import Corpus
 from trainer.determinism import key_differences
+from trainer.innerrun import build_inner_optimizer, genesis_header_check
 from trainer.models import build_model
 from trainer.peer import EF_KEY
 from trainer.roundrecord import RoundRecord
-from trainer.sharedrun import (
-    ZERO32,
-    Contribution,
-    Genesis,
-    build_inner_optimizer,
-    genesis_header_check,
-)
+from trainer.sharedrun import ZERO32, Genesis
 from trainer.sharedstore import SharedStore
 from trainer.store import RunStore, StoreError
 

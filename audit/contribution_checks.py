@@ -30,10 +30,12 @@ from trainer.compression import (
     error_feedback_step,
     payload_size,
 )
+from trainer.contribution import Contribution
+from trainer.innerrun import build_inner_optimizer
 from trainer.manifest import StateRef
 from trainer.peer import EF_KEY, load_local_state
 from trainer.roundrecord import RoundRecord
-from trainer.sharedrun import ZERO32, Contribution, Genesis, build_inner_optimizer
+from trainer.sharedrun import ZERO32, Genesis
 from trainer.sharedstore import SharedStore, payload_name
 from trainer.store import RunStore, StoreError, object_name
 

@@ -34,6 +34,7 @@ from proofs.signatures import keypair_from_seed
 from trainer.data import Corpus
 from trainer.globalstate import initial_model, theta_artifact
 from trainer.hook import AuditHook, HookConfig
+from trainer.innerrun import build_inner_optimizer
 from trainer.loop import configure_determinism
 from trainer.peer import run_round
 from trainer.schedule import Schedule
@@ -44,7 +45,6 @@ from trainer.sharedrun import (
     OuterRule,
     Screening,
     SignedGenesis,
-    build_inner_optimizer,
     inner_run_id,
 )
 from trainer.sharedstore import SharedStore

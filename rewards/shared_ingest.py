@@ -31,8 +31,9 @@ from rewards.ingest import IngestError, Rejection, resolve_epoch
 from rewards.round_commits import _walk
 from rewards.shared_verdicts import VerdictIntake, read_verdicts
 from rewards.warehouse import Connection, check_amount, query, transaction
+from trainer.contribution import SignedContribution
 from trainer.roundrecord import Excluded, RoundRecord
-from trainer.sharedrun import Genesis, SignedContribution
+from trainer.sharedrun import Genesis
 from trainer.sharedstore import SharedStore
 from trainer.store import StoreError
 

@@ -27,22 +27,21 @@ from trainer.compression import (
     error_feedback_step,
     total_entries,
 )
+from trainer.contribution import Contribution, SignedContribution
 from trainer.data import Corpus
 from trainer.globalstate import flatten, initial_model, load_flat, theta_artifact
 from trainer.hook import AuditHook, HookConfig
+from trainer.innerrun import build_inner_optimizer
 from trainer.models import GPT_NAME
 from trainer.recipe import SignedRunHeader
 from trainer.schedule import Schedule
 from trainer.sharedrun import (
     SHARED_VERSION,
     ZERO32,
-    Contribution,
     Genesis,
     OuterRule,
     Screening,
-    SignedContribution,
     SignedGenesis,
-    build_inner_optimizer,
     inner_run_id,
 )
 from trainer.sharedstore import SharedStore

@@ -40,11 +40,12 @@ from rewards.round_commits import commit_rounds
 from rewards.settlement import Settlement
 from trainer.aggregator import close_round
 from trainer.compression import SparseDelta, compress, decode_payload, encode_payload, quantize
+from trainer.contribution import SignedContribution
 from trainer.data import Corpus, batch_offsets
 from trainer.globalstate import flatten, initial_model, load_flat, theta_artifact
 from trainer.peer import Behaviour, run_round
 from trainer.roundrecord import SignedRoundRecord
-from trainer.sharedrun import Genesis, SignedContribution, SignedGenesis
+from trainer.sharedrun import Genesis, SignedGenesis
 from trainer.sharedstore import SharedStore
 
 VECTOR = json.loads(

@@ -17,6 +17,7 @@ from proofs.codec import canonical_json
 from proofs.errors import EncodingError
 from proofs.hashing import Hash32, Root
 from proofs.signatures import KeyPair, keypair_from_seed
+from trainer.contribution import Contribution, SignedContribution
 from trainer.data import CorpusCommitment
 from trainer.globalstate import (
     flatten,
@@ -27,6 +28,7 @@ from trainer.globalstate import (
     theta_from_artifact,
 )
 from trainer.hook import AuditHook, HookConfig
+from trainer.innerrun import build_inner_optimizer, genesis_header_check
 from trainer.roundrecord import (
     MAX_FILE,
     Excluded,
@@ -36,18 +38,7 @@ from trainer.roundrecord import (
     file_label,
 )
 from trainer.schedule import Schedule
-from trainer.sharedrun import (
-    ZERO32,
-    Contribution,
-    Genesis,
-    OuterRule,
-    Screening,
-    SignedContribution,
-    SignedGenesis,
-    build_inner_optimizer,
-    genesis_header_check,
-    inner_run_id,
-)
+from trainer.sharedrun import ZERO32, Genesis, OuterRule, Screening, SignedGenesis, inner_run_id
 from trainer.sharedstore import SharedStore, is_safe_name
 from trainer.store import StoreError
 

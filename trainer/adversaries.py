@@ -26,8 +26,8 @@ import time
 import torch
 
 from proofs.errors import VeritrainError
+from trainer.contribution import Contribution
 from trainer.peer import Behaviour, PeerError
-from trainer.sharedrun import Contribution
 from trainer.sharedstore import SharedStore
 
 logger = logging.getLogger(__name__)

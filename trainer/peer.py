@@ -44,21 +44,16 @@ from trainer.checkpoint import (
     param_layout,
 )
 from trainer.compression import encode_payload, error_feedback_step
+from trainer.contribution import Contribution, SignedContribution
 from trainer.data import Corpus
 from trainer.globalstate import flatten, load_flat, theta_artifact
 from trainer.hook import AuditHook, HookConfig
+from trainer.innerrun import build_inner_optimizer
 from trainer.loop import configure_determinism, pick_device
 from trainer.models import build_model
 from trainer.schedule import Schedule
 from trainer.seeds import run_seed_for
-from trainer.sharedrun import (
-    SHARED_VERSION,
-    Contribution,
-    Genesis,
-    SignedContribution,
-    build_inner_optimizer,
-    inner_run_id,
-)
+from trainer.sharedrun import SHARED_VERSION, Genesis, inner_run_id
 from trainer.sharedstore import SharedStore
 from trainer.store import StoreError
 

@@ -25,6 +25,7 @@ from proofs.hashing import Hash32
 from proofs.jsonlimits import loads_untrusted
 from trainer.aggregation import Prober, RoundResult, make_prober, probe_offsets
 from trainer.aggregation import close_round as decide_round
+from trainer.contribution import SignedContribution
 from trainer.data import Corpus
 from trainer.globalstate import flatten, initial_model, theta_artifact
 from trainer.recipe import SignedRunHeader
@@ -36,7 +37,7 @@ from trainer.screening import (
     SourceError,
     record_name,
 )
-from trainer.sharedrun import Genesis, SignedContribution
+from trainer.sharedrun import Genesis
 from trainer.sharedstore import GENESIS_PATH, SharedStore, is_safe_name, payload_name
 from trainer.store import StoreError
 

@@ -22,7 +22,7 @@ one-line detail; the first failing check wins:
    with its reason code);
 7. ``missing-inner-run``: no inner run header whose hash is the record's ``inner_header``, signed
    by the peer, and matching what the genesis assigns for the round
-   (``trainer.sharedrun.genesis_header_check``: run id ``inner_run_id(shared_run_id, r)``, the
+   (``trainer.innerrun.genesis_header_check``: run id ``inner_run_id(shared_run_id, r)``, the
    genesis hash as assignment, model, optimizer, schedule, data).
 """
 
@@ -40,9 +40,11 @@ from proofs.errors import EncodingError, VeritrainError
 from proofs.hashing import Hash32, sha256
 from proofs.jsonlimits import loads_untrusted
 from trainer.compression import PayloadError, SparseDelta, decode_payload, payload_size
+from trainer.contribution import SignedContribution
+from trainer.innerrun import genesis_header_check
 from trainer.recipe import SignedRunHeader
 from trainer.roundrecord import MAX_DETAIL, MAX_EXCLUDED, Excluded, file_label
-from trainer.sharedrun import ZERO32, Genesis, SignedContribution, genesis_header_check
+from trainer.sharedrun import ZERO32, Genesis
 from trainer.sharedstore import is_safe_name
 
 logger = logging.getLogger(__name__)

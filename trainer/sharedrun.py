@@ -1,11 +1,11 @@
-"""Shared-run records: the coordinator-signed genesis and each peer's signed contribution.
+"""The coordinator-signed genesis of a shared run (contributions: trainer.contribution).
 
 A shared run (docs/protocol.md, "Shared runs") is fixed by its :class:`Genesis`: the model and its
 initial weights, the inner optimizer and schedule of every round's H inner steps, the dataset,
 the outer rule (error feedback, per-chunk top-k, quantization, outer rate), the screening rule
 and the roster of peers (name -> BLS key). Round r of peer P is an ordinary audited solo run with
 run id :func:`inner_run_id` and assignment ``genesis.hash()``, so its data is a pure function of
-(shared run, r, P's key, step). Its result is a :class:`Contribution` record, signed by P.
+(shared run, r, P's key, step). Its result is a contribution record (trainer.contribution).
 
 Hashes are sha256 of canonical JSON (proofs.codec); a signature covers (domain, shared run id,
 record hash), as run headers do. Readers are strict: unknown keys, wrong sizes and out-of-range
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from proofs.codec import (
     as_bytes,
@@ -29,7 +28,6 @@ from proofs.codec import (
     get_bytes,
     get_float,
     get_int,
-    get_list,
     get_object,
     get_str,
     record_hash,
@@ -44,12 +42,9 @@ from trainer.data import CorpusCommitment
 from trainer.recipe import (
     GROUP_KEYS_NOT_HYPERPARAMETERS,
     RUN_ID_PATTERN,
-    RunHeader,
     check_run_id,
-    jsonable_hyperparameters,
 )
 from trainer.replay import optimizer_class
-from trainer.schedule import Schedule
 
 SHARED_VERSION = 1
 ZERO32 = Hash32(bytes(32))
@@ -424,180 +419,3 @@ class SignedGenesis(Signed[Genesis]):
     def verify(self, pubkey: bytes | None = None) -> bool:
         """True when signed by ``pubkey`` (the genesis's coordinator by default); never raises."""
         return Signed.verify(self, self.genesis.coordinator if pubkey is None else pubkey)
-
-
-_HASH_FIELDS = (
-    "genesis",
-    "base_root",
-    "prev_contribution",
-    "prev_local_state",
-    "inner_header",
-    "inner_manifest",
-    "final_state",
-    "delta",
-    "local_state",
-)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Contribution:
-    """What peer ``peer`` produced in round ``round``; see docs/protocol.md for each field."""
-
-    version: int
-    shared_run_id: str
-    genesis: Hash32
-    round: int
-    peer: str
-    pubkey: bytes
-    base_root: Hash32
-    prev_contribution: Hash32
-    prev_local_state: Hash32
-    inner_header: Hash32
-    inner_manifest: Hash32
-    final_state: Hash32
-    delta: Hash32
-    payload_bytes: int
-    nnz: int
-    local_state: Hash32
-    losses: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        _require(self.version == SHARED_VERSION, f"contribution version must be {SHARED_VERSION}")
-        check_shared_run_id(self.shared_run_id)
-        check_round(self.round)
-        check_run_id(self.peer)
-        _pubkey(self.pubkey, "pubkey")
-        for name in _HASH_FIELDS:
-            _hash32(getattr(self, name), name)
-        _require(0 <= self.nnz < 1 << 64 and 0 <= self.payload_bytes < 1 << 64, "sizes are u64")
-        _require(
-            1 <= len(self.losses) <= MAX_INNER_STEPS,
-            f"losses: expected 1-{MAX_INNER_STEPS} values, got {len(self.losses)}",
-        )
-        for loss in self.losses:
-            _finite(loss, "each inner loss")
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "version": self.version,
-            "shared_run_id": self.shared_run_id,
-            "round": self.round,
-            "peer": self.peer,
-            "pubkey": to_hex(self.pubkey),
-            "payload_bytes": self.payload_bytes,
-            "nnz": self.nnz,
-            "losses": [float(x) for x in self.losses],
-        }
-        out.update({name: to_hex(getattr(self, name)) for name in _HASH_FIELDS})
-        return out
-
-    @classmethod
-    def from_json(cls, obj: Any) -> Contribution:
-        check_keys(obj, "contribution", tuple(cls.__dataclass_fields__))
-        losses = get_list(obj, "losses", max_items=MAX_INNER_STEPS)
-        hashes = {name: Hash32(get_bytes(obj, name, 32)) for name in _HASH_FIELDS}
-        return cls(
-            version=get_int(obj, "version"),
-            shared_run_id=get_str(obj, "shared_run_id", max_len=MAX_SHARED_RUN_ID),
-            round=get_int(obj, "round"),
-            peer=get_str(obj, "peer", max_len=64),
-            pubkey=get_bytes(obj, "pubkey", PUBKEY_SIZE),
-            payload_bytes=get_int(obj, "payload_bytes"),
-            nnz=get_int(obj, "nnz"),
-            losses=tuple(as_float(x, "losses") for x in losses),
-            **hashes,
-        )
-
-    def hash(self) -> Hash32:
-        return record_hash(self.to_json())
-
-    def signing_context(self) -> str:
-        return self.shared_run_id
-
-    def signing_payload(self) -> bytes:
-        return self.hash()
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SignedContribution(Signed[Contribution]):
-    """A contribution and its peer's signature over (CONTRIBUTION, run id, record hash)."""
-
-    KEY = "contribution"
-    DOMAIN = Domain.CONTRIBUTION
-    RECORD = Contribution
-
-    contribution: Contribution
-
-    def verify(self, pubkey: bytes | None = None) -> bool:
-        """True when signed by ``pubkey`` (the record's own key by default); never raises."""
-        return Signed.verify(self, self.contribution.pubkey if pubkey is None else pubkey)
-
-    def verify_roster(self, genesis: Genesis) -> bool:
-        """True when the record's peer is on ``genesis``'s roster with the record's key, and that
-        key signed it. Never raises."""
-        record = self.contribution
-        key = genesis.peers.get(record.peer)
-        return key is not None and key == record.pubkey and self.verify(key)
-
-
-def build_inner_optimizer(genesis: Genesis, model: nn.Module) -> torch.optim.Optimizer:
-    """The inner optimizer every peer trains with: ``torch.optim.<genesis.optimizer>`` over
-    ``model.parameters()`` (one param group), ``lr=genesis.inner_lr`` and the genesis's
-    hyperparameters. Raises EncodingError for an optimizer outside torch.optim."""
-    return _build(model.parameters(), genesis.optimizer, genesis.inner_lr, genesis.hyperparameters)
-
-
-def genesis_header_check(
-    genesis: Genesis, header: RunHeader, pubkey: bytes, *, round: int | None = None
-) -> list[str]:
-    """How an inner run's header differs from what ``genesis`` assigns to the peer with key
-    ``pubkey`` (for round ``round``; any round when None). Empty when it matches."""
-    problems: list[str] = []
-
-    def differ(what: str, seen: Any, expected: Any) -> None:
-        if seen != expected:
-            problems.append(
-                f"{what}: header has {seen!r:.120}, the genesis assigns {expected!r:.120}"
-            )
-
-    if round is not None:
-        differ("run id", header.run_id, inner_run_id(genesis.shared_run_id, round))
-    else:
-        prefix, _, digits = header.run_id.rpartition(".r")
-        ok = prefix == genesis.shared_run_id and len(digits) == 6 and digits.isdigit()
-        if not ok:
-            problems.append(f"run id {header.run_id!r} is not {genesis.shared_run_id}.rNNNNNN")
-    differ("assignment", header.assignment, genesis.hash())
-    differ("model", header.model, genesis.model)
-    differ("model config", dict(header.model_config), dict(genesis.model_config))
-    differ("optimizer", header.optimizer.name, genesis.optimizer)
-    differ("optimizer defaults", dict(header.optimizer.defaults), _expected_defaults(genesis))
-    differ("param groups", len(header.optimizer.groups), 1)
-    differ("group overrides", [dict(o) for o in header.optimizer.overrides], [{}])
-    differ("schedule", header.schedule, Schedule.constant(genesis.inner_lr))
-    differ("grad_clip", header.grad_clip, genesis.grad_clip)
-    if header.dataset is None:
-        problems.append("dataset: header has none, the genesis assigns one")
-    else:
-        # ``source`` describes where a peer keeps its copy; it is not part of the commitment.
-        seen, want = header.dataset.to_json(), genesis.dataset.to_json()
-        seen.pop("source")
-        want.pop("source")
-        differ("dataset", seen, want)
-    differ("batch_size", header.batch_size, genesis.batch_size)
-    differ("context", header.context, genesis.context)
-    differ("checkpoint_every", header.checkpoint_every, genesis.checkpoint_every)
-    differ("chunk_size", header.chunk_size, genesis.chunk_size)
-    differ("pubkey", to_hex(header.pubkey), to_hex(pubkey))
-    return problems
-
-
-def _expected_defaults(genesis: Genesis) -> dict[str, Any]:
-    """The optimizer defaults the hook records for build_inner_optimizer's optimizer."""
-    probe = _build(
-        [torch.zeros(1, requires_grad=True)],
-        genesis.optimizer,
-        genesis.inner_lr,
-        genesis.hyperparameters,
-    )
-    return jsonable_hyperparameters(probe.defaults, drop=("lr",))

@@ -31,10 +31,11 @@ from proofs.errors import EncodingError
 from proofs.hashing import Root
 from proofs.jsonlimits import UntrustedJsonError, loads_untrusted
 from trainer.artifact import first_bad_leaf
+from trainer.contribution import SignedContribution
 from trainer.globalstate import theta_from_artifact
 from trainer.recipe import check_run_id
 from trainer.roundrecord import SignedRoundRecord
-from trainer.sharedrun import SignedContribution, SignedGenesis, check_round
+from trainer.sharedrun import SignedGenesis, check_round
 from trainer.store import Data, RunStore, StoreError
 
 GENESIS_PATH = "genesis.json"
