@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.logging import RichHandler
@@ -29,6 +29,9 @@ from rewards import analyst, payouts, policy, warehouse
 from rewards.display import make_console, print_frame, print_table
 from rewards.report import report_command
 from trainer.cli_errors import EXIT_PARTIAL, BadInput, Group
+
+if TYPE_CHECKING:
+    from rewards.ingest import Rejection
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = make_console()  # no markup: peers' strings are data; hashes stay on one line
@@ -62,6 +65,18 @@ def main(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(message)s", handlers=[handler]
     )
+
+
+def _exit_on_rejections(rejections: Sequence[Rejection]) -> None:
+    """Print the rejection table and exit 3 (partial) when an ingest rejected records."""
+    if rejections:
+        print_table(
+            err_console,
+            ("source", "kind", "reason"),
+            [(r.source, r.kind, r.reason) for r in rejections],
+            title=f"{len(rejections)} record(s) rejected",
+        )
+        click.get_current_context().exit(EXIT_PARTIAL)
 
 
 @main.command()
@@ -244,14 +259,7 @@ def ingest_cmd(
         f"epoch {report.epoch}: {report.runs_loaded} runs, {report.verdicts_loaded} verdicts"
         f" loaded; {report.duplicates} duplicates; {len(report.rejections)} rejected"
     )
-    if report.rejections:
-        print_table(
-            err_console,
-            ("source", "kind", "reason"),
-            [(r.source, r.kind, r.reason) for r in report.rejections],
-            title=f"{len(report.rejections)} record(s) rejected",
-        )
-        click.get_current_context().exit(EXIT_PARTIAL)
+    _exit_on_rejections(report.rejections)
 
 
 @main.command("ingest-shared")
@@ -298,14 +306,7 @@ def ingest_shared_cmd(
         f" contributions, {report.verdicts_loaded} contribution verdicts loaded;"
         f" {report.duplicates} duplicates; {len(report.rejections)} rejected"
     )
-    if report.rejections:
-        print_table(
-            err_console,
-            ("source", "kind", "reason"),
-            [(r.source, r.kind, r.reason) for r in report.rejections],
-            title=f"{len(report.rejections)} record(s) rejected",
-        )
-        click.get_current_context().exit(EXIT_PARTIAL)
+    _exit_on_rejections(report.rejections)
 
 
 @main.command()

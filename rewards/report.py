@@ -14,12 +14,10 @@ Amounts in tables are the exact integers of the warehouse; plots show them divid
 
 from __future__ import annotations
 
-import html
 import json
 import logging
-import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -31,6 +29,7 @@ import polars as pl
 from proofs.errors import VeritrainError
 from rewards.analyst import Analyst
 from rewards.display import tokens_shown
+from rewards.report_html import img, section, table
 from rewards.report_plots import plot_distances, plot_losses, plot_money, plot_usefulness
 from rewards.report_shared import SharedData, load_shared, render_shared
 from trainer.cli_errors import BadInput, Command
@@ -169,33 +168,6 @@ img{max-width:100%;display:block;margin:8px 0}code{font-size:.9em}
 """
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "NaN" if math.isnan(value) else f"{value:.4g}"
-    text = html.escape(str(value))
-    if text in ("pass", "fail", "invalid", "verified", "failed", "pending"):
-        return f'<span class="{text}">{text}</span>'
-    if text.startswith("0x") and len(text) > 20:  # hashes and addresses may wrap anywhere
-        return f'<span class="hex">{text}</span>'
-    return text
-
-
-def _table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _section(ident: str, title: str, *parts: str) -> str:
-    return f'<section id="{ident}"><h2>{html.escape(title)}</h2>{"".join(parts)}</section>'
-
-
-def _img(b64: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-
-
 def _peer_rows(data: EpochData, decimals: int) -> list[list[Any]]:
     rows = []
     for r in data.runs.iter_rows(named=True):
@@ -265,7 +237,7 @@ def _frame_table(frame: pl.DataFrame, columns: dict[str, str], decimals: int) ->
         [tokens_shown(v, decimals) if isinstance(v, Decimal) else v for v in row]
         for row in frame.select(list(columns)).iter_rows()
     ]
-    return _table(rows, list(columns.values()))
+    return table(rows, list(columns.values()))
 
 
 def _facts(data: EpochData, decimals: int) -> list[list[Any]]:
@@ -342,15 +314,15 @@ def _plots(data: EpochData, decimals: int) -> list[str]:
         "infinite distance is drawn at the top.</p>"
     )
     return [
-        _section("loss", "Loss curves", _img(plot_losses(data), "loss curves")),
-        _section(
+        section("loss", "Loss curves", img(plot_losses(data), "loss curves")),
+        section(
             "distances",
             "Audited distances vs thresholds",
-            _img(plot_distances(data), "distances"),
+            img(plot_distances(data), "distances"),
             note,
         ),
-        _section("usefulness", "Usefulness", _img(plot_usefulness(data), "usefulness")),
-        _section("payouts", "Payouts and slashes", _img(plot_money(data, decimals), "money")),
+        section("usefulness", "Usefulness", img(plot_usefulness(data), "usefulness")),
+        section("payouts", "Payouts and slashes", img(plot_money(data, decimals), "money")),
     ]
 
 
@@ -358,22 +330,22 @@ def render_html(data: EpochData, *, decimals: int = 18) -> str:
     """The epoch's page: HTML with every plot embedded (no external resource)."""
     parts = [
         f"<h1>veritrain audit report: epoch {data.epoch}</h1>",
-        _section("summary", "Epoch summary", _table(_facts(data, decimals), ["", "value"])),
-        _section(
+        section("summary", "Epoch summary", table(_facts(data, decimals), ["", "value"])),
+        section(
             "assignment",
             "Assigned work (runs outside it are refused at ingest)",
-            _table(_assignment_rows(data), ["", "value"]),
+            table(_assignment_rows(data), ["", "value"]),
         ),
-        _section("peers", "Peers and runs", _table(_peer_rows(data, decimals), PEER_COLUMNS)),
+        section("peers", "Peers and runs", table(_peer_rows(data, decimals), PEER_COLUMNS)),
         *(_plots(data, decimals) if data.runs.height else []),
         render_shared(data.shared, decimals=decimals),
-        _section(
+        section(
             "settlement",
             "Settlement",
             _frame_table(data.posts, POST_COLUMNS, decimals),
             _frame_table(data.claims, CLAIM_COLUMNS, decimals),
         ),
-        _section("verdicts", "Verdicts", _frame_table(data.verdicts, VERDICT_COLUMNS, decimals)),
+        section("verdicts", "Verdicts", _frame_table(data.verdicts, VERDICT_COLUMNS, decimals)),
     ]
     title = f"veritrain epoch {data.epoch}"
     return (

@@ -20,8 +20,6 @@ round rewards paid in it) the section shows:
 from __future__ import annotations
 
 import html
-import math
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +27,7 @@ import duckdb
 import polars as pl
 
 from rewards.display import tokens_shown as tokens
+from rewards.report_html import img, table
 from rewards.report_plots import _png, _pyplot
 
 _RUNS_SQL = """
@@ -125,27 +124,6 @@ def load_shared(con: duckdb.DuckDBPyConnection, epoch: int) -> SharedData | None
 
 # ---- HTML ---------------------------------------------------------------------------------------
 
-_CLASSES = ("pass", "fail", "invalid", "verified", "failed", "pending")
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "NaN" if math.isnan(value) else f"{value:.4g}"
-    text = html.escape(str(value))
-    if text in _CLASSES:
-        return f'<span class="{text}">{text}</span>'
-    if text.startswith("0x") and len(text) > 20:
-        return f'<span class="hex">{text}</span>'
-    return text
-
-
-def _table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
 
 def _outcome(row: dict[str, Any]) -> str:
     """One cell of the round grid: the audit state of an included contribution, else the
@@ -164,7 +142,7 @@ def _grid(data: SharedData, run_id: str) -> str:
         cells.setdefault((row["peer"], row["round"]), []).append(_outcome(row))
     peers = sorted({p for p, _ in cells})
     rows = [[p, *(" ".join(cells.get((p, r), ["-"])) for r in rounds)] for p in peers]
-    return _table(rows, ["peer", *(f"r{r}" for r in rounds)])
+    return table(rows, ["peer", *(f"r{r}" for r in rounds)])
 
 
 def _contribution_rows(data: SharedData, decimals: int) -> list[list[Any]]:
@@ -256,10 +234,6 @@ def plot_contribution_usefulness(data: SharedData) -> str:
 _MARKERS = ("o", "^", "s", "D")
 
 
-def _img(b64: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-
-
 def render_shared(data: SharedData | None, *, decimals: int = 18) -> str:
     """The shared-run section's HTML ("" when ``data`` is None)."""
     if data is None:
@@ -282,13 +256,13 @@ def render_shared(data: SharedData | None, *, decimals: int = 18) -> str:
         "or invalid audit.</p>"
     )
     body = "".join([
-        _table(runs, ["shared run", "ingested in epoch", "inner steps", "rounds",
+        table(runs, ["shared run", "ingested in epoch", "inner steps", "rounds",
                       "round pool (tokens)"]),
-        _img(plot_heldout(data), "held-out loss per round"), note,
-        _img(plot_contribution_usefulness(data), "usefulness per contribution"), grids,
+        img(plot_heldout(data), "held-out loss per round"), note,
+        img(plot_contribution_usefulness(data), "usefulness per contribution"), grids,
         "<h3>Contributions</h3>",
-        _table(_contribution_rows(data, decimals), CONTRIBUTION_COLUMNS),
+        table(_contribution_rows(data, decimals), CONTRIBUTION_COLUMNS),
         "<h3>Round rewards paid this epoch</h3>",
-        _table(_payout_rows(data, decimals), PAYOUT_COLUMNS),
+        table(_payout_rows(data, decimals), PAYOUT_COLUMNS),
     ])  # fmt: skip
     return f'<section id="shared"><h2>Shared runs</h2>{body}</section>'
