@@ -55,13 +55,13 @@ class RoundCommit:
 def checked_rounds(store: SharedStore) -> list[SignedRoundRecord]:
     """Every round record of the store, in order, each checked against the genesis and the one
     before it. Raises RoundChainError naming the first record (or the genesis) that does not."""
-    records, error = _walk(store)
+    records, error = valid_rounds(store)
     if error is not None:
         raise error
     return records
 
 
-def _walk(store: SharedStore) -> tuple[list[SignedRoundRecord], RoundChainError | None]:
+def valid_rounds(store: SharedStore) -> tuple[list[SignedRoundRecord], RoundChainError | None]:
     """The records that check out, in order, up to the first that does not (and its error)."""
     signed_genesis = store.read_genesis()
     genesis = signed_genesis.genesis
@@ -104,7 +104,7 @@ def commit_rounds(
     first) or when ``sender`` already committed another hash for a round.
     """
     done: list[RoundCommit] = []
-    records, error = _walk(store)
+    records, error = valid_rounds(store)
     for signed in records:
         record = signed.round
         key = round_registry_id(record.shared_run_id, record.round)

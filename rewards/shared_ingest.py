@@ -28,7 +28,7 @@ from typing import Literal
 
 from proofs.errors import EncodingError
 from rewards.ingest import IngestError, Rejection, resolve_epoch
-from rewards.round_commits import _walk
+from rewards.round_commits import valid_rounds
 from rewards.shared_verdicts import VerdictIntake, read_verdicts
 from rewards.warehouse import Connection, check_amount, query, transaction
 from trainer.contribution import SignedContribution
@@ -139,7 +139,7 @@ def _read_genesis(batch: _Batch, con: Connection, store: SharedStore, pool: int 
 
 
 def _read_rounds(batch: _Batch, con: Connection, store: SharedStore, genesis: Genesis) -> None:
-    records, error = _walk(store)
+    records, error = valid_rounds(store)
     if error is not None:
         batch.reject("round", batch.url, str(error))
     held = {
