@@ -104,7 +104,7 @@ def make_genesis(
             probe=screened,
             probe_batch=8,
             probe_margin=probe_margin,
-            probe_gain=0.5 if screened else 0.0,
+            probe_gain=0.25 if screened else 0.0,
             min_contributions=1,
             max_contributions=len(peers),
             deadline_s=3600.0,

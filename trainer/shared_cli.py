@@ -130,7 +130,7 @@ _GENESIS_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--norm-factor", float, 3.0, "Exclude norms above this times the round's median."),
     ("--probe-batch", int, 8, "Samples in the probe batch."),
     ("--probe-margin", float, 0.05, "Relative probe-loss increase that excludes a contribution."),
-    ("--probe-gain", float, 0.5, "Exclude a probe gain below this share of the median (0: off)."),
+    ("--probe-gain", float, 0.25, "Exclude a probe gain below this share of the median (0: off)."),
     ("--min-contributions", int, 1, "Fewer included: theta carried over."),
     ("--max-contributions", int, None, "Close early once this many are in [default: roster size]."),
     ("--deadline", float, 600.0, "Seconds a round stays open."),
