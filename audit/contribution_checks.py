@@ -235,8 +235,9 @@ class FinalState:
 def check_final_state(
     inner: RunStore, run: VerifiedRun, record: Contribution, genesis: Genesis, param_bytes: int
 ) -> FinalState:
-    """All H inner steps are committed, the last manifest is the record's, and the last state
-    checkpoint's parameters have the theta root ``final_state``."""
+    """All H inner steps are committed, the last manifest is the record's, the record's losses
+    are the ones the inner steps committed, and the last state checkpoint's parameters have the
+    theta root ``final_state``."""
     name = "final-state"
     if run.total_steps != genesis.inner_steps:
         return FinalState(
@@ -248,6 +249,20 @@ def check_final_state(
     last = run.manifests[-1]
     if last.hash() != record.inner_manifest:
         return FinalState(finding=fail(name, "the last manifest is not the record's"), optim=None)
+    committed = tuple(float(step.loss) for step in run.records)
+    if committed != tuple(record.losses):
+        first = next(
+            (i for i, (a, b) in enumerate(zip(committed, record.losses, strict=False)) if a != b),
+            min(len(committed), len(record.losses)),
+        )
+        return FinalState(
+            finding=fail(
+                name,
+                f"the record's losses are not the inner run's committed losses (first difference "
+                f"at inner step {first})",
+            ),
+            optim=None,
+        )
     if last.state.step != genesis.inner_steps:
         return FinalState(
             finding=fail(name, f"last state checkpoint is before step {last.state.step}"),

@@ -360,6 +360,21 @@ def test_broken_local_state_chain_is_caught(shared: Shared, tmp_path: Path) -> N
     assert v.outcome is Outcome.FAIL and _failed(v) == {"local-chain"}, v.reason
 
 
+def test_made_up_losses_are_caught(shared: Shared, tmp_path: Path) -> None:
+    """x trains honestly but reports lower inner losses than its inner run committed."""
+
+    def attack(twin: Shared) -> None:
+        scratch = _in_scratch(twin, tmp_path / "scratch", lambda s: None)
+        honest = scratch.store.read_contribution("x", 2).contribution
+        _resign(twin, scratch, losses=tuple(loss / 2 for loss in honest.losses))
+
+    twin = _round2(shared, tmp_path, attack)
+    assert _included(twin, 2, "x")
+    v = twin.audit(2, "x", steps=1).verdict
+    assert v.outcome is Outcome.FAIL and _failed(v) == {"final-state"}, v.reason
+    assert "committed losses" in v.reason
+
+
 def test_tampered_artifact_is_invalid(shared: Shared, tmp_path: Path) -> None:
     """A byte of x's committed local-state artifact flipped in the store: invalid, not fail."""
     twin = _round2(shared, tmp_path, lambda t: t.train("x", 2))
