@@ -84,6 +84,11 @@ def valid_rounds(store: SharedStore) -> tuple[list[SignedRoundRecord], RoundChai
             problems.append("not signed by the genesis's aggregator")
         if record.prev != prev:
             problems.append(f"prev 0x{record.prev.hex()} is not the previous record 0x{prev.hex()}")
+        if out and record.opened_at != out[-1].round.closed_at:
+            problems.append(
+                f"opened_at {record.opened_at} is not round {r - 1}'s closed_at "
+                f"{out[-1].round.closed_at}"
+            )
         if record.base_root != base:
             problems.append(
                 f"base_root 0x{record.base_root.hex()} is not the previous new_root 0x{base.hex()}"

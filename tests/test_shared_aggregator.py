@@ -465,6 +465,18 @@ def test_verify_round_detects_tampering(run: Run) -> None:
     assert any("theta_1" in p for p in verify_round(run.store, 0, corpus=run.corpus))
 
 
+def test_verify_round_checks_that_a_round_opens_when_the_last_closed(run: Run) -> None:
+    first = close(run)
+    second = close(run, NOW + run.genesis.screening.deadline_s)
+    assert second.opened_at == first.closed_at < second.closed_at
+    assert verify_round(run.store, 1, corpus=run.corpus) == []
+    late = dataclasses.replace(second, opened_at=second.opened_at + 1)  # a shorter round claimed
+    signed = SignedRoundRecord.sign(run.aggregator, late)
+    (run.path / "store" / "rounds" / "r000001.json").write_bytes(canonical_json(signed.to_json()))
+    problems = verify_round(run.store, 1, corpus=run.corpus)
+    assert any("opened_at" in p for p in problems), problems
+
+
 def test_probe_calls_at_the_margin_are_close_not_failures(run: Run) -> None:
     record = close(run)
     margin = run.genesis.screening.probe_margin

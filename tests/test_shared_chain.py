@@ -79,7 +79,10 @@ def test_a_broken_chain_is_not_committed(tmp_path: Path, deployed: Deployed) -> 
     store = SharedStore(tmp_path / "shared")
     store.put_genesis(SignedGenesis.sign(COORD, GENESIS))
     r0 = make_round(genesis=GENESIS.hash(), prev=GENESIS.hash(), base_root=GENESIS.initial_root)
-    r1 = make_round(genesis=GENESIS.hash(), round=1, prev=h("not round 0"), base_root=r0.new_root)
+    r1 = make_round(
+        genesis=GENESIS.hash(), round=1, prev=h("not round 0"), base_root=r0.new_root,
+        opened_at=200, closed_at=300,
+    )  # fmt: skip
     store.put_round(SignedRoundRecord.sign(AGG, r0))
     store.put_round(SignedRoundRecord.sign(AGG, r1))
     with pytest.raises(RoundChainError, match="round 1: prev"):
@@ -89,10 +92,29 @@ def test_a_broken_chain_is_not_committed(tmp_path: Path, deployed: Deployed) -> 
     other = SharedStore(tmp_path / "other")
     other.put_genesis(SignedGenesis.sign(COORD, GENESIS))
     other.put_round(SignedRoundRecord.sign(AGG, r0))
-    r1b = make_round(genesis=GENESIS.hash(), round=1, prev=r0.hash(), base_root=h("elsewhere"))
+    r1b = make_round(
+        genesis=GENESIS.hash(), round=1, prev=r0.hash(), base_root=h("elsewhere"), opened_at=200,
+        closed_at=300,
+    )  # fmt: skip
     other.put_round(SignedRoundRecord.sign(AGG, r1b))
     with pytest.raises(RoundChainError, match="round 1: base_root"):
         commit_rounds(other, deployed.settlement, deployed.chain.admin)
+
+
+def test_a_round_that_does_not_open_when_the_last_closed_is_not_committed(
+    tmp_path: Path, deployed: Deployed
+) -> None:
+    store = SharedStore(tmp_path / "shared")
+    store.put_genesis(SignedGenesis.sign(COORD, GENESIS))
+    r0 = make_round(genesis=GENESIS.hash(), prev=GENESIS.hash(), base_root=GENESIS.initial_root)
+    r1 = make_round(
+        genesis=GENESIS.hash(), round=1, prev=r0.hash(), base_root=r0.new_root, opened_at=250,
+        closed_at=300,
+    )  # fmt: skip
+    store.put_round(SignedRoundRecord.sign(AGG, r0))
+    store.put_round(SignedRoundRecord.sign(AGG, r1))
+    with pytest.raises(RoundChainError, match="round 1: opened_at 250 is not round 0's closed_at"):
+        commit_rounds(store, deployed.settlement, deployed.chain.admin)
 
 
 def test_another_hash_already_committed_is_refused(tmp_path: Path, deployed: Deployed) -> None:

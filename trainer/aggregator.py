@@ -294,6 +294,12 @@ def check_round(store: SharedStore, r: int, *, corpus: Corpus | None = None) -> 
         problems.append("prev is not the hash of the previous round record (or the genesis)")
     if record.base_root != state.theta_roots(r)[-1]:
         problems.append("base_root is not the previous round's new_root (or the initial root)")
+    if r > 0 and record.opened_at != state.records[r - 1].round.closed_at:
+        # Round 0's opening is the genesis file's time, which no record signs.
+        problems.append(
+            f"opened_at {record.opened_at} is not round {r - 1}'s closed_at "
+            f"{state.records[r - 1].round.closed_at}"
+        )
     if problems:
         return RoundCheck(problems=tuple(problems), close=())
     candidates, read_problems = _listed_candidates(store, record)
