@@ -410,6 +410,15 @@ def test_late_contribution_is_stale_next_round_and_files_are_screened_once(run: 
     assert "p3/junk.txt" not in reasons(second)  # screened once, by round 0
     assert sorted(i.peer for i in second.included) == ["p0", "p1"]
     assert verify_round(run.store, 1, corpus=run.corpus) == []
+    # The aggregator signs a wrong built_on (an analyst's staleness query reads it): caught.
+    wrong = tuple(
+        dataclasses.replace(e, built_on=None) if e.file == "p2/r000001.json" else e
+        for e in second.excluded
+    )
+    signed = SignedRoundRecord.sign(run.aggregator, dataclasses.replace(second, excluded=wrong))
+    (run.path / "store" / "rounds" / "r000001.json").write_bytes(canonical_json(signed.to_json()))
+    problems = verify_round(run.store, 1, corpus=run.corpus)
+    assert any("p2/r000001.json: built_on None, recomputed 0" in p for p in problems), problems
 
 
 def test_stale_on_an_unknown_root(run: Run) -> None:

@@ -274,6 +274,10 @@ def compare_decisions(
             problems.append(f"{file}: norm {norm!r}, recomputed {norm2!r}")
         if not _near(loss, loss2):
             problems.append(f"{file}: probe loss {loss}, recomputed {loss2}")
+    built_on = {e.file: e.built_on for e in result.excluded}
+    for e in record.excluded:
+        if e.file in built_on and e.built_on != built_on[e.file]:
+            problems.append(f"{e.file}: built_on {e.built_on}, recomputed {built_on[e.file]}")
     return problems, close
 
 
